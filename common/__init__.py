@@ -1,0 +1,1 @@
+"""Small utilities shared by models/, data/, callbacks/ and recipes/: strict config loading, atomic file output."""

@@ -1,0 +1,108 @@
+"""The Composer wrapper: dict batches in, loss and metrics out, FSDP/activation-checkpointing hooks.
+
+Batches are dicts (Composer on CPU turns NamedTuples into lists): ``input_ids`` (b, l),
+``labels`` (b, l) already shifted (labels[:, t] is the token after input t; -100 = ignore),
+and optionally ``loss_weights`` (b, l), per-token loss weights that the positional-weighting
+algorithm (callbacks/positional_weighting.py) adds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+from composer.models import ComposerModel
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from models.config import MambaConfig
+from models.flops import training_flops_per_token
+from models.mamba_lm import MambaLMHeadModel
+
+IGNORE_INDEX = -100
+
+
+def lm_cross_entropy(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Mean next-token cross-entropy over labels != -100, computed in float32.
+
+    With ``weights`` (b, l): sum(w * ce) / sum(w) over the valid tokens, so the weighted loss
+    stays on the scale of the plain one (positional loss weighting, the paper's section 4.2).
+    """
+    ce = F.cross_entropy(
+        logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    valid = (labels.flatten() != IGNORE_INDEX).float()
+    w = valid if weights is None else weights.flatten().float() * valid
+    return (ce * w).sum() / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+class TokenTopKAccuracy(Metric):
+    """Fraction of valid tokens whose label is among the k most likely predictions."""
+
+    full_state_update = False
+
+    def __init__(self, k: int, dist_sync_on_step: bool = False) -> None:
+        super().__init__(dist_sync_on_step=dist_sync_on_step)
+        self.k = k
+        self.add_state("correct", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:
+        valid = labels != IGNORE_INDEX
+        topk = logits.topk(self.k, dim=-1).indices  # (b, l, k)
+        hit = (topk == labels.unsqueeze(-1)).any(-1) & valid
+        self.correct += hit.sum()
+        self.total += valid.sum()
+
+    def compute(self) -> Tensor:
+        return self.correct / self.total.clamp_min(1)
+
+
+def _metrics() -> dict[str, Metric]:
+    return {
+        "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
+        "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
+        "Top1Accuracy": TokenTopKAccuracy(1),
+        "Top3Accuracy": TokenTopKAccuracy(3),
+        "Top10Accuracy": TokenTopKAccuracy(10),
+    }
+
+
+class ComposerMambaLM(ComposerModel):
+    """``MambaLMHeadModel`` for the Composer Trainer.
+
+    Composer's FSDP (1 and 2) reads ``fsdp_wrap_fn``, ``activation_checkpointing_fn`` and
+    ``param_init_fn`` from this module's child ``model``: one unit per block.
+    """
+
+    def __init__(self, cfg: MambaConfig, model: MambaLMHeadModel | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = model if model is not None else MambaLMHeadModel(cfg)
+        self.train_metrics = nn.ModuleDict(_metrics())
+        self.val_metrics = nn.ModuleDict(_metrics())
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        if not isinstance(batch, dict) or "input_ids" not in batch:
+            raise ValueError("batches must be dicts with 'input_ids' and 'labels' (see data/loader.py)")
+        return self.model(batch["input_ids"])
+
+    def loss(self, outputs: Tensor, batch: dict[str, Tensor], *args: Any, **kwargs: Any) -> Tensor:
+        return lm_cross_entropy(outputs, batch["labels"], batch.get("loss_weights"))
+
+    def eval_forward(self, batch: dict[str, Tensor], outputs: Tensor | None = None) -> Tensor:
+        return outputs if outputs is not None else self.forward(batch)
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
+        return dict(self.train_metrics if is_train else self.val_metrics)
+
+    def update_metric(self, batch: dict[str, Tensor], outputs: Tensor, metric: Metric) -> None:
+        # Evaluation is always unweighted: loss_weights only shape the training loss.
+        logits = outputs[..., : self.config.vocab_size] if isinstance(metric, TokenTopKAccuracy) else outputs
+        metric.update(logits, batch["labels"])
+
+    def flops_per_batch(self, batch: dict[str, Tensor]) -> int:
+        b, seq_len = batch["input_ids"].shape
+        return training_flops_per_token(self.config, seq_len) * b * seq_len

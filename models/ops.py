@@ -1,0 +1,212 @@
+"""Pure-PyTorch sequence operators of Mamba-1 and Mamba-2: the CPU path and the reference.
+
+Each operator has the semantics of its mamba_ssm / causal_conv1d CUDA counterpart (same
+arguments, same math) so that ``models/kernels.py`` can swap one for the other:
+
+- ``causal_conv1d``     ~ causal_conv1d.causal_conv1d_fn
+- ``selective_scan``    ~ mamba_ssm.ops.selective_scan_interface.selective_scan_fn (Mamba-1)
+- ``ssd_chunked_scan``  ~ mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined (Mamba-2)
+
+Both scans are linear in sequence length in forward and backward. The selective scan walks
+the sequence with ``unbind`` (indexing ``x[:, :, t]`` step by step makes autograd allocate a
+full-size gradient per step, a quadratic backward: ../STACK.md); the SSD scan is chunked
+(Dao & Gu 2024, section 6: quadratic "attention-like" form inside a chunk, a linear
+recurrence over chunk states between chunks) with the inter-chunk recurrence also sequential.
+All state arithmetic is float32, as in the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, activation: bool = True) -> Tensor:
+    """Depthwise causal convolution. x: (b, d, l), weight: (d, k) -> (b, d, l)."""
+    d, k = weight.shape
+    y = F.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1, groups=d)[..., : x.shape[-1]]
+    return F.silu(y) if activation else y
+
+
+def causal_conv1d_step(
+    x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, activation: bool = True
+) -> Tensor:
+    """One token of ``causal_conv1d``. x: (b, d); conv_state (b, d, k) is shifted in place."""
+    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+    conv_state[:, :, -1] = x
+    y = (conv_state * weight).sum(-1)
+    if bias is not None:
+        y = y + bias
+    return F.silu(y) if activation else y
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Mamba-1 selective scan (Gu & Dao 2023, algorithm 2).
+
+    u, delta, z: (b, d, l); A: (d, n); B, C: (b, n, l); D, delta_bias: (d,).
+    h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t;  y_t = C_t h_t + D u_t;  y *= silu(z).
+    Returns y (b, d, l) in u's dtype, and the last state (b, d, n) in float32 if asked.
+    """
+    dtype_in = u.dtype
+    u, delta, B, C = u.float(), delta.float(), B.float(), C.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    # Discretisation for every step at once: (b, l, d, n).
+    dA = torch.exp(torch.einsum("bdl,dn->bldn", delta, A.float()))
+    dBu = torch.einsum("bdl,bnl,bdl->bldn", delta, B, u)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    states = []
+    for dA_t, dBu_t in zip(dA.unbind(1), dBu.unbind(1)):
+        h = dA_t * h + dBu_t
+        states.append(h)
+    y = torch.einsum("bldn,bnl->bdl", torch.stack(states, dim=1), C)
+    if D is not None:
+        y = y + u * D.float()[:, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    y = y.to(dtype_in)
+    return (y, h) if return_last_state else y
+
+
+def selective_state_update(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+) -> Tensor:
+    """One token of the Mamba-1 scan. state: (b, d, n) updated in place; x, dt, z: (b, d); B, C: (b, n)."""
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    dA = torch.exp(dt[..., None] * A.float())
+    state.copy_(state * dA + (dt * x.float())[..., None] * B.float()[:, None, :])
+    y = (state * C.float()[:, None, :]).sum(-1)
+    if D is not None:
+        y = y + x.float() * D.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(x.dtype)
+
+
+def ssd_chunked_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Mamba-2 state-space dual scan, chunked.
+
+    x: (b, l, h, p); dt: (b, l, h), made softplus(dt + dt_bias) as asked; A: (h,) negative;
+    B, C: (b, l, g, n) with g groups shared by h/g consecutive heads; D: (h,);
+    initial_state: (b, h, p, n). Recurrence per head:
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T;  y_t = h_t C_t + D x_t.
+    Returns y (b, l, h, p) in x's dtype, and the final state (b, h, p, n) in float32 if asked.
+    """
+    b, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    heads_per_group = nheads // ngroups
+    dtype_in = x.dtype
+    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    pad = (-seqlen) % chunk_size
+    if pad:  # dt = 0 on padding: no decay and no input, so the final state is exact.
+        x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    nchunks = x.shape[1] // chunk_size
+
+    def chunk(t: Tensor) -> Tensor:  # (b, l, ...) -> (b, c, T, ...)
+        return t.reshape(b, nchunks, chunk_size, *t.shape[2:])
+
+    xdt = chunk(x * dt[..., None])  # (b, c, T, h, p)
+    a = chunk(dt * A.float())  # (b, c, T, h): log-decay per step, <= 0
+    a_cum = torch.cumsum(a, dim=2)  # (b, c, T, h)
+    Bc, Cc = chunk(B), chunk(C)  # (b, c, T, g, n)
+
+    # 1. Within a chunk: y_i = sum_{j <= i} (C_i . B_j) exp(a_cum_i - a_cum_j) dt_j x_j.
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).tril()
+    seg = a_cum[:, :, :, None, :] - a_cum[:, :, None, :, :]  # (b, c, i, j, h)
+    decay = torch.exp(torch.where(causal[:, :, None], seg, float("-inf")))
+    cb = torch.einsum("bcign,bcjgn->bcijg", Cc, Bc).repeat_interleave(heads_per_group, dim=-1)
+    y = torch.einsum("bcijh,bcjhp->bcihp", cb * decay, xdt)
+
+    # 2. Each chunk's contribution to the state at its end: sum_j exp(a_cum_T - a_cum_j) dt_j x_j B_j^T.
+    decay_to_end = torch.exp(a_cum[:, :, -1:, :] - a_cum)  # (b, c, T, h)
+    Bh = Bc.repeat_interleave(heads_per_group, dim=3)  # (b, c, T, h, n)
+    chunk_states = torch.einsum("bcjhn,bcjh,bcjhp->bchpn", Bh, decay_to_end, xdt)
+
+    # 3. Between chunks: a linear recurrence over chunk boundaries (sequential, so linear in l).
+    state = x.new_zeros(b, nheads, headdim, dstate) if initial_state is None else initial_state.float()
+    chunk_decay = torch.exp(a_cum[:, :, -1, :])  # (b, c, h)
+    states_in = []
+    for s_c, g_c in zip(chunk_states.unbind(1), chunk_decay.unbind(1)):
+        states_in.append(state)
+        state = g_c[:, :, None, None] * state + s_c
+    prev = torch.stack(states_in, dim=1)  # (b, c, h, p, n): state entering each chunk
+
+    # 4. The entering state seen from inside the chunk: y_i += exp(a_cum_i) C_i . state.
+    Ch = Cc.repeat_interleave(heads_per_group, dim=3)  # (b, c, T, h, n)
+    y = y + torch.einsum("bcihn,bchpn,bcih->bcihp", Ch, prev, torch.exp(a_cum))
+
+    y = y.reshape(b, nchunks * chunk_size, nheads, headdim)[:, :seqlen]
+    if D is not None:
+        y = y + x[:, :seqlen] * D.float()[:, None]
+    y = y.to(dtype_in)
+    return (y, state) if return_final_state else y
+
+
+def ssd_state_update(
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None
+) -> Tensor:
+    """One token of the Mamba-2 scan. state: (b, h, p, n) in place; x: (b, h, p); dt: (b, h); B, C: (b, g, n)."""
+    heads_per_group = x.shape[1] // B.shape[1]
+    Bh = B.float().repeat_interleave(heads_per_group, dim=1)  # (b, h, n)
+    Ch = C.float().repeat_interleave(heads_per_group, dim=1)
+    dt = dt.float()
+    dA = torch.exp(dt * A.float())  # (b, h)
+    state.copy_(state * dA[:, :, None, None] + (dt[:, :, None] * x.float())[..., None] * Bh[:, :, None, :])
+    y = (state * Ch[:, :, None, :]).sum(-1)
+    if D is not None:
+        y = y + x.float() * D.float()[:, None]
+    return y.to(x.dtype)
+
+
+def rms_norm_gated(x: Tensor, z: Tensor | None, weight: Tensor, eps: float, group_size: int) -> Tensor:
+    """mamba_ssm's RMSNormGated with norm_before_gate=False: RMSNorm(x * silu(z)) per group of channels."""
+    dtype_in = x.dtype
+    x = x.float()
+    if z is not None:
+        x = x * F.silu(z.float())
+    xg = x.unflatten(-1, (-1, group_size))
+    xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)
+    return (xg.flatten(-2) * weight.float()).to(dtype_in)
