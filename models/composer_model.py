@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import Metric
 
 from models.config import MambaConfig
@@ -81,8 +81,10 @@ class ComposerMambaLM(ComposerModel):
         super().__init__()
         self.config = cfg
         self.model = model if model is not None else MambaLMHeadModel(cfg)
-        self.train_metrics = nn.ModuleDict(_metrics())
-        self.val_metrics = nn.ModuleDict(_metrics())
+        # Plain dicts, not ModuleDicts: Composer moves metrics itself, and FSDP2 refuses to
+        # wrap a child container without a forward.
+        self.train_metrics = _metrics()
+        self.val_metrics = _metrics()
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         if not isinstance(batch, dict) or "input_ids" not in batch:
@@ -101,8 +103,33 @@ class ComposerMambaLM(ComposerModel):
     def update_metric(self, batch: dict[str, Tensor], outputs: Tensor, metric: Metric) -> None:
         # Evaluation is always unweighted: loss_weights only shape the training loss.
         logits = outputs[..., : self.config.vocab_size] if isinstance(metric, TokenTopKAccuracy) else outputs
-        metric.update(logits, batch["labels"])
+        metric.update(logits, batch["labels"].contiguous())
 
     def flops_per_batch(self, batch: dict[str, Tensor]) -> int:
         b, seq_len = batch["input_ids"].shape
         return training_flops_per_token(self.config, seq_len) * b * seq_len
+
+
+# Parameters kept out of weight decay, by name: SSM dynamics (A_log, D, dt biases: decaying
+# them towards 0 changes the recurrence, mamba_ssm tags them _no_weight_decay), norm gains and
+# all biases. Matched on names because parameter attributes do not survive meta-device init.
+NO_DECAY_SUFFIXES = (".A_log", ".D", ".dt_bias", ".dt_proj.bias", ".bias")
+NO_DECAY_MODULE_PARTS = ("norm",)
+
+
+def decays(name: str) -> bool:
+    """Whether parameter ``name`` (e.g. ``backbone.layers.0.mixer.A_log``) gets weight decay."""
+    leaf_module = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+    return not (name.endswith(NO_DECAY_SUFFIXES) or any(p in leaf_module for p in NO_DECAY_MODULE_PARTS))
+
+
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: decayed weights, and the rest with weight_decay 0 (names in each group's 'names')."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if decays(name) else no_decay).append((name, p))
+    return [
+        {"params": [p for _, p in decay], "weight_decay": weight_decay, "names": [n for n, _ in decay]},
+        {"params": [p for _, p in no_decay], "weight_decay": 0.0, "names": [n for n, _ in no_decay]},
+    ]

@@ -1,0 +1,97 @@
+"""The Composer wrapper: loss, per-token weights, metrics and FLOPs against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models.composer_model import ComposerMambaLM, TokenTopKAccuracy, lm_cross_entropy
+from models.config import preset
+from models.flops import forward_flops_per_token
+
+
+def hand_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> float:
+    """sum_t w_t * (logsumexp(logits_t) - logits_t[label_t]) / sum_t w_t in float64 Python arithmetic."""
+    num = den = 0.0
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1]):
+            y = int(labels[b, t])
+            if y == -100:
+                continue
+            row = [float(v) for v in logits[b, t]]
+            m = max(row)
+            lse = m + math.log(sum(math.exp(v - m) for v in row))
+            w = 1.0 if weights is None else float(weights[b, t])
+            num += w * (lse - row[y])
+            den += w
+    return num / den
+
+
+def test_loss_matches_hand_computation() -> None:
+    logits = torch.randn(2, 5, 7)
+    labels = torch.randint(0, 7, (2, 5))
+    labels[1, 2] = -100
+    weights = torch.rand(2, 5)
+    assert lm_cross_entropy(logits, labels).item() == pytest.approx(hand_ce(logits, labels), rel=1e-5)
+    assert lm_cross_entropy(logits, labels, weights).item() == pytest.approx(hand_ce(logits, labels, weights), rel=1e-5)
+
+
+def test_model_loss_reads_loss_weights() -> None:
+    model = ComposerMambaLM(preset("debug"))
+    ids = torch.randint(0, 500, (2, 9))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    logits = model(batch)
+    plain = model.loss(logits, batch)
+    assert plain.item() == pytest.approx(hand_ce(logits.detach(), batch["labels"]), rel=1e-5)
+    w = torch.zeros(2, 8)
+    w[0, 3] = 1.0  # only one token counts
+    weighted = model.loss(logits, {**batch, "loss_weights": w})
+    assert weighted.item() == pytest.approx(hand_ce(logits[:1, 3:4].detach(), batch["labels"][:1, 3:4]), rel=1e-5)
+
+
+def test_topk_accuracy_and_perplexity_metrics() -> None:
+    logits = torch.tensor([[[0.1, 0.5, 0.2, 0.9], [0.9, 0.1, 0.3, 0.2], [0.0, 0.0, 1.0, 0.5]]])
+    labels = torch.tensor([[1, 1, -100]])  # ranks: 2nd of row 0, 4th of row 1; row 2 ignored
+    top1, top3 = TokenTopKAccuracy(1), TokenTopKAccuracy(3)
+    top1.update(logits, labels)
+    top3.update(logits, labels)
+    assert top1.compute().item() == 0.0  # argmaxes are 3 and 0
+    assert top3.compute().item() == 0.5  # row 0 hits, row 1 misses
+    model = ComposerMambaLM(preset("debug"))
+    ids = torch.randint(0, 500, (2, 9))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    out = model.eval_forward(batch)
+    metrics = model.get_metrics(is_train=False)
+    for m in metrics.values():
+        model.update_metric(batch, out, m)
+    ce = hand_ce(out.detach(), batch["labels"])
+    assert metrics["LanguageCrossEntropy"].compute().item() == pytest.approx(ce, rel=1e-5)
+    assert metrics["LanguagePerplexity"].compute().item() == pytest.approx(math.exp(ce), rel=1e-5)
+
+
+def test_flops_mambaoutai_reference() -> None:
+    # ../STACK.md: Mambaoutai (D 2688, 28 layers, V 65024, N 16, R 168) ~ 2.91 GFLOP/token forward.
+    D, E, N, R, K, V, n = 2688, 5376, 16, 168, 4, 65024, 28
+    per_layer = 4 * D * E + 2 * E * K + 2 * E * (R + 2 * N) + 2 * R * E + 9 * E * N + 2 * E * D
+    assert forward_flops_per_token(preset("1.6b"), 4096) == n * per_layer + 2 * D * V
+    assert forward_flops_per_token(preset("1.6b"), 4096) / 1e9 == pytest.approx(2.91, abs=0.005)
+    model_flops = ComposerMambaLM(preset("debug")).flops_per_batch({"input_ids": torch.zeros(3, 10, dtype=torch.long)})
+    assert model_flops == 3 * 3 * 10 * forward_flops_per_token(preset("debug"), 10)
+
+
+def test_flops_mamba2_and_attention_layers() -> None:
+    cfg = preset("debug-hybrid")  # layers 0, 2 Mamba-2; layer 1 attention; gated MLP d_ff 128
+    D, E, N, G, H, L = 64, 128, 16, 1, 8, 100
+    mamba2 = 2 * D * (2 * E + 2 * G * N + H) + 7 * E * N + 2 * E * D
+    heads, hd = 4, 16
+    attn = 2 * D * 3 * heads * hd + 4 * heads * hd * L + 2 * heads * hd * D
+    mlp = 6 * D * 128
+    assert forward_flops_per_token(cfg, L) == 2 * mamba2 + attn + 3 * mlp + 2 * D * 512
+
+
+def test_non_dict_batch_is_refused() -> None:
+    model = ComposerMambaLM(preset("debug"))
+    with pytest.raises(ValueError, match="dicts with 'input_ids'"):
+        model([torch.zeros(1, 4, dtype=torch.long)])
