@@ -25,17 +25,29 @@ IGNORE_INDEX = -100
 
 
 def lm_cross_entropy(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
-    """Mean next-token cross-entropy over labels != -100, computed in float32.
+    """Mean next-token cross-entropy over labels != -100, computed in float32 (even for bf16 logits).
 
-    With ``weights`` (b, l): sum(w * ce) / sum(w) over the valid tokens, so the weighted loss
+    With ``weights`` (b, l): sum(w * ce) / sum(w) over the valid tokens, a weighted mean that
     stays on the scale of the plain one (positional loss weighting, the paper's section 4.2).
+    A batch whose valid weights sum to 0 gives 0 with zero gradients, not NaN.
     """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"loss: logits must be (b, l, V) and labels (b, l); got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    if weights is not None and weights.shape != labels.shape:
+        raise ValueError(
+            f"loss: loss_weights {tuple(weights.shape)} must have the labels' shape {tuple(labels.shape)}"
+        )
     ce = F.cross_entropy(
-        logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    valid = (labels.flatten() != IGNORE_INDEX).float()
-    w = valid if weights is None else weights.flatten().float() * valid
-    return (ce * w).sum() / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view_as(labels)
+    valid = labels != IGNORE_INDEX
+    w = valid.float() if weights is None else torch.where(valid, weights.float(), 0.0)
+    return (w * ce).sum() / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
 class TokenTopKAccuracy(Metric):

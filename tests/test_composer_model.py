@@ -35,7 +35,9 @@ def test_loss_matches_hand_computation() -> None:
     labels[1, 2] = -100
     weights = torch.rand(2, 5)
     assert lm_cross_entropy(logits, labels).item() == pytest.approx(hand_ce(logits, labels), rel=1e-5)
-    assert lm_cross_entropy(logits, labels, weights).item() == pytest.approx(hand_ce(logits, labels, weights), rel=1e-5)
+    assert lm_cross_entropy(logits, labels, weights).item() == pytest.approx(
+        hand_ce(logits, labels, weights), rel=1e-5
+    )
 
 
 def test_model_loss_reads_loss_weights() -> None:
@@ -48,7 +50,9 @@ def test_model_loss_reads_loss_weights() -> None:
     w = torch.zeros(2, 8)
     w[0, 3] = 1.0  # only one token counts
     weighted = model.loss(logits, {**batch, "loss_weights": w})
-    assert weighted.item() == pytest.approx(hand_ce(logits[:1, 3:4].detach(), batch["labels"][:1, 3:4]), rel=1e-5)
+    assert weighted.item() == pytest.approx(
+        hand_ce(logits[:1, 3:4].detach(), batch["labels"][:1, 3:4]), rel=1e-5
+    )
 
 
 def test_topk_accuracy_and_perplexity_metrics() -> None:
@@ -77,7 +81,9 @@ def test_flops_mambaoutai_reference() -> None:
     per_layer = 4 * D * E + 2 * E * K + 2 * E * (R + 2 * N) + 2 * R * E + 9 * E * N + 2 * E * D
     assert forward_flops_per_token(preset("1.6b"), 4096) == n * per_layer + 2 * D * V
     assert forward_flops_per_token(preset("1.6b"), 4096) / 1e9 == pytest.approx(2.91, abs=0.005)
-    model_flops = ComposerMambaLM(preset("debug")).flops_per_batch({"input_ids": torch.zeros(3, 10, dtype=torch.long)})
+    model_flops = ComposerMambaLM(preset("debug")).flops_per_batch(
+        {"input_ids": torch.zeros(3, 10, dtype=torch.long)}
+    )
     assert model_flops == 3 * 3 * 10 * forward_flops_per_token(preset("debug"), 10)
 
 

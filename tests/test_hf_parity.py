@@ -18,11 +18,16 @@ MAMBA1_CONFIGS = {
     "odd-untied": MambaConfig(d_model=37, n_layer=2, vocab_size=101, ssm=SSMConfig(d_state=12)),
     # tied head, explicit dt_rank, conv without bias, projection biases
     "tied-bias": MambaConfig(
-        d_model=32, n_layer=3, vocab_size=64, tie_embeddings=True,
+        d_model=32,
+        n_layer=3,
+        vocab_size=64,
+        tie_embeddings=True,
         ssm=SSMConfig(d_state=16, dt_rank=5, conv_bias=False, bias=True, d_conv=3),
     ),
     # expand 3, d_state 4, vocab padded to a multiple of 16
-    "wide": MambaConfig(d_model=24, n_layer=2, vocab_size=250, pad_vocab_size_multiple=16, ssm=SSMConfig(d_state=4, expand=3)),
+    "wide": MambaConfig(
+        d_model=24, n_layer=2, vocab_size=250, pad_vocab_size_multiple=16, ssm=SSMConfig(d_state=4, expand=3)
+    ),
 }
 
 
@@ -46,7 +51,9 @@ def assert_grads_match(ours: MambaLMHeadModel, hf: torch.nn.Module) -> None:
     hf_grads = {n: p.grad for n, p in hf.named_parameters()}
     for name, p in ours.named_parameters():
         hf_name = HF_EMBEDDING if name == OUR_EMBEDDING else name
-        torch.testing.assert_close(p.grad, hf_grads[hf_name], rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            p.grad, hf_grads[hf_name], rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 @pytest.mark.parametrize("name", list(MAMBA1_CONFIGS))
@@ -64,7 +71,10 @@ def test_mamba1_logits_and_grads_match_hf(name: str, tmp_path: Path) -> None:
 
 def mamba2_config(ngroups: int) -> MambaConfig:
     return MambaConfig(
-        d_model=48, n_layer=2, vocab_size=90, ssm=SSMConfig(layer="mamba2", d_state=12, headdim=12, ngroups=ngroups, chunk_size=8)
+        d_model=48,
+        n_layer=2,
+        vocab_size=90,
+        ssm=SSMConfig(layer="mamba2", d_state=12, headdim=12, ngroups=ngroups, chunk_size=8),
     )
 
 
@@ -130,7 +140,11 @@ def test_hf_import_round_trips_exactly(cfg: MambaConfig, tmp_path: Path) -> None
 
 def test_mamba_ssm_format_round_trips_hybrid(tmp_path: Path) -> None:
     cfg = MambaConfig(
-        d_model=32, n_layer=3, vocab_size=77, d_intermediate=64, attn_layer_idx=[1],
+        d_model=32,
+        n_layer=3,
+        vocab_size=77,
+        d_intermediate=64,
+        attn_layer_idx=[1],
         attn=AttnConfig(num_heads=4, num_heads_kv=2, rotary_emb_dim=4),
         ssm=SSMConfig(layer="mamba2", d_state=8, headdim=16, chunk_size=8),
     )

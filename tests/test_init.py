@@ -12,7 +12,6 @@ from models.config import preset
 from models.mamba_lm import MambaLMHeadModel
 
 
-
 def is_deterministic(key: str, mixer: str) -> bool:
     """Tensors whose initial value does not depend on the random generator."""
     if key.endswith(("dt_proj.bias", "dt_bias", "conv1d.bias")):  # log-uniform dt / PyTorch's conv init
@@ -84,12 +83,29 @@ def test_weight_decay_groups() -> None:
     model = MambaLMHeadModel(preset("debug-hybrid"))
     decay, no_decay = optimizer_param_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    layer0 = {n.removeprefix("backbone.layers.0.") for n in no_decay["names"] if n.startswith("backbone.layers.0.")}
-    assert layer0 == {"norm.weight", "mixer.dt_bias", "mixer.A_log", "mixer.D", "mixer.conv1d.bias", "mixer.norm.weight", "norm2.weight"}
-    attn = {n.removeprefix("backbone.layers.1.") for n in no_decay["names"] if n.startswith("backbone.layers.1.")}
+    layer0 = {
+        n.removeprefix("backbone.layers.0.") for n in no_decay["names"] if n.startswith("backbone.layers.0.")
+    }
+    assert layer0 == {
+        "norm.weight",
+        "mixer.dt_bias",
+        "mixer.A_log",
+        "mixer.D",
+        "mixer.conv1d.bias",
+        "mixer.norm.weight",
+        "norm2.weight",
+    }
+    attn = {
+        n.removeprefix("backbone.layers.1.") for n in no_decay["names"] if n.startswith("backbone.layers.1.")
+    }
     assert attn == {"norm.weight", "mixer.in_proj.bias", "mixer.out_proj.bias", "norm2.weight"}
     assert "backbone.norm_f.weight" in no_decay["names"]
-    assert set(decay["names"]) >= {"backbone.embedding.weight", "lm_head.weight", "backbone.layers.0.mixer.in_proj.weight", "backbone.layers.2.mlp.fc2.weight"}
+    assert set(decay["names"]) >= {
+        "backbone.embedding.weight",
+        "lm_head.weight",
+        "backbone.layers.0.mixer.in_proj.weight",
+        "backbone.layers.2.mlp.fc2.weight",
+    }
     assert len(decay["names"]) + len(no_decay["names"]) == len(list(model.parameters()))
     m1 = MambaLMHeadModel(preset("debug"))
     no_decay_m1 = optimizer_param_groups(m1, 0.1)[1]["names"]

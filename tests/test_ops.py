@@ -28,7 +28,11 @@ def ssd_recurrence_f64(x, dt, A, B, C, D, initial_state=None):
     x, dt, A, B, C, D = (t.double() for t in (x, dt, A, B, C, D))
     b, length, h, p = x.shape
     g = B.shape[2]
-    init = torch.zeros(b, h, p, B.shape[3], dtype=torch.float64) if initial_state is None else initial_state.double()
+    init = (
+        torch.zeros(b, h, p, B.shape[3], dtype=torch.float64)
+        if initial_state is None
+        else initial_state.double()
+    )
     states = list(init.unbind(1))  # one (b, p, n) state per head, rebuilt (not mutated) every step
     ys = []
     for t in range(length):
@@ -74,7 +78,12 @@ def test_ssd_chunked_matches_recurrence(length: int, chunk: int, ngroups: int) -
 
 def test_ssd_gradients_match_recurrence() -> None:
     b, length, h, p, n = 1, 10, 2, 2, 3
-    tensors = [torch.randn(b, length, h, p), torch.randn(b, length, h), torch.randn(b, length, 1, n), torch.randn(b, length, 1, n)]
+    tensors = [
+        torch.randn(b, length, h, p),
+        torch.randn(b, length, h),
+        torch.randn(b, length, 1, n),
+        torch.randn(b, length, 1, n),
+    ]
     for t in tensors:
         t.requires_grad_(True)
     x, dt_raw, B, C = tensors
