@@ -90,7 +90,9 @@ def load_config(
             raise _explain(exc, schema, str(path)) from exc
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.max_duration=100ba)")
+            raise ConfigError(
+                f"override '{item}' is not of the form key=value (e.g. train.max_duration=100ba)"
+            )
     try:
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as exc:

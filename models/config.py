@@ -164,7 +164,10 @@ PRESETS: dict[str, MambaConfig] = {
     "0.5b": MambaConfig(d_model=1024, n_layer=56, vocab_size=65024),
     "1.6b": MambaConfig(d_model=2688, n_layer=28, vocab_size=65024),
     "debug-mamba2": MambaConfig(
-        d_model=64, n_layer=2, vocab_size=512, ssm=SSMConfig(layer="mamba2", d_state=16, headdim=16, chunk_size=16)
+        d_model=64,
+        n_layer=2,
+        vocab_size=512,
+        ssm=SSMConfig(layer="mamba2", d_state=16, headdim=16, chunk_size=16),
     ),
     "debug-hybrid": MambaConfig(
         d_model=64,

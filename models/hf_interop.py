@@ -109,7 +109,10 @@ def _state_dict_for_export(model: MambaLMHeadModel) -> dict[str, Tensor]:
 
 
 def export_hf(
-    model: MambaLMHeadModel, out_dir: str | Path, tokenizer_dir: str | Path | None = None, overwrite: bool = False
+    model: MambaLMHeadModel,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` as an HF transformers directory (``AutoModelForCausalLM`` loads it offline)."""
     from safetensors.torch import save_file
@@ -147,7 +150,10 @@ def export_mamba_ssm(model: MambaLMHeadModel, out_dir: str | Path, overwrite: bo
         ssm_cfg.update(dt_rank=cfg.dt_rank, dt_init=s.dt_init, dt_scale=s.dt_scale)
     else:
         ssm_cfg.update(
-            headdim=s.headdim, ngroups=s.ngroups, chunk_size=s.chunk_size, A_init_range=[s.A_init_min, s.A_init_max]
+            headdim=s.headdim,
+            ngroups=s.ngroups,
+            chunk_size=s.chunk_size,
+            A_init_range=[s.A_init_min, s.A_init_max],
         )
     a = cfg.attn
     attn_cfg = {
@@ -227,7 +233,10 @@ def config_from_hf(hf: dict[str, Any]) -> MambaConfig:
         )
     elif hf.get("model_type") == "mamba2":
         ssm.update(
-            layer="mamba2", headdim=hf["head_dim"], ngroups=hf.get("n_groups", 1), chunk_size=hf.get("chunk_size", 256)
+            layer="mamba2",
+            headdim=hf["head_dim"],
+            ngroups=hf.get("n_groups", 1),
+            chunk_size=hf.get("chunk_size", 256),
         )
     else:
         raise ValueError(f"model_type {hf.get('model_type')!r} is not 'mamba' or 'mamba2'")
@@ -283,7 +292,9 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
         return sd
     if (path / "pytorch_model.bin").is_file():
         return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    raise FileNotFoundError(
+        f"{path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+    )
 
 
 def load_pretrained(path: str | Path, **overrides: Any) -> MambaLMHeadModel:
@@ -310,5 +321,7 @@ def load_pretrained(path: str | Path, **overrides: Any) -> MambaLMHeadModel:
     if cfg.tie_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the config: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"{path}: weights do not match the config: missing {missing}, unexpected {unexpected}"
+        )
     return model

@@ -55,7 +55,9 @@ def use_kernels(impl: str, x: torch.Tensor) -> bool:
         return False
     if impl == "kernels":
         if not x.is_cuda:
-            raise ValueError(f"model.impl=kernels needs CUDA tensors, got {x.device}; use model.impl=auto or torch")
+            raise ValueError(
+                f"model.impl=kernels needs CUDA tensors, got {x.device}; use model.impl=auto or torch"
+            )
         available, reason = kernel_status()
         if not available:
             raise RuntimeError(f"model.impl=kernels but the kernels are unavailable: {reason}")

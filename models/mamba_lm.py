@@ -84,7 +84,11 @@ class GatedRMSNorm(nn.Module):
 
 
 def make_norm(cfg: MambaConfig) -> nn.Module:
-    return RMSNorm(cfg.d_model, cfg.norm_epsilon) if cfg.rms_norm else nn.LayerNorm(cfg.d_model, cfg.norm_epsilon)
+    return (
+        RMSNorm(cfg.d_model, cfg.norm_epsilon)
+        if cfg.rms_norm
+        else nn.LayerNorm(cfg.d_model, cfg.norm_epsilon)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,7 +115,9 @@ class Mamba1Mixer(nn.Module):
         self.out_proj = nn.Linear(E, cfg.d_model, bias=s.bias)
         self.out_proj.init_role = "residual_out"
 
-    def allocate_cache(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    def allocate_cache(
+        self, batch_size: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
         conv = torch.zeros(batch_size, self.d_inner, self.d_conv, dtype=dtype, device=device)
         ssm = torch.zeros(batch_size, self.d_inner, self.d_state, dtype=torch.float32, device=device)
         return conv, ssm
@@ -176,13 +182,23 @@ class Mamba2Mixer(nn.Module):
         self.layer_idx = layer_idx
         self.impl = cfg.impl
         self.d_inner, self.d_state, self.d_conv = cfg.d_inner, s.d_state, s.d_conv
-        self.nheads, self.headdim, self.ngroups, self.chunk_size = cfg.nheads, s.headdim, s.ngroups, s.chunk_size
+        self.nheads, self.headdim, self.ngroups, self.chunk_size = (
+            cfg.nheads,
+            s.headdim,
+            s.ngroups,
+            s.chunk_size,
+        )
         E, N, G, H = self.d_inner, self.d_state, self.ngroups, self.nheads
         self.conv_dim = E + 2 * G * N
         # in_proj output is [z (E), xBC (E + 2GN), dt (H)], mamba_ssm's order.
         self.in_proj = nn.Linear(cfg.d_model, 2 * E + 2 * G * N + H, bias=s.bias)
         self.conv1d = nn.Conv1d(
-            self.conv_dim, self.conv_dim, s.d_conv, groups=self.conv_dim, padding=s.d_conv - 1, bias=s.conv_bias
+            self.conv_dim,
+            self.conv_dim,
+            s.d_conv,
+            groups=self.conv_dim,
+            padding=s.d_conv - 1,
+            bias=s.conv_bias,
         )
         self.dt_bias = nn.Parameter(torch.empty(H))
         self.A_log = nn.Parameter(torch.empty(H))
@@ -191,9 +207,13 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(E, cfg.d_model, bias=s.bias)
         self.out_proj.init_role = "residual_out"
 
-    def allocate_cache(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    def allocate_cache(
+        self, batch_size: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
         conv = torch.zeros(batch_size, self.conv_dim, self.d_conv, dtype=dtype, device=device)
-        ssm = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, dtype=torch.float32, device=device)
+        ssm = torch.zeros(
+            batch_size, self.nheads, self.headdim, self.d_state, dtype=torch.float32, device=device
+        )
         return conv, ssm
 
     def forward(self, h: Tensor, cache: InferenceCache | None = None) -> Tensor:
@@ -277,7 +297,9 @@ def apply_rotary(x: Tensor, positions: Tensor, rotary_dim: int, base: float) -> 
 
     x: (b, l, h, d); positions: (l,).
     """
-    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=x.device, dtype=torch.float32) / rotary_dim))
+    inv_freq = 1.0 / (
+        base ** (torch.arange(0, rotary_dim, 2, device=x.device, dtype=torch.float32) / rotary_dim)
+    )
     angles = positions.float()[:, None] * inv_freq  # (l, rotary_dim / 2)
     cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
     rot, rest = x[..., :rotary_dim].float(), x[..., rotary_dim:]
@@ -293,7 +315,11 @@ class Attention(nn.Module):
         super().__init__()
         a = cfg.attn
         self.layer_idx = layer_idx
-        self.num_heads, self.num_heads_kv, self.head_dim = a.num_heads, cfg.attn_num_heads_kv, cfg.attn_head_dim
+        self.num_heads, self.num_heads_kv, self.head_dim = (
+            a.num_heads,
+            cfg.attn_num_heads_kv,
+            cfg.attn_head_dim,
+        )
         self.rotary_dim, self.rotary_base = a.rotary_emb_dim, a.rotary_base
         qkv_dim = (self.num_heads + 2 * self.num_heads_kv) * self.head_dim
         self.in_proj = nn.Linear(cfg.d_model, qkv_dim, bias=a.qkv_proj_bias)
@@ -368,7 +394,9 @@ class Block(nn.Module):
         self.residual_in_fp32 = cfg.residual_in_fp32
         self.norm = make_norm(cfg)
         kind = cfg.mixer_kind(layer_idx)
-        self.mixer: nn.Module = {"mamba1": Mamba1Mixer, "mamba2": Mamba2Mixer, "attn": Attention}[kind](cfg, layer_idx)
+        self.mixer: nn.Module = {"mamba1": Mamba1Mixer, "mamba2": Mamba2Mixer, "attn": Attention}[kind](
+            cfg, layer_idx
+        )
         self.norm2 = make_norm(cfg) if cfg.d_intermediate > 0 else None
         self.mlp = GatedMLP(cfg) if cfg.d_intermediate > 0 else None
 
@@ -458,7 +486,9 @@ class MambaLMHeadModel(nn.Module):
         that produced ``eos_token_id`` keep emitting it. Returns (b, prompt + new) token ids.
         """
         if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise ValueError("generate needs max_new_tokens >= 0, temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+            raise ValueError(
+                "generate needs max_new_tokens >= 0, temperature >= 0, 0 < top_p <= 1, top_k >= 0"
+            )
         b, prompt_len = input_ids.shape
         cache = self.allocate_inference_cache(b, prompt_len + max_new_tokens)
         logits = self(input_ids, cache)[:, -1]

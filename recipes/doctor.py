@@ -1,0 +1,56 @@
+"""``make doctor``: one table of the software stack and the model path this machine will use."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
+
+import torch
+
+from models.kernels import kernel_status
+
+
+def version(dist_name: str) -> str:
+    try:
+        return importlib.metadata.version(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def rows() -> list[tuple[str, str]]:
+    cuda = torch.version.cuda or "none (CPU build)"
+    if torch.cuda.is_available():
+        devices = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        gpu = f"{torch.cuda.device_count()} x {devices}"
+    else:
+        gpu = "none visible"
+    kernels, reason = kernel_status()
+    path = "mamba_ssm / causal_conv1d kernels" if kernels else "PyTorch (models/ops.py)"
+    return [
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("torch", torch.__version__),
+        ("CUDA (torch build)", cuda),
+        ("GPUs", gpu),
+        ("composer (mosaicml)", version("mosaicml")),
+        ("streaming (mosaicml-streaming)", version("mosaicml-streaming")),
+        ("transformers", version("transformers")),
+        ("tokenizers", version("tokenizers")),
+        ("mamba_ssm", version("mamba-ssm")),
+        ("causal_conv1d", version("causal-conv1d")),
+        ("model path (model.impl=auto)", path),
+        ("why", reason),
+    ]
+
+
+def main() -> None:
+    table = rows()
+    width = max(len(k) for k, _ in table)
+    print(f"{'component'.ljust(width)} | version / status")
+    print(f"{'-' * width}-+-{'-' * 40}")
+    for key, value in table:
+        print(f"{key.ljust(width)} | {value}")
+
+
+if __name__ == "__main__":
+    main()
