@@ -70,11 +70,14 @@ def _explain(err: OmegaConfBaseException, schema: type, source: str) -> ConfigEr
 
 
 def load_config(
-    schema: type[T],
+    schema: type[T] | T,
     yaml_paths: Sequence[str | Path] = (),
     overrides: Sequence[str] = (),
 ) -> T:
-    """Build a ``schema`` instance from YAML files (merged in order) and ``key=value`` overrides."""
+    """Build a ``schema`` instance from YAML files (merged in order) and ``key=value`` overrides.
+
+    ``schema`` is a dataclass type, or an instance whose values are the defaults to merge onto.
+    """
     merged: DictConfig = OmegaConf.structured(schema)
     for path in yaml_paths:
         path = Path(path)
@@ -101,7 +104,7 @@ def load_config(
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _explain(exc, schema, "") from exc
-    assert isinstance(obj, schema)
+    assert isinstance(obj, schema if isinstance(schema, type) else type(schema))
     return obj
 
 

@@ -94,8 +94,9 @@ class ComposerMambaLM(ComposerModel):
         self.config = cfg
         self.model = model if model is not None else MambaLMHeadModel(cfg)
         # Plain dicts, not ModuleDicts: Composer moves metrics itself, and FSDP2 refuses to
-        # wrap a child container without a forward.
-        self.train_metrics = _metrics()
+        # wrap a child container without a forward. Training logs the unweighted cross-entropy
+        # (beside a positionally weighted loss); evaluation adds perplexity and top-k accuracy.
+        self.train_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX)}
         self.val_metrics = _metrics()
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
