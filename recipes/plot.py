@@ -1,0 +1,88 @@
+"""Loss curves of one or more runs as a PNG (the paper's training-loss figures).
+
+    python -m recipes.plot runs/wsd runs/cosine runs/wsd_posweight --out runs/ablation.png
+
+Reads each run's ``metrics.jsonl``: the training loss against tokens seen (smoothed with an
+exponential moving average), the unweighted training cross-entropy where positional
+weighting made the loss differ, the evaluation cross-entropy, and the learning rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from callbacks.jsonl_logger import read_jsonl
+from common.io import atomic_path
+
+
+def series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(tokens, values) of ``key``, pairing each value with the latest ``time/token`` logged."""
+    tokens, values, current = [], [], 0.0
+    for rec in records:
+        current = rec.get("time/token", current)
+        if key in rec and isinstance(rec[key], (int, float)):
+            tokens.append(float(current))
+            values.append(float(rec[key]))
+    return tokens, values
+
+
+def ema(values: list[float], alpha: float) -> list[float]:
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else alpha * v + (1 - alpha) * acc
+        out.append(acc)
+    return out
+
+
+def plot_runs(run_dirs: list[Path], out: Path, smoothing: float = 0.1) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=[3, 1])
+    for run in run_dirs:
+        path = run / "metrics.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: is {run} a training run directory?")
+        records = read_jsonl(path)
+        tok, loss = series(records, "loss/train/total")
+        if not loss:
+            raise ValueError(f"{path} has no 'loss/train/total' records yet")
+        (line,) = ax_loss.plot(tok, ema(loss, smoothing), label=f"{run.name}: train loss")
+        tok_ce, ce = series(records, "metrics/train/LanguageCrossEntropy")
+        if ce and any(abs(a - b) > 1e-6 for a, b in zip(ce, loss)):
+            ax_loss.plot(tok_ce, ema(ce, smoothing), ls=":", color=line.get_color(), label=f"{run.name}: train CE")
+        tok_ev, ev = series(records, "metrics/eval/LanguageCrossEntropy")
+        if ev:
+            ax_loss.plot(tok_ev, ev, "o--", color=line.get_color(), label=f"{run.name}: eval CE")
+        tok_lr, lr = series(records, "lr-AdamW/group0")
+        ax_lr.plot(tok_lr, lr, color=line.get_color())
+    ax_loss.set_ylabel("cross-entropy (nats)")
+    ax_loss.legend(fontsize=8)
+    ax_loss.grid(alpha=0.3)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("tokens")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (with metrics.jsonl)")
+    parser.add_argument("--out", type=Path, required=True, help="PNG to write")
+    parser.add_argument("--smoothing", type=float, default=0.1, help="EMA weight of the newest point")
+    args = parser.parse_args()
+    try:
+        print(f"wrote {plot_runs(args.runs, args.out, args.smoothing)}")
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
+
+
+if __name__ == "__main__":
+    main()
