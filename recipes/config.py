@@ -61,6 +61,19 @@ class PositionalWeightingConfig:
 
 
 @dataclass
+class BatchRampupConfig:
+    """Global batch grown linearly in tokens up to global_train_batch_size (callbacks/batch_rampup.py).
+
+    The paper ramps to 2M tokens over the first 1B tokens; it gives no start size. Give the
+    scheduler's warmup in tokens when the ramp is on: steps no longer map to tokens.
+    """
+
+    enabled: bool = False
+    start_batch_tokens: int = 262144
+    ramp_tokens: int = 1_000_000_000
+
+
+@dataclass
 class CheckpointConfig:
     save_folder: str = ""  # "" = {run_dir}/checkpoints
     save_interval: str = "1000ba"
@@ -105,6 +118,7 @@ class LoggingConfig:
 
 @dataclass
 class TrainConfig:
+    base: str = ""  # a recipe this one extends (path relative to this file), loaded first
     run_name: str = "mamba"
     run_root: str = "runs"  # run_dir = {run_root}/{run_name}: checkpoints, metrics.jsonl, plots
     seed: int = 17
@@ -123,6 +137,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     positional_weighting: PositionalWeightingConfig = field(default_factory=PositionalWeightingConfig)
+    batch_rampup: BatchRampupConfig = field(default_factory=BatchRampupConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -138,14 +153,34 @@ class TrainConfig:
         return Path(self.run_root) / self.run_name
 
 
+def expand_bases(yaml_paths: Sequence[str | Path]) -> list[Path]:
+    """Each recipe preceded by the chain of recipes it extends with ``base:``."""
+    expanded: list[Path] = []
+    for path in map(Path, yaml_paths):
+        chain: list[Path] = []
+        current: Path | None = path
+        while current is not None:
+            if current in chain:
+                raise ConfigError(f"recipe {path} has a cycle of base: recipes: {[str(p) for p in chain]}")
+            if not current.is_file():
+                raise ConfigError(
+                    f"recipe file not found: {current}" + (f" (base of {chain[0]})" if chain else "")
+                )
+            chain.append(current)
+            raw = OmegaConf.load(current)
+            base = raw.get("base") if OmegaConf.is_dict(raw) else None
+            current = (current.parent / base).resolve() if base else None
+        expanded += reversed(chain)
+    return expanded
+
+
 def _requested_preset(yaml_paths: Sequence[str | Path], overrides: Sequence[str]) -> str | None:
     """``model_preset`` as the YAMLs and the command line set it, read before the strict merge."""
     name = None
     for path in yaml_paths:
-        if Path(path).is_file():
-            raw = OmegaConf.load(path)
-            if isinstance(raw, dict) or OmegaConf.is_dict(raw):
-                name = raw.get("model_preset", name)
+        raw = OmegaConf.load(path)
+        if OmegaConf.is_dict(raw):
+            name = raw.get("model_preset", name)
     for item in overrides:
         key, _, value = item.partition("=")
         if key.strip() == "model_preset":
@@ -155,6 +190,7 @@ def _requested_preset(yaml_paths: Sequence[str | Path], overrides: Sequence[str]
 
 def load_train_config(yaml_paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> TrainConfig:
     """YAML recipes (merged in order) + ``key=value`` overrides -> a checked ``TrainConfig``."""
+    yaml_paths = expand_bases(yaml_paths)
     name = _requested_preset(yaml_paths, overrides)
     if name is not None and name not in PRESETS:
         raise ConfigError(f"model_preset={name!r} is not a preset; valid presets: {', '.join(PRESETS)}")

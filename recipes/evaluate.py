@@ -59,7 +59,9 @@ def evaluate(cfg: TrainConfig, model: MambaLMHeadModel, max_batches: int | None)
     return {name: float(metric.compute()) for name, metric in metrics.items()}
 
 
-def generate_text(cfg: TrainConfig, model: MambaLMHeadModel, prompt: str, max_new_tokens: int, seed: int) -> str:
+def generate_text(
+    cfg: TrainConfig, model: MambaLMHeadModel, prompt: str, max_new_tokens: int, seed: int
+) -> str:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
@@ -76,7 +78,9 @@ def generate_text(cfg: TrainConfig, model: MambaLMHeadModel, prompt: str, max_ne
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run", type=Path, help="run directory (with run.json and checkpoints/)")
     parser.add_argument("--checkpoint", type=Path, help="default: RUN/checkpoints/latest-rank0.pt")
     parser.add_argument("--max-batches", type=int, default=None, help="validation batches (default: all)")

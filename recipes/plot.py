@@ -53,7 +53,9 @@ def plot_runs(run_dirs: list[Path], out: Path, smoothing: float = 0.1) -> Path:
         (line,) = ax_loss.plot(tok, ema(loss, smoothing), label=f"{run.name}: train loss")
         tok_ce, ce = series(records, "metrics/train/LanguageCrossEntropy")
         if ce and any(abs(a - b) > 1e-6 for a, b in zip(ce, loss)):
-            ax_loss.plot(tok_ce, ema(ce, smoothing), ls=":", color=line.get_color(), label=f"{run.name}: train CE")
+            ax_loss.plot(
+                tok_ce, ema(ce, smoothing), ls=":", color=line.get_color(), label=f"{run.name}: train CE"
+            )
         tok_ev, ev = series(records, "metrics/eval/LanguageCrossEntropy")
         if ev:
             ax_loss.plot(tok_ev, ev, "o--", color=line.get_color(), label=f"{run.name}: eval CE")
@@ -73,7 +75,9 @@ def plot_runs(run_dirs: list[Path], out: Path, smoothing: float = 0.1) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (with metrics.jsonl)")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
     parser.add_argument("--smoothing", type=float, default=0.1, help="EMA weight of the newest point")

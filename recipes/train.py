@@ -29,6 +29,7 @@ from composer.core import Algorithm, Callback
 from composer.loggers import LoggerDestination
 from composer.utils import dist, reproducibility
 
+from callbacks.batch_rampup import BatchRampSchedule, BatchRampup, RampedBatches
 from callbacks.gloo_grad_average import GlooFSDP2GradAverage
 from callbacks.jsonl_logger import JSONLinesLogger
 from callbacks.positional_weighting import PositionalLossWeighting
@@ -174,7 +175,26 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
         print(f"[train] resolved config written to {cfg.run_dir / 'run.json'}", flush=True)
 
     model = build_model(cfg, distributed=world > 1)
-    train_spec = build_dataloader(cfg.data, cfg.tokenizer, device_batch, split="train")
+    callbacks: list[Callback] = [SpeedMonitor(window_size=cfg.logging.speed_window), LRMonitor()]
+    ramp = cfg.batch_rampup
+    if ramp.enabled:
+        # The loader serves micro-batches; RampedBatches joins as many as the ramp asks for.
+        train_spec = build_dataloader(
+            cfg.data, cfg.tokenizer, cfg.device_train_microbatch_size, split="train"
+        )
+        seq_len = train_spec.dataloader.dataset.seq_len
+        schedule = BatchRampSchedule(
+            ramp.start_batch_tokens,
+            cfg.global_train_batch_size * seq_len,
+            ramp.ramp_tokens,
+            seq_len,
+            cfg.device_train_microbatch_size,
+            world,
+        )
+        train_spec.dataloader = RampedBatches(train_spec.dataloader, schedule)
+        callbacks.append(BatchRampup())
+    else:
+        train_spec = build_dataloader(cfg.data, cfg.tokenizer, device_batch, split="train")
     evaluators = []
     if cfg.eval_interval:
         eval_spec = build_dataloader(cfg.data, cfg.tokenizer, cfg.device_eval_batch_size, split="val")
@@ -199,7 +219,6 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
     if pw.enabled:
         algorithms.append(PositionalLossWeighting(scale=pw.scale, per_document=pw.per_document, fn=pw.fn))
 
-    callbacks: list[Callback] = [SpeedMonitor(window_size=cfg.logging.speed_window), LRMonitor()]
     callbacks += extra_callbacks or []
 
     ckpt = cfg.checkpoint
