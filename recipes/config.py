@@ -74,6 +74,24 @@ class BatchRampupConfig:
 
 
 @dataclass
+class LossSpikeConfig:
+    """Roll back to the last good checkpoint on a loss spike, skipping the data (callbacks/loss_spike.py).
+
+    A spike: loss > mean + max(threshold_std * std, min_rel_increase * mean) of the last
+    ``window`` accepted losses, or a non-finite loss.
+    """
+
+    enabled: bool = False
+    window: int = 50
+    threshold_std: float = 4.0
+    min_rel_increase: float = 0.1
+    warmup_batches: int = 50
+    max_retries: int = 3
+    recovery_batches: int = 20
+    audit_file: str | None = None  # None = loss_spikes.jsonl in the checkpoint folder
+
+
+@dataclass
 class CheckpointConfig:
     save_folder: str = ""  # "" = {run_dir}/checkpoints
     save_interval: str = "1000ba"
@@ -83,7 +101,8 @@ class CheckpointConfig:
     load_weights_only: bool = False
     # Parts of the loaded checkpoint to ignore (Composer globs). A decay phase started from a
     # pre-decay checkpoint keeps weights and optimizer state but not the old data position,
-    # schedule or clock: ["state/timestamp", "state/dataset_state", "state/schedulers"].
+    # schedule, clock or callback state:
+    # ["state/timestamp", "state/dataset_state", "state/schedulers", "state/callbacks"].
     load_ignore_keys: list[str] = field(default_factory=list)
     pre_decay: bool = True  # save pre-decay-*.pt when the WSD stable phase ends
 
@@ -126,7 +145,7 @@ class TrainConfig:
     model: MambaConfig = field(default_factory=MambaConfig)
     tokenizer: str = ""  # the tokenizer directory the shards were converted with
     data: DataConfig = field(default_factory=lambda: DataConfig(mixture="unset"))
-    eval_interval: str = "500ba"  # "" disables evaluation
+    eval_interval: str | None = "500ba"  # null disables evaluation
     eval_subset_num_batches: int = -1  # -1 = the whole validation split
     global_train_batch_size: int = 8  # samples (of seq_len tokens) per optimizer step, all ranks
     device_train_microbatch_size: int = 4
@@ -138,6 +157,7 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     positional_weighting: PositionalWeightingConfig = field(default_factory=PositionalWeightingConfig)
     batch_rampup: BatchRampupConfig = field(default_factory=BatchRampupConfig)
+    loss_spike: LossSpikeConfig = field(default_factory=LossSpikeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -32,7 +32,9 @@ from composer.utils import dist, reproducibility
 from callbacks.batch_rampup import BatchRampSchedule, BatchRampup, RampedBatches
 from callbacks.gloo_grad_average import GlooFSDP2GradAverage
 from callbacks.jsonl_logger import JSONLinesLogger
+from callbacks.loss_spike import LossSpikeRollback
 from callbacks.positional_weighting import PositionalLossWeighting
+from callbacks.pre_decay_checkpoint import PreDecayCheckpoint
 from callbacks.schedulers import SCHEDULERS, build_scheduler
 from common.config import ConfigError, to_dict
 from common.io import atomic_write_text
@@ -219,9 +221,20 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
     if pw.enabled:
         algorithms.append(PositionalLossWeighting(scale=pw.scale, per_document=pw.per_document, fn=pw.fn))
 
+    ckpt = cfg.checkpoint
+    save_folder = ckpt.save_folder or str(cfg.run_dir / "checkpoints")
+    if ckpt.pre_decay and cfg.scheduler.name == "wsd":
+        callbacks.append(PreDecayCheckpoint(save_folder=save_folder))
+    elif ckpt.pre_decay:
+        warnings.warn(
+            f"checkpoint.pre_decay is ignored: scheduler.name={cfg.scheduler.name} has no stable phase",
+            stacklevel=2,
+        )
+    if cfg.loss_spike.enabled:
+        spike = {k: v for k, v in to_dict(cfg.loss_spike).items() if k != "enabled"}
+        callbacks.append(LossSpikeRollback(**spike))
     callbacks += extra_callbacks or []
 
-    ckpt = cfg.checkpoint
     return Trainer(
         run_name=cfg.run_name,
         model=model,
@@ -239,7 +252,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
         precision=resolve_precision(cfg),
         device_train_microbatch_size=cfg.device_train_microbatch_size,
         parallelism_config=parallelism_config(cfg),
-        save_folder=ckpt.save_folder or str(cfg.run_dir / "checkpoints"),
+        save_folder=save_folder,
         save_interval=ckpt.save_interval,
         save_num_checkpoints_to_keep=ckpt.save_num_checkpoints_to_keep,
         save_overwrite=False,
