@@ -65,15 +65,17 @@ def selective_scan(
         delta = delta + delta_bias.float()[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    # Discretisation for every step at once: (b, l, d, n).
-    dA = torch.exp(torch.einsum("bdl,dn->bldn", delta, A.float()))
-    dBu = torch.einsum("bdl,bnl,bdl->bldn", delta, B, u)
+    # One small step at a time over time-major, contiguous slices: materialising the
+    # (b, l, d, n) discretisation up front costs far more memory traffic than it saves.
+    A = A.float()
+    ys = []
     h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
-    states = []
-    for dA_t, dBu_t in zip(dA.unbind(1), dBu.unbind(1)):
-        h = dA_t * h + dBu_t
-        states.append(h)
-    y = torch.einsum("bldn,bnl->bdl", torch.stack(states, dim=1), C)
+    steps = zip(*(t.permute(2, 0, 1).contiguous().unbind(0) for t in (delta, delta * u, B, C)))
+    for delta_t, du_t, B_t, C_t in steps:  # (b, d), (b, d), (b, n), (b, n)
+        dA_t = torch.exp(delta_t.unsqueeze(-1) * A)  # (b, d, n)
+        h = torch.addcmul(du_t.unsqueeze(-1) * B_t.unsqueeze(1), dA_t, h)
+        ys.append(torch.einsum("bdn,bn->bd", h, C_t))
+    y = torch.stack(ys, dim=-1)  # (b, d, l)
     if D is not None:
         y = y + u * D.float()[:, None]
     if z is not None:
