@@ -5,7 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-gpu test test-gpu test-dist lint format doctor bench-model demo
+.PHONY: install install-gpu test test-gpu test-dist lint format doctor bench-model bench-convert demo demo-data clean-demo \
+	ablation-wsd ablation-cosine ablation-wsd-posweight ablation-tiny decay
 
 install: $(STAMP)
 
@@ -45,3 +46,67 @@ doctor: install
 
 bench-model: install
 	$(PY) benchmarks/bench_model.py
+
+bench-convert: install
+	$(PY) benchmarks/bench_convert.py
+
+# ---------------------------------------------------------------------------------------------
+# The demo: built-in data (the Python standard library), offline, on CPU.
+DEMO := runs/demo
+DEMO_STREAMS := $(DEMO)/mds/prose/stats.json $(DEMO)/mds/code/stats.json $(DEMO)/mds/chat/stats.json
+COMPOSER := $(VENV)/bin/composer
+NPROC ?= 8
+
+$(DEMO)/src/chat.jsonl: | $(STAMP)
+	$(PY) -m data.demo_corpus --out $(DEMO)/src --overwrite
+
+$(DEMO)/tokenizer/tokenizer.json: $(DEMO)/src/chat.jsonl
+	$(PY) -m data.train_tokenizer --out $(DEMO)/tokenizer --vocab-size 4096 --overwrite \
+		--source path=$(DEMO)/src/prose.jsonl,weight=0.6 --source path=$(DEMO)/src/code.jsonl,weight=0.4
+
+$(DEMO)/mds/%/stats.json: $(DEMO)/tokenizer/tokenizer.json
+	$(PY) -m data.convert --tokenizer $(DEMO)/tokenizer --out $(DEMO)/mds/$* --seq-len 256 --val-fraction 0.03 \
+		--overwrite --source path=$(DEMO)/src/$*.jsonl$(if $(filter chat,$*),$(comma)format=chat,)
+
+comma := ,
+
+demo-data: $(DEMO_STREAMS)
+
+# Stable phase (WSD + positional weighting, pre-decay checkpoint), a custom decay from that
+# checkpoint on the decay mix, then evaluation, a sample and the loss curves. Re-running
+# resumes (or skips) finished runs; `make clean-demo` starts over.
+demo: install demo-data
+	$(PY) recipes/train.py yamls/tiny/demo.yaml
+	$(PY) recipes/train.py yamls/tiny/demo_decay.yaml \
+		checkpoint.load_path=$$(ls $(DEMO)/stable/checkpoints/pre-decay-*.pt | head -n 1)
+	$(PY) -m recipes.evaluate $(DEMO)/stable --prompt "def read_config(path):"
+	$(PY) -m recipes.evaluate $(DEMO)/decay --prompt "<|im_start|>user"$$'\n'"What does the with statement do?<|im_end|>"$$'\n'"<|im_start|>assistant"$$'\n'
+	$(PY) -m recipes.plot $(DEMO)/stable $(DEMO)/decay --out $(DEMO)/loss.png
+
+clean-demo:
+	rm -rf $(DEMO)
+
+# ---------------------------------------------------------------------------------------------
+# The paper's ablations (0.5B, 10B tokens; GPUs): NPROC processes on this node. For several
+# nodes, run the `composer` line of the README on each node.
+ablation-wsd: install
+	$(COMPOSER) -n $(NPROC) recipes/train.py yamls/ablation_wsd.yaml
+
+ablation-cosine: install
+	$(COMPOSER) -n $(NPROC) recipes/train.py yamls/ablation_cosine.yaml
+
+ablation-wsd-posweight: install
+	$(COMPOSER) -n $(NPROC) recipes/train.py yamls/ablation_wsd_posweight.yaml
+
+# The three ablations' tiny twins on CPU (demo data), then their loss curves in one PNG.
+ablation-tiny: install demo-data
+	$(PY) recipes/train.py yamls/tiny/wsd.yaml run_root=runs/tiny run_name=wsd
+	$(PY) recipes/train.py yamls/tiny/cosine.yaml run_root=runs/tiny run_name=cosine
+	$(PY) recipes/train.py yamls/tiny/wsd_posweight.yaml run_root=runs/tiny run_name=wsd-posweight
+	$(PY) -m recipes.plot runs/tiny/wsd runs/tiny/cosine runs/tiny/wsd-posweight --out runs/tiny/ablation.png
+
+# Your own decay from a pre-decay checkpoint: make decay CKPT=path/pre-decay-ba....pt RECIPE=yamls/decay/....yaml
+decay: install
+	@test -n "$(CKPT)" -a -n "$(RECIPE)" || { echo "usage: make decay CKPT=pre-decay-checkpoint RECIPE=yamls/decay/recipe.yaml [NPROC=8]"; exit 2; }
+	@test -e "$(CKPT)" || { echo "CKPT=$(CKPT) does not exist"; exit 2; }
+	$(COMPOSER) -n $(NPROC) recipes/train.py $(RECIPE) checkpoint.load_path=$(CKPT)
