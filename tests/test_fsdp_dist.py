@@ -21,9 +21,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_step(tmp_path: Path, nproc: int, preset: str) -> dict:
+def run_step(tmp_path: Path, nproc: int, preset: str, recompute: bool = False) -> dict:
     out = tmp_path / f"step_{nproc}.pt"
-    env = {**os.environ, "FSDP_VERSION": "2", "MODEL_PRESET": preset, "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "FSDP_VERSION": "2",
+        "MODEL_PRESET": preset,
+        "PYTHONPATH": str(ROOT),
+        "ACTIVATION_CHECKPOINTING": "1" if recompute else "0",
+    }
     if nproc == 1:
         cmd = [sys.executable, str(SCRIPT), str(out)]
     else:
@@ -35,9 +41,10 @@ def run_step(tmp_path: Path, nproc: int, preset: str) -> dict:
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("preset", ["debug", "debug-hybrid"])
-def test_two_process_fsdp2_matches_one_process(tmp_path: Path, preset: str) -> None:
-    one, two = run_step(tmp_path, 1, preset), run_step(tmp_path, 2, preset)
+@pytest.mark.parametrize(("preset", "recompute"), [("debug", False), ("debug-hybrid", True)])
+def test_two_process_fsdp2_matches_one_process(tmp_path: Path, preset: str, recompute: bool) -> None:
+    """Mamba-1; and the hybrid (Mamba-2, attention, MLP) with per-block activation checkpointing."""
+    one, two = run_step(tmp_path, 1, preset), run_step(tmp_path, 2, preset, recompute)
     assert one["losses"] == pytest.approx(two["losses"], rel=1e-5)
     for key in one["initial"]:
         assert torch.equal(one["initial"][key], two["initial"][key]), key

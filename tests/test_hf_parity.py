@@ -122,10 +122,14 @@ def test_mamba2_two_groups_match_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     for (y, z), (y_hf, z_hf) in zip(seen["ours"][:1], seen["hf"][:1]):
         torch.testing.assert_close(y, y_hf, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(z, z_hf, rtol=1e-4, atol=1e-4)
-    # 2. End to end with the grouped norm in HF.
+    # 2. End to end, logits and gradients, with the grouped norm in HF.
     norm_cls = type(hf.backbone.layers[0].mixer.norm)
     monkeypatch.setattr(norm_cls, "forward", grouped_gated_norm(model.config.d_inner // 2))
-    torch.testing.assert_close(model(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+    ours, theirs = model(ids), hf(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    ours.square().mean().backward()
+    theirs.square().mean().backward()
+    assert_grads_match(model, hf)
 
 
 @pytest.mark.parametrize("cfg", [MAMBA1_CONFIGS["odd-untied"], MAMBA1_CONFIGS["tied-bias"], mamba2_config(1)])

@@ -59,7 +59,9 @@ def main(out_path: str) -> None:
     sampler = dist.get_sampler(dataset, shuffle=False)
     loader = DataLoader(dataset, batch_size=GLOBAL_BATCH // world, sampler=sampler)
     recorder = RecordLoss()
-    parallelism = {"fsdp": {}} if world > 1 else None
+    # ACTIVATION_CHECKPOINTING=1 recomputes each block in backward (MambaLMHeadModel.activation_checkpointing_fn).
+    recompute = os.environ.get("ACTIVATION_CHECKPOINTING") == "1"
+    parallelism = {"fsdp": {"activation_checkpointing": recompute}} if world > 1 else None
     trainer = Trainer(
         model=model,
         train_dataloader=loader,
@@ -77,7 +79,14 @@ def main(out_path: str) -> None:
     trainer.fit()
     final = get_model_state_dict(trainer.state.model.model, options=StateDictOptions(full_state_dict=True))
     if dist.get_global_rank() == 0:
-        torch.save({"initial": initial, "final": {k: v.clone() for k, v in final.items()}, "losses": recorder.losses}, out_path)
+        torch.save(
+            {
+                "initial": initial,
+                "final": {k: v.clone() for k, v in final.items()},
+                "losses": recorder.losses,
+            },
+            out_path,
+        )
     trainer.close()
 
 
