@@ -27,7 +27,7 @@ from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, SpeedMonitor
 from composer.core import Algorithm, Callback
 from composer.loggers import LoggerDestination
-from composer.utils import dist, reproducibility
+from composer.utils import dist, get_device, reproducibility
 
 from callbacks.batch_rampup import BatchRampSchedule, BatchRampup, RampedBatches
 from callbacks.gloo_grad_average import GlooFSDP2GradAverage
@@ -152,6 +152,9 @@ def startup_report(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = None) -> Trainer:
+    # One process group for everything, before Streaming builds its shared memory (the Trainer
+    # would create it only later, after the loaders).
+    dist.initialize_dist(get_device("gpu" if torch.cuda.is_available() else "cpu"))
     world = dist.get_world_size()
     if cfg.global_train_batch_size % world:
         raise ConfigError(

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.io import atomic_write_text
 from data.convert import ConvertConfig, convert
 from data.loader import DataConfig, PackedTokenDataset, build_dataset
 from data.sources import SourceSpec
@@ -120,7 +121,7 @@ def convert_sources(
 
 def write_mixture(path: Path, phases: dict[str, dict[str, dict]]) -> Path:
     """A mixture YAML (JSON is YAML) from {phase: {stream: {local: ..., proportion: ...}}}."""
-    path.write_text(json.dumps({"phases": {p: {"streams": s} for p, s in phases.items()}}))
+    atomic_write_text(path, json.dumps({"phases": {p: {"streams": s} for p, s in phases.items()}}))
     return path
 
 
@@ -156,3 +157,50 @@ def expected_positions(tokens: np.ndarray, eot_id: int) -> np.ndarray:
         positions[i] = pos
         pos = 0 if t == eot_id else pos + 1
     return positions
+
+
+def dist_resume_worker(stream: str, tokenizer: str, work: str, batch_size: int = 4, k: int = 3) -> None:
+    """Run under ``composer -n 2``: each rank saves its uninterrupted and its resumed batches.
+
+    Ranks build the loader on one local cache (as on one node), take ``k + 2`` batches, then a
+    second loader on a fresh cache loads the state Composer would save after ``k`` batches
+    (``sample_in_epoch`` counts samples over all ranks) and takes 2 batches.
+    """
+    import os
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    work_dir = Path(work)
+
+    def loader(cache: str) -> torch.utils.data.DataLoader:
+        mixture = work_dir / f"{cache}.yaml"
+        if rank == 0:
+            write_mixture(mixture, {"stable": {"s": {"remote": stream, "local": str(work_dir / cache)}}})
+        while not mixture.exists():
+            import time
+
+            time.sleep(0.05)
+        from data.loader import build_dataloader
+
+        return build_dataloader(DataConfig(mixture=str(mixture)), tokenizer, batch_size).dataloader
+
+    full_loader = loader("full")
+    full = []
+    for batch in full_loader:
+        full.append(batch)
+        if len(full) == k + 2:
+            break
+    state = full_loader.dataset.state_dict(num_samples=k * batch_size * world, from_beginning=True)
+    resumed_loader = loader("resumed")
+    resumed_loader.dataset.load_state_dict(state)
+    resumed = []
+    for batch in resumed_loader:
+        resumed.append(batch)
+        if len(resumed) == 2:
+            break
+    torch.save({"full": full, "resumed": resumed, "state": state}, work_dir / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    import sys
+
+    dist_resume_worker(*sys.argv[1:4])

@@ -1,0 +1,313 @@
+"""Convert corpora to MosaicML Streaming (MDS) shards of packed, fixed-length token samples.
+
+    python -m data.convert --source path=corpus/en.jsonl.zst --tokenizer runs/tok \\
+        --out runs/mds/en --seq-len 2048 --val-fraction 0.005 --workers 2
+
+Documents are tokenized, an end-of-text id appended to each, and the token stream cut into
+samples of ``seq_len + 1`` tokens (inputs are tokens [0:L], labels tokens [1:L+1]). Each
+sample stores, beside its tokens (uint16 when the vocabulary fits, else uint32), the offset
+of its first token within its document; with the end-of-text ids this gives every token's
+position in its document, which positional loss weighting needs. The last sample of a split
+is padded with the pad id (the loader masks those labels).
+
+Speed: tokenization is the bottleneck, so documents go to the tokenizer in large batches
+(``encode_batch_fast``, parallel in Rust) in worker processes, while this process reads the
+sources and writes shards. Batches are formed here, independently of the worker count, and
+their results consumed in order, so the output is byte-identical for any ``--workers``.
+
+Safety: everything is written into a temporary folder that is renamed onto ``--out`` only
+when complete (``stats.json`` included), so an interrupted run leaves nothing that looks
+finished and re-running it neither duplicates nor loses documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.io import atomic_dir, atomic_write_text
+from data.encoding import Chunk, encoded_in_order
+from data.sources import BadRecords, SourceSpec, iter_documents, parse_source
+from data.tokenizer import TokenizerInfo, load_tokenizer, token_dtype, tokenizer_info
+
+META_KEY = "mamba_recipes"  # our key in each split's index.json (Streaming reads only "shards")
+SHARD_HASHES = ["sha1", "xxh64"]
+_MAX_LISTED_BAD = 1000
+
+
+@dataclass
+class ConvertConfig:
+    """One conversion: sources -> one stream folder with ``train/``, ``val/`` and ``stats.json``."""
+
+    sources: list[SourceSpec]
+    tokenizer: str
+    out: str
+    seq_len: int = 2048
+    val_fraction: float = 0.005
+    split_seed: int = 0
+    workers: int = 1
+    batch_bytes: int = 1 << 20  # text per tokenizer call; large batches keep all threads busy
+    shard_size: str = "64mb"
+    skip_bad: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ValueError("no source given: pass at least one --source")
+        if self.seq_len < 1:
+            raise ValueError(f"--seq-len={self.seq_len} must be >= 1")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val-fraction={self.val_fraction} must be in [0, 1)")
+        if self.workers < 1:
+            raise ValueError(f"--workers={self.workers} must be >= 1")
+        if self.batch_bytes < 1:
+            raise ValueError(f"--batch-bytes={self.batch_bytes} must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing and writing (this process)
+
+
+@dataclass
+class _SplitWriter:
+    """Packs one split's token stream into ``seq_len + 1`` samples and writes them to MDS."""
+
+    out: Path
+    seq_len: int
+    dtype: str
+    eot_id: int
+    pad_id: int
+    shard_size: str
+    documents: int = 0
+    tokens: int = 0
+    samples: int = 0
+    padding_tokens: int = 0
+    _buffer: np.ndarray = field(init=False)
+    _offset: int = 0  # position in its document of _buffer[0]
+    _writer: Any = field(init=False, default=None)  # a streaming.MDSWriter once a sample exists
+
+    def __post_init__(self) -> None:
+        self._buffer = np.empty(0, dtype=self.dtype)
+
+    @property
+    def sample_len(self) -> int:
+        return self.seq_len + 1
+
+    def add(self, tokens: np.ndarray, documents: int) -> None:
+        """Append whole documents (each ending in end-of-text) and write every full sample."""
+        self.documents += documents
+        self.tokens += len(tokens)
+        buf = np.concatenate([self._buffer, tokens]) if len(self._buffer) else tokens
+        s = self.sample_len
+        n = len(buf) // s
+        if n == 0:
+            self._buffer = buf
+            return
+        # Each sample start's offset in its document: distance to the last document start at or
+        # before it (a start follows each end-of-text), or the carried offset if there is none.
+        starts = np.arange(n + 1, dtype=np.int64) * s
+        doc_starts = np.flatnonzero(buf[: n * s] == self.eot_id) + 1
+        k = np.searchsorted(doc_starts, starts, side="right")
+        last = np.where(k > 0, doc_starts[np.maximum(k - 1, 0)] if len(doc_starts) else 0, -self._offset)
+        offsets = starts - last
+        rows = buf[: n * s].reshape(n, s)
+        for row, offset in zip(rows, offsets[:n].tolist()):
+            self._write(row, offset)
+        self._offset = int(offsets[n])
+        self._buffer = buf[n * s :].copy()
+
+    def _write(self, row: np.ndarray, offset: int) -> None:
+        if self._writer is None:
+            # Imported here: Streaming imports torch, which spawned tokenizer workers must not pay for.
+            from streaming import MDSWriter
+
+            self._writer = MDSWriter(
+                out=str(self.out),
+                columns={"tokens": f"ndarray:{self.dtype}:{self.sample_len}", "doc_offset": "uint32"},
+                compression="zstd",
+                hashes=SHARD_HASHES,
+                size_limit=self.shard_size,
+            )
+        self._writer.write({"tokens": row, "doc_offset": offset})
+        self.samples += 1
+
+    def finish(self, meta: dict[str, Any]) -> None:
+        """Pad and write the last partial sample, close the shards, record ``meta`` in index.json."""
+        if len(self._buffer):
+            pad = self.sample_len - len(self._buffer)
+            row = np.concatenate([self._buffer, np.full(pad, self.pad_id, dtype=self.dtype)])
+            self._write(row, self._offset)
+            self.padding_tokens += pad
+            self._buffer = self._buffer[:0]
+        if self._writer is None:
+            return
+        self._writer.finish()
+        index_path = self.out / "index.json"
+        index = json.loads(index_path.read_text())
+        index[META_KEY] = meta
+        index_path.write_text(json.dumps(index, sort_keys=True))
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "samples": self.samples,
+            "padding_tokens": self.padding_tokens,
+        }
+
+
+def validation_mask(first_index: int, count: int, fraction: float, seed: int) -> np.ndarray:
+    """Whether each document (by global index) is held out: a fixed hash, so re-runs agree."""
+    if fraction <= 0:
+        return np.zeros(count, dtype=bool)
+    x = np.arange(first_index, first_index + count, dtype=np.uint64) + np.uint64(
+        seed * 0x9E3779B97F4A7C15 % 2**64
+    )
+    # splitmix64 finalizer: a well-mixed 64-bit hash of the index.
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+
+
+def _chunks(
+    specs: Sequence[SourceSpec], bad: BadRecords, batch_bytes: int, per_source: list[dict[str, Any]]
+) -> Iterator[Chunk]:
+    """Documents of all sources, in order, grouped into chunks of about ``batch_bytes`` of text."""
+    index, docs, size = 0, [], 0
+    for spec in specs:
+        counts = {"name": spec.name, "path": spec.path, "documents": 0, "empty_documents": 0, "chars": 0}
+        per_source.append(counts)
+        for doc in iter_documents(spec, bad):
+            chars = len(doc) if isinstance(doc, str) else sum(len(c) + len(r) for r, c in doc.messages)
+            if chars == 0:
+                counts["empty_documents"] += 1
+                continue
+            counts["documents"] += 1
+            counts["chars"] += chars
+            docs.append(doc)
+            size += chars
+            if size >= batch_bytes:
+                yield Chunk(index, docs)
+                index, docs, size = index + len(docs), [], 0
+    if docs:
+        yield Chunk(index, docs)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete temporary folders that an interrupted earlier run of this conversion left behind."""
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):
+        print(f"removing {stale}, left by an interrupted conversion", file=sys.stderr)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def convert(cfg: ConvertConfig) -> dict[str, Any]:
+    """Run a conversion; returns what it writes to ``stats.json``."""
+    tok = load_tokenizer(cfg.tokenizer)
+    info: TokenizerInfo = tokenizer_info(tok)
+    dtype = token_dtype(info.vocab_size)
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise FileExistsError(f"{out} already exists; remove it or pass --overwrite")
+    _remove_stale_temporaries(out)
+    meta = {"tokenizer": info.to_dict(), "seq_len": cfg.seq_len, "dtype": dtype}
+    bad = BadRecords(skip=cfg.skip_bad)
+    per_source: list[dict[str, Any]] = []
+    with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
+        splits = {
+            name: _SplitWriter(tmp / name, cfg.seq_len, dtype, info.eot_id, info.pad_id, cfg.shard_size)
+            for name in ("train", "val")
+        }
+        chunks = _chunks(cfg.sources, bad, cfg.batch_bytes, per_source)
+        for chunk, flat, lengths in encoded_in_order(chunks, tok, info.eot_id, dtype, cfg.workers):
+            held_out = validation_mask(chunk.first_index, len(lengths), cfg.val_fraction, cfg.split_seed)
+            if not held_out.any():
+                splits["train"].add(flat, len(lengths))
+                continue
+            token_held_out = np.repeat(held_out, lengths)
+            splits["train"].add(flat[~token_held_out], int((~held_out).sum()))
+            splits["val"].add(flat[token_held_out], int(held_out.sum()))
+        if splits["train"].documents == 0:
+            raise ValueError(f"no training document was read from {', '.join(s.path for s in cfg.sources)}")
+        for writer in splits.values():
+            writer.finish(meta)
+        stats = {
+            **meta,
+            "sources": per_source,
+            "splits": {name: writer.stats() for name, writer in splits.items()},
+            "val_fraction": cfg.val_fraction,
+            "split_seed": cfg.split_seed,
+            "skipped": {"count": len(bad.records), "records": bad.records[:_MAX_LISTED_BAD]},
+        }
+        atomic_write_text(tmp / "stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    return stats
+
+
+def _parse_args(argv: Sequence[str] | None) -> ConvertConfig:
+    parser = argparse.ArgumentParser(prog="python -m data.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        help="a source: PATH or key=value,... with keys path, format (auto|text|jsonl|parquet|hf|chat), "
+        "name, text_field, messages_field, text_split (file|paragraph), hf_split; repeat for several",
+    )
+    parser.add_argument("--tokenizer", required=True, help="tokenizer folder (from data.train_tokenizer)")
+    parser.add_argument("--out", required=True, help="output stream folder (gets train/, val/, stats.json)")
+    parser.add_argument("--seq-len", type=int, default=ConvertConfig.seq_len)
+    parser.add_argument("--val-fraction", type=float, default=ConvertConfig.val_fraction)
+    parser.add_argument("--split-seed", type=int, default=ConvertConfig.split_seed)
+    parser.add_argument("--workers", type=int, default=ConvertConfig.workers, help="tokenizer processes")
+    parser.add_argument("--batch-bytes", type=int, default=ConvertConfig.batch_bytes)
+    parser.add_argument("--shard-size", default=ConvertConfig.shard_size)
+    parser.add_argument(
+        "--skip-bad", action="store_true", help="skip bad records, count and list them in stats.json"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = parser.parse_args(argv)
+    return ConvertConfig(
+        sources=[parse_source(s) for s in args.source],
+        tokenizer=args.tokenizer,
+        out=args.out,
+        seq_len=args.seq_len,
+        val_fraction=args.val_fraction,
+        split_seed=args.split_seed,
+        workers=args.workers,
+        batch_bytes=args.batch_bytes,
+        shard_size=args.shard_size,
+        skip_bad=args.skip_bad,
+        overwrite=args.overwrite,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = _parse_args(argv)
+    start = time.perf_counter()
+    stats = convert(cfg)
+    seconds = time.perf_counter() - start
+    chars = sum(s["chars"] for s in stats["sources"])
+    tokens = sum(split["tokens"] for split in stats["splits"].values())
+    for name, split in stats["splits"].items():
+        print(
+            f"{name}: {split['documents']:,} documents, {split['tokens']:,} tokens, {split['samples']:,} samples "
+            f"of {cfg.seq_len + 1} tokens"
+        )
+    print(
+        f"{chars / 1e6 / seconds:.2f} M chars/s, {tokens / seconds:,.0f} tokens/s with {cfg.workers} worker(s)"
+    )
+    if stats["skipped"]["count"]:
+        print(f"skipped {stats['skipped']['count']} bad record(s); listed in {cfg.out}/stats.json")
+    print(f"wrote {cfg.out}")
+
+
+if __name__ == "__main__":
+    main()

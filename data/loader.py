@@ -1,0 +1,310 @@
+"""The training/eval data loader: a StreamingDataset over converted streams, served to Composer.
+
+Each sample becomes a dict of int64 tensors of length L (= seq_len):
+
+- ``input_ids``: stored tokens [0:L]; ``labels``: stored tokens [1:L+1] (already shifted),
+  -100 where the target is padding;
+- ``position_ids``: each input token's index in its document (the token after an end-of-text
+  starts at 0; a sample that starts mid-document continues from the stored ``doc_offset``).
+
+Resumption is Streaming's own: Composer saves ``dataset.state_dict(samples_seen, True)`` in its
+checkpoint and calls ``load_state_dict`` on resume, and the dataset skips exactly the samples
+already served, for any number of ranks (a deterministic function of seed, epoch and the
+``num_canonical_nodes`` partition). Before building, shared memory left by a crashed run is
+cleaned (``data.shared_memory``), and the shards' recorded tokenizer is checked against the run's tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from composer.core import DataSpec
+from streaming import Stream, StreamingDataset
+from torch.utils.data import DataLoader
+
+from common.config import ConfigError
+from data.convert import META_KEY
+from data.mixture import StreamConfig, load_mixture, phase_streams
+from data.shared_memory import clean_stale_shared_memory
+from data.tokenizer import TokenizerInfo, load_tokenizer, tokenizer_info
+
+IGNORE_INDEX = -100
+SPLITS = ("train", "val")
+
+
+@dataclass
+class DataConfig:
+    """The ``data`` section of a training recipe: which mixture and phase, and how to stream it."""
+
+    mixture: str = ""  # a mixture YAML, e.g. yamls/data/demo.yaml
+    phase: str = "stable"  # a phase of that mixture (stable | decay ...)
+    root: str | None = None  # overrides the mixture's ``root`` (where its streams live)
+    epoch_size: int | None = None  # samples per epoch; None = as the weights give
+    shuffle: bool = True
+    shuffle_seed: int = 9176
+    shuffle_algo: str = "py1e"
+    shuffle_block_size: int | None = None  # None = Streaming's default
+    num_canonical_nodes: int | None = None  # fix it to resume on a different number of nodes
+    predownload: int | None = None
+    cache_limit: str | None = None  # e.g. "100gb" for remote streams
+    sampling_method: str = "balanced"  # balanced (new subset each epoch) | fixed
+    validate_hash: str | None = "xxh64"  # checked when a compressed shard is unpacked; None = off
+    download_timeout: float = 60.0
+    num_workers: int = 0  # DataLoader worker processes (decoding is cheap; 0 serves from the trainer)
+    drop_last: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.mixture:
+            raise ValueError("data.mixture is empty: set it to a mixture YAML such as yamls/data/demo.yaml")
+        if self.epoch_size is not None and self.epoch_size < 1:
+            raise ValueError(f"data.epoch_size={self.epoch_size} must be >= 1 or null")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
+        if self.sampling_method not in ("balanced", "fixed"):
+            raise ValueError(f"data.sampling_method={self.sampling_method!r} must be 'balanced' or 'fixed'")
+        if self.validate_hash not in (None, "xxh64", "sha1", "xxh3_64", "md5"):
+            raise ValueError(f"data.validate_hash={self.validate_hash!r}: the shards record xxh64 and sha1")
+
+
+class ShardError(RuntimeError):
+    """A shard failed its hash check or could not be read; the message names it."""
+
+
+@dataclass(frozen=True)
+class ShardMeta:
+    """What ``data.convert`` recorded in a split's index.json."""
+
+    tokenizer: TokenizerInfo
+    seq_len: int
+
+
+def read_shard_meta(index_path: Path, stream_name: str) -> ShardMeta:
+    """The tokenizer and sequence length recorded in a converted split's index.json."""
+    if not index_path.is_file():
+        raise FileNotFoundError(
+            f"stream {stream_name!r}: no {index_path}; convert the corpus with `python -m data.convert --out "
+            f"{index_path.parent.parent}` or fix the stream's local/remote path"
+        )
+    index = json.loads(index_path.read_text())
+    if META_KEY not in index:
+        raise ValueError(
+            f"stream {stream_name!r}: {index_path} was not written by data.convert (no {META_KEY!r} key)"
+        )
+    meta = index[META_KEY]
+    return ShardMeta(TokenizerInfo(**meta["tokenizer"]), int(meta["seq_len"]))
+
+
+def make_example(tokens: np.ndarray, doc_offset: int, eot_id: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """One stored sample (L + 1 tokens) -> input_ids, labels, position_ids (each L long)."""
+    ids = tokens.astype(np.int64)
+    inputs, labels = ids[:-1], ids[1:].copy()
+    labels[labels == pad_id] = IGNORE_INDEX
+    # Start of the document each input token belongs to: 0 for the first (possibly partial)
+    # document, else one past the latest end-of-text before it.
+    length = len(inputs)
+    doc_start = np.zeros(length, dtype=np.int64)
+    starts = np.flatnonzero(inputs[:-1] == eot_id) + 1
+    doc_start[starts] = starts
+    np.maximum.accumulate(doc_start, out=doc_start)
+    positions = np.arange(length, dtype=np.int64) - doc_start
+    positions[doc_start == 0] += doc_offset
+    return {
+        "input_ids": torch.from_numpy(inputs.copy()),
+        "labels": torch.from_numpy(labels),
+        "position_ids": torch.from_numpy(positions),
+    }
+
+
+class PackedTokenDataset(StreamingDataset):
+    """StreamingDataset of ``data.convert`` samples, decoded into model-ready tensors."""
+
+    def __init__(self, *, eot_id: int, pad_id: int, mix_id: str = "", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.eot_id = eot_id
+        self.pad_id = pad_id
+        self.mix_id = mix_id
+        self.seq_len = 0  # set by build_dataset from the shards' metadata
+        self._shard_error: ShardError | None = None
+
+    def get_item(self, sample_id: int, retry: int = 7) -> dict[str, torch.Tensor]:
+        sample = super().get_item(sample_id, retry)
+        return make_example(sample["tokens"], int(sample["doc_offset"]), self.eot_id, self.pad_id)
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """Streaming's shard preparation, with failures (hash mismatch, bad zstd) naming the shard."""
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except Exception as exc:
+            stream = self.streams[int(self.stream_per_shard[shard_id])]
+            files = [info.basename for pair in self.shards[shard_id].file_pairs for info in pair if info]
+            path = os.path.join(stream.local, stream.split, files[-1])
+            self._shard_error = ShardError(
+                f"shard {path} is corrupt or unreadable ({exc}); re-run data.convert for this stream "
+                "or delete the shard from the cache to download it again"
+            )
+            raise self._shard_error from exc
+
+    def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
+        """Streaming's resumption state, tagged with the mix it belongs to."""
+        return {**super().state_dict(num_samples, from_beginning), "mix_id": self.mix_id}
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        """Resume where a checkpoint left off, unless it was saved for another mix.
+
+        A new phase (the decay mix after the stable one) resumes the old checkpoint's weights
+        but not its place in the data: its samples come from other streams, so it starts at
+        the first sample of its own first epoch.
+        """
+        obj = dict(obj)
+        saved_mix = obj.pop("mix_id", None)
+        if saved_mix is not None and saved_mix != self.mix_id:
+            warnings.warn(
+                f"the checkpoint's data position belongs to another mix ({saved_mix[:12]}), this run reads "
+                f"{self.mix_id[:12]}: starting this mix from its first sample",
+                stacklevel=2,
+            )
+            return
+        super().load_state_dict(obj)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        # Streaming prepares shards in a background thread; when that fails, its iterator just
+        # stops early. Surface the failure here instead of ending the epoch silently.
+        self._shard_error = None
+        yield from super().__iter__()
+        if self._shard_error is not None:
+            raise self._shard_error
+        event = getattr(self, "_event", None)
+        if event is not None and event.is_set():
+            raise RuntimeError("a StreamingDataset background thread failed; see the traceback above")
+
+
+def _initialize_dist() -> None:
+    """Start torch.distributed now (as Composer's Trainer would) when several ranks run.
+
+    Otherwise the cleanup and each StreamingDataset would create and destroy their own process
+    group on the same port, and ranks racing through those cycles fail to connect. The backend
+    is the one Composer's Trainer will ask for (NCCL with a GPU, else gloo).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        from composer.utils import dist, get_device
+
+        dist.initialize_dist(get_device(None))
+
+
+def mix_id(cfg: DataConfig, streams: dict[str, StreamConfig], split: str) -> str:
+    """Identity of what a loader serves: phase, split, stream names and weights, epoch, seed.
+
+    Paths are left out so that a run resumes on a machine where the streams live elsewhere.
+    """
+    spec = {
+        "phase": cfg.phase,
+        "split": split,
+        "streams": {name: [s.proportion, s.repeat, s.choose] for name, s in sorted(streams.items())},
+        "epoch_size": cfg.epoch_size,
+        "shuffle_seed": cfg.shuffle_seed,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def build_dataset(
+    cfg: DataConfig, tokenizer: str | Path, device_batch_size: int, split: str = "train"
+) -> PackedTokenDataset:
+    """The dataset of one split of ``cfg.phase``, checked against the run's tokenizer.
+
+    ``split="train"`` applies the phase's weights and shuffling; other splits read each
+    stream's held-out samples once, in order, unweighted.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} must be one of {SPLITS}")
+    overrides = [f"root={cfg.root}"] if cfg.root is not None else []
+    mixture = load_mixture(cfg.mixture, overrides)
+    stream_cfgs = phase_streams(mixture, cfg.phase, source=cfg.mixture)
+    info = tokenizer_info(load_tokenizer(tokenizer))
+
+    _initialize_dist()
+    clean_stale_shared_memory()
+    train = split == "train"
+    streams = [
+        Stream(
+            remote=s.remote,
+            local=s.local or None,
+            split=split,
+            proportion=s.proportion if train else None,
+            repeat=s.repeat if train else None,
+            choose=s.choose if train else None,
+        )
+        for s in stream_cfgs.values()
+    ]
+    for name, s in stream_cfgs.items():
+        if s.remote is None:  # fail with our message before Streaming's
+            read_shard_meta(Path(s.local) / split / "index.json", name)
+    dataset = PackedTokenDataset(
+        eot_id=info.eot_id,
+        pad_id=info.pad_id,
+        mix_id=mix_id(cfg, stream_cfgs, split),
+        streams=streams,
+        epoch_size=cfg.epoch_size if train else None,
+        predownload=cfg.predownload,
+        cache_limit=cfg.cache_limit,
+        download_timeout=cfg.download_timeout,
+        validate_hash=cfg.validate_hash,
+        sampling_method=cfg.sampling_method,
+        num_canonical_nodes=cfg.num_canonical_nodes,
+        batch_size=device_batch_size,
+        shuffle=cfg.shuffle and train,
+        shuffle_algo=cfg.shuffle_algo,
+        shuffle_seed=cfg.shuffle_seed,
+        shuffle_block_size=cfg.shuffle_block_size,
+    )
+    dataset.seq_len = check_streams(dataset, list(stream_cfgs), info, tokenizer)
+    return dataset
+
+
+def check_streams(
+    dataset: StreamingDataset, names: list[str], info: TokenizerInfo, tokenizer: str | Path
+) -> int:
+    """Refuse shards made with another tokenizer; all streams must share one sequence length."""
+    seq_lens = {}
+    for name, stream in zip(names, dataset.streams):
+        index_path = Path(stream.local) / stream.split / "index.json"
+        meta = read_shard_meta(index_path, name)
+        if meta.tokenizer.fingerprint != info.fingerprint or meta.tokenizer.vocab_size != info.vocab_size:
+            raise ValueError(
+                f"tokenizer mismatch: stream {name!r} ({index_path}) was converted with tokenizer "
+                f"{meta.tokenizer.fingerprint[:12]} (vocab {meta.tokenizer.vocab_size}), but this run uses {tokenizer} "
+                f"({info.fingerprint[:12]}, vocab {info.vocab_size}); re-convert the stream with "
+                f"--tokenizer {tokenizer} or run with the tokenizer the shards were made with"
+            )
+        seq_lens[name] = meta.seq_len
+    if len(set(seq_lens.values())) > 1:
+        raise ValueError(f"streams have different seq_len {seq_lens}; convert them all with one --seq-len")
+    return next(iter(seq_lens.values()))
+
+
+def build_dataloader(
+    cfg: DataConfig, tokenizer: str | Path, device_batch_size: int, split: str = "train"
+) -> DataSpec:
+    """A Composer DataSpec of dict batches (input_ids, labels, position_ids: int64, B x L).
+
+    Composer finds the dataset through the DataSpec and saves/loads its resumption state.
+    """
+    if device_batch_size < 1:
+        raise ConfigError(f"device_batch_size={device_batch_size} must be >= 1")
+    dataset = build_dataset(cfg, tokenizer, device_batch_size, split)
+    loader = DataLoader(
+        dataset,
+        batch_size=device_batch_size,
+        num_workers=cfg.num_workers,
+        drop_last=cfg.drop_last,
+        persistent_workers=cfg.num_workers > 0,
+    )
+    return DataSpec(loader, get_num_tokens_in_batch=lambda batch: int(batch["input_ids"].numel()))

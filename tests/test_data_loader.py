@@ -1,0 +1,212 @@
+"""Loader: batches for Composer, exact resume, tokenizer check, corrupt shards, stale shared memory."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.loader import DataConfig, ShardError, build_dataloader, build_dataset, make_example
+from data.shared_memory import clean_stale_shared_memory
+from data.sources import SourceSpec
+from tests.data_helpers import convert_sources, make_docs, make_tokenizer, write_jsonl, write_mixture
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tokenizer and one converted stream of about 120 samples of 33 tokens."""
+    root = tmp_path_factory.mktemp("corpus")
+    tok = make_tokenizer(root / "tok")
+    path = write_jsonl(root / "d.jsonl", [{"text": d} for d in make_docs(300, seed=29)])
+    convert_sources(root / "mds", tok, [SourceSpec(path=str(path))], seq_len=32, val_fraction=0.1)
+    return tok, root / "mds"
+
+
+@pytest.fixture(autouse=True)
+def _clean_shm() -> None:
+    clean_stale_shared_memory()
+
+
+def data_config(tmp: Path, stream: Path, cache: str, **kwargs: object) -> DataConfig:
+    mixture = write_mixture(
+        tmp / f"{cache}.yaml", {"stable": {"s": {"remote": str(stream), "local": str(tmp / cache)}}}
+    )
+    return DataConfig(mixture=str(mixture), **kwargs)  # type: ignore[arg-type]
+
+
+def test_make_example_hand_built() -> None:
+    eot, pad = 0, 1
+    tokens = np.array([7, 8, 0, 9, 5, 0, 6, 1, 1], dtype=np.uint16)
+    ex = make_example(tokens, doc_offset=4, eot_id=eot, pad_id=pad)
+    assert ex["input_ids"].tolist() == [7, 8, 0, 9, 5, 0, 6, 1]
+    assert ex["labels"].tolist() == [8, 0, 9, 5, 0, 6, -100, -100]
+    assert ex["position_ids"].tolist() == [4, 5, 6, 0, 1, 2, 0, 1]
+    assert all(v.dtype == torch.int64 for v in ex.values())
+
+
+def test_batches_are_int64_dicts(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
+    tok, stream = corpus
+    spec = build_dataloader(data_config(tmp_path, stream, "c"), tok, device_batch_size=4)
+    batch = next(iter(spec.dataloader))
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert all(v.shape == (4, 32) and v.dtype == torch.int64 for v in batch.values())
+    assert torch.equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:])
+    assert spec.get_num_tokens_in_batch(batch) == 4 * 32
+    assert spec.dataloader.dataset.seq_len == 32
+
+
+def take(loader: torch.utils.data.DataLoader, n: int) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def test_resume_matches_uninterrupted_run(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
+    tok, stream = corpus
+    batch_size, k = 4, 3
+    full = take(build_dataloader(data_config(tmp_path, stream, "a"), tok, batch_size).dataloader, k + 2)
+    first = build_dataloader(data_config(tmp_path, stream, "b"), tok, batch_size)
+    seen = take(first.dataloader, k)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(seen, full))
+    state = first.dataloader.dataset.state_dict(
+        num_samples=k * batch_size, from_beginning=True
+    )  # as Composer
+    resumed = build_dataloader(data_config(tmp_path, stream, "c"), tok, batch_size)
+    resumed.dataloader.dataset.load_state_dict(state)
+    after = take(resumed.dataloader, 2)
+    for got, want in zip(after, full[k:]):
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+
+
+def test_new_phase_starts_its_mix_from_the_beginning(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
+    tok, stream = corpus
+
+    def phase_loader(phase: str, cache: str) -> torch.utils.data.DataLoader:
+        mixture = write_mixture(tmp_path / f"{cache}.yaml", {
+            "stable": {"s": {"remote": str(stream), "local": str(tmp_path / cache), "proportion": 1.0}},
+            "decay": {"s": {"remote": str(stream), "local": str(tmp_path / cache), "repeat": 0.5}},
+        })  # fmt: skip
+        return build_dataloader(DataConfig(mixture=str(mixture), phase=phase), tok, 4).dataloader
+
+    stable = phase_loader("stable", "a")
+    take(stable, 3)
+    state = stable.dataset.state_dict(num_samples=12, from_beginning=True)
+    fresh = take(phase_loader("decay", "b"), 1)[0]
+    decay = phase_loader("decay", "c")
+    with pytest.warns(UserWarning, match="belongs to another mix"):
+        decay.dataset.load_state_dict(state)
+    assert torch.equal(take(decay, 1)[0]["input_ids"], fresh["input_ids"])
+
+
+def test_tokenizer_mismatch_is_refused(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
+    _, stream = corpus
+    other = make_tokenizer(tmp_path / "other", vocab_size=380)
+    with pytest.raises(ValueError, match=r"tokenizer mismatch: stream 's' .*vocab 400.*vocab 380"):
+        build_dataset(data_config(tmp_path, stream, "c"), other, 4)
+
+
+def test_missing_stream_names_convert_command(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
+    tok, _ = corpus
+    mixture = write_mixture(tmp_path / "m.yaml", {"stable": {"en": {"local": str(tmp_path / "nothing")}}})
+    with pytest.raises(FileNotFoundError, match=r"stream 'en': no .*nothing/train/index.json; convert"):
+        build_dataset(DataConfig(mixture=str(mixture)), tok, 4)
+
+
+def test_corrupted_shard_is_named(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
+    tok, stream = corpus
+    broken = tmp_path / "broken"
+    convert_sources(broken, tok, [SourceSpec(path=str(stream.parent / "d.jsonl"))], seq_len=32)
+    shard = broken / "train" / "shard.00000.mds.zstd"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    dataset = build_dataset(data_config(tmp_path, broken, "c", shuffle=False), tok, 4)
+    with pytest.raises(
+        ShardError, match=r"shard .*train/shard\.00000\.mds\.zstd is corrupt.*Checksum failure"
+    ):
+        list(dataset)
+
+
+def test_stale_shared_memory_from_a_crash_is_cleaned(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
+    tok, stream = corpus
+    cfg = data_config(tmp_path, stream, "c")
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from data.loader import DataConfig, build_dataset
+        dataset = build_dataset(DataConfig(mixture={cfg.mixture!r}), {str(tok)!r}, 4)
+        assert len(next(iter(dataset))["input_ids"]) == 32
+        if sys.argv[1] == "crash":
+            # Die with Python's resource tracker (same process group), as when a job is killed:
+            # nothing releases Streaming's shared memory.
+            os.killpg(0, signal.SIGKILL)
+    """)
+    before = set(os.listdir("/dev/shm"))
+    crashed = subprocess.run(
+        [sys.executable, "-c", script, "crash"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,
+    )
+    assert crashed.returncode == -9, crashed.stderr
+    leftovers = set(os.listdir("/dev/shm")) - before
+    assert any(name.endswith("_locals") for name in leftovers)
+    # The same local folder, still claimed in shared memory by the dead run.
+    rerun = subprocess.run(
+        [sys.executable, "-c", script, "rerun"], capture_output=True, text=True, timeout=120
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert not leftovers & set(os.listdir("/dev/shm"))
+
+
+def test_cleanup_keeps_live_datasets(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
+    tok, stream = corpus
+    dataset = build_dataset(data_config(tmp_path, stream, "c"), tok, 4)
+    live = set(os.listdir("/dev/shm"))
+    assert not set(clean_stale_shared_memory()) & live
+    assert live <= set(os.listdir("/dev/shm"))
+    assert len(next(iter(dataset))["input_ids"]) == 32
+
+
+def test_eval_split_reads_each_held_out_sample_once(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
+    tok, stream = corpus
+    dataset = build_dataset(data_config(tmp_path, stream, "c", epoch_size=10_000), tok, 4, split="val")
+    import json
+
+    samples = json.loads((stream / "stats.json").read_text())["splits"]["val"]["samples"]
+    assert len(list(dataset)) == samples
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.dist
+def test_resume_under_two_processes(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
+    tok, stream = corpus
+    helper = Path(__file__).with_name("data_helpers.py")
+    composer = Path(sys.executable).with_name("composer")
+    port = str(free_port())
+    cmd = [str(composer), "-n", "2", "--master_port", port, str(helper), str(stream), str(tok), str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for saved in ranks:
+        for got, want in zip(saved["resumed"], saved["full"][3:]):
+            for key in want:
+                assert torch.equal(got[key], want[key]), key
+    # The two ranks read different samples.
+    assert not torch.equal(ranks[0]["full"][0]["input_ids"], ranks[1]["full"][0]["input_ids"])
