@@ -2,8 +2,9 @@
 
 Batches are dicts (Composer on CPU turns NamedTuples into lists): ``input_ids`` (b, l),
 ``labels`` (b, l) already shifted (labels[:, t] is the token after input t; -100 = ignore),
-and optionally ``loss_weights`` (b, l), per-token loss weights that the positional-weighting
-algorithm (callbacks/positional_weighting.py) adds.
+``position_ids`` (b, l) (index in its document, used to restart the state at document
+boundaries when asked), and optionally ``loss_weights`` (b, l), per-token loss weights that
+the positional-weighting algorithm (callbacks/positional_weighting.py) adds.
 """
 
 from __future__ import annotations
@@ -89,10 +90,18 @@ class ComposerMambaLM(ComposerModel):
     ``param_init_fn`` from this module's child ``model``: one unit per block.
     """
 
-    def __init__(self, cfg: MambaConfig, model: MambaLMHeadModel | None = None) -> None:
+    def __init__(
+        self,
+        cfg: MambaConfig,
+        model: MambaLMHeadModel | None = None,
+        reset_state_at_doc_boundaries: bool = False,
+    ) -> None:
         super().__init__()
         self.config = cfg
         self.model = model if model is not None else MambaLMHeadModel(cfg)
+        # Restart the recurrent state (and attention) at each document of a packed sample, using
+        # the batch's position_ids (0 at a document's first token). Off by default, as in the paper.
+        self.reset_state_at_doc_boundaries = reset_state_at_doc_boundaries
         # Plain dicts, not ModuleDicts: Composer moves metrics itself, and FSDP2 refuses to
         # wrap a child container without a forward. Training logs the unweighted cross-entropy
         # (beside a positionally weighted loss); evaluation adds perplexity and top-k accuracy.
@@ -102,7 +111,14 @@ class ComposerMambaLM(ComposerModel):
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         if not isinstance(batch, dict) or "input_ids" not in batch:
             raise ValueError("batches must be dicts with 'input_ids' and 'labels' (see data/loader.py)")
-        return self.model(batch["input_ids"])
+        if not self.reset_state_at_doc_boundaries:
+            return self.model(batch["input_ids"])
+        if "position_ids" not in batch:
+            raise ValueError(
+                "reset_state_at_doc_boundaries needs 'position_ids' in the batch (data/loader.py emits them)"
+            )
+        seq_idx = (batch["position_ids"] == 0).cumsum(dim=1)
+        return self.model(batch["input_ids"], seq_idx=seq_idx)
 
     def loss(self, outputs: Tensor, batch: dict[str, Tensor], *args: Any, **kwargs: Any) -> Tensor:
         return lm_cross_entropy(outputs, batch["labels"], batch.get("loss_weights"))

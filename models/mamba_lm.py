@@ -122,7 +122,14 @@ class Mamba1Mixer(nn.Module):
         ssm = torch.zeros(batch_size, self.d_inner, self.d_state, dtype=torch.float32, device=device)
         return conv, ssm
 
-    def forward(self, h: Tensor, cache: InferenceCache | None = None) -> Tensor:
+    def forward(
+        self, h: Tensor, cache: InferenceCache | None = None, seq_idx: Tensor | None = None
+    ) -> Tensor:
+        if seq_idx is not None:
+            raise ValueError(
+                "resetting the state at document boundaries needs Mamba-2 layers (mamba_ssm's selective "
+                "scan has no seq_idx); set model.ssm.layer=mamba2 or turn reset_state_at_doc_boundaries off"
+            )
         if cache is not None and cache.seqlen_offset > 0:
             return torch.stack([self.step(h_t, cache) for h_t in h.unbind(1)], dim=1)
         seqlen = h.shape[1]
@@ -216,7 +223,11 @@ class Mamba2Mixer(nn.Module):
         )
         return conv, ssm
 
-    def forward(self, h: Tensor, cache: InferenceCache | None = None) -> Tensor:
+    def forward(
+        self, h: Tensor, cache: InferenceCache | None = None, seq_idx: Tensor | None = None
+    ) -> Tensor:
+        """``seq_idx`` (b, l): document index of each position; the conv and SSM states restart at
+        each new document (mamba_ssm's ``seq_idx``)."""
         if cache is not None and cache.seqlen_offset > 0:
             return torch.stack([self.step(h_t, cache) for h_t in h.unbind(1)], dim=1)
         b, seqlen, _ = h.shape
@@ -227,9 +238,12 @@ class Mamba2Mixer(nn.Module):
         kernels = use_kernels(self.impl, h)
         conv_w = self.conv1d.weight.squeeze(1)
         if kernels:
-            xBC = load_kernels().causal_conv1d_fn(xBC, conv_w, self.conv1d.bias, activation="silu")
+            seq_idx_k = seq_idx.to(torch.int32) if seq_idx is not None else None
+            xBC = load_kernels().causal_conv1d_fn(
+                xBC, conv_w, self.conv1d.bias, seq_idx=seq_idx_k, activation="silu"
+            )
         else:
-            xBC = ops.causal_conv1d(xBC, conv_w, self.conv1d.bias)
+            xBC = ops.causal_conv1d(xBC, conv_w, self.conv1d.bias, seq_idx=seq_idx)
         x, B, C = xBC.transpose(1, 2).split(
             [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1
         )
@@ -248,6 +262,7 @@ class Mamba2Mixer(nn.Module):
                 D=self.D.float(),
                 dt_bias=self.dt_bias.float(),
                 dt_softplus=True,
+                seq_idx=seq_idx_k,
                 return_final_states=cache is not None,
             )
         else:
@@ -262,6 +277,7 @@ class Mamba2Mixer(nn.Module):
                 dt_bias=self.dt_bias,
                 dt_softplus=True,
                 return_final_state=cache is not None,
+                seq_idx=seq_idx,
             )
         if cache is not None:
             y, final_state = out
@@ -330,7 +346,10 @@ class Attention(nn.Module):
         shape = (batch_size, max_seqlen, self.num_heads_kv, self.head_dim)
         return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
 
-    def forward(self, h: Tensor, cache: InferenceCache | None = None) -> Tensor:
+    def forward(
+        self, h: Tensor, cache: InferenceCache | None = None, seq_idx: Tensor | None = None
+    ) -> Tensor:
+        """``seq_idx`` (b, l): document index of each position; attention stays inside a document."""
         b, seqlen, _ = h.shape
         offset = cache.seqlen_offset if cache is not None else 0
         q, kv = self.in_proj(h).split(
@@ -353,7 +372,13 @@ class Attention(nn.Module):
         if self.num_heads_kv != self.num_heads:
             rep = self.num_heads // self.num_heads_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if offset == 0:
+        if seq_idx is not None:
+            if cache is not None:
+                raise ValueError("document-boundary masks are for training; generate one document at a time")
+            same_doc = seq_idx[:, :, None] == seq_idx[:, None, :]  # (b, l, l)
+            causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=h.device).tril()
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=(same_doc & causal).unsqueeze(1))
+        elif offset == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # new queries at positions offset.. see every cached key up to themselves
             key_pos = torch.arange(k.shape[2], device=h.device)
@@ -401,13 +426,17 @@ class Block(nn.Module):
         self.mlp = GatedMLP(cfg) if cfg.d_intermediate > 0 else None
 
     def forward(
-        self, hidden: Tensor, residual: Tensor | None, cache: InferenceCache | None = None
+        self,
+        hidden: Tensor,
+        residual: Tensor | None,
+        cache: InferenceCache | None = None,
+        seq_idx: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         residual = hidden if residual is None else hidden + residual
         hidden = self.norm(residual.to(self.norm.weight.dtype))
         if self.residual_in_fp32:
             residual = residual.float()
-        hidden = self.mixer(hidden, cache)
+        hidden = self.mixer(hidden, cache, seq_idx)
         if self.mlp is not None:
             residual = hidden + residual
             hidden = self.norm2(residual.to(self.norm2.weight.dtype))
@@ -426,10 +455,12 @@ class MixerModel(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
 
-    def forward(self, input_ids: Tensor, cache: InferenceCache | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, cache: InferenceCache | None = None, seq_idx: Tensor | None = None
+    ) -> Tensor:
         hidden, residual = self.embedding(input_ids), None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, cache)
+            hidden, residual = layer(hidden, residual, cache, seq_idx)
         residual = hidden + residual
         return self.norm_f(residual.to(self.norm_f.weight.dtype))
 
@@ -448,9 +479,16 @@ class MambaLMHeadModel(nn.Module):
 
     # -- forward and generation ----------------------------------------------------------------
 
-    def forward(self, input_ids: Tensor, cache: InferenceCache | None = None) -> Tensor:
-        """input_ids (b, l) -> logits (b, l, padded_vocab_size)."""
-        logits = self.lm_head(self.backbone(input_ids, cache))
+    def forward(
+        self, input_ids: Tensor, cache: InferenceCache | None = None, seq_idx: Tensor | None = None
+    ) -> Tensor:
+        """input_ids (b, l) -> logits (b, l, padded_vocab_size).
+
+        ``seq_idx`` (b, l), the document index of each position of a packed sample, restarts the
+        recurrent state at each document (Mamba-2 and attention layers; off by default, as in the
+        paper, where the state flows across documents).
+        """
+        logits = self.lm_head(self.backbone(input_ids, cache, seq_idx))
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
         return logits

@@ -22,10 +22,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, activation: bool = True) -> Tensor:
-    """Depthwise causal convolution. x: (b, d, l), weight: (d, k) -> (b, d, l)."""
+def causal_conv1d(
+    x: Tensor, weight: Tensor, bias: Tensor | None, activation: bool = True, seq_idx: Tensor | None = None
+) -> Tensor:
+    """Depthwise causal convolution. x: (b, d, l), weight: (d, k) -> (b, d, l).
+
+    With ``seq_idx`` (b, l), the document index of each position, a position sees only inputs
+    of its own document (causal_conv1d's ``seq_idx``).
+    """
     d, k = weight.shape
-    y = F.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1, groups=d)[..., : x.shape[-1]]
+    if seq_idx is None:
+        y = F.conv1d(x, weight.unsqueeze(1), bias, padding=k - 1, groups=d)[..., : x.shape[-1]]
+    else:
+        windows = F.pad(x, (k - 1, 0)).unfold(-1, k, 1)  # (b, d, l, k): inputs t-k+1 .. t
+        idx = F.pad(seq_idx, (k - 1, 0), value=-1).unfold(-1, k, 1)  # (b, l, k)
+        same_doc = (idx == seq_idx.unsqueeze(-1)).to(x.dtype)
+        y = torch.einsum("bdlk,blk,dk->bdl", windows, same_doc, weight)
+        if bias is not None:
+            y = y + bias[:, None]
     return F.silu(y) if activation else y
 
 
@@ -124,12 +138,14 @@ def ssd_chunked_scan(
     dt_softplus: bool = False,
     initial_state: Tensor | None = None,
     return_final_state: bool = False,
+    seq_idx: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Mamba-2 state-space dual scan, chunked.
 
     x: (b, l, h, p); dt: (b, l, h), made softplus(dt + dt_bias) as asked; A: (h,) negative;
     B, C: (b, l, g, n) with g groups shared by h/g consecutive heads; D: (h,);
-    initial_state: (b, h, p, n). Recurrence per head:
+    initial_state: (b, h, p, n); seq_idx: (b, l) document index of each position (the state is
+    reset where it changes, mamba_ssm's ``seq_idx``). Recurrence per head:
     h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T;  y_t = h_t C_t + D x_t.
     Returns y (b, l, h, p) in x's dtype, and the final state (b, h, p, n) in float32 if asked.
     """
@@ -145,6 +161,8 @@ def ssd_chunked_scan(
     pad = (-seqlen) % chunk_size
     if pad:  # dt = 0 on padding: no decay and no input, so the final state is exact.
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+        if seq_idx is not None:  # padding continues the last document
+            seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1)
     nchunks = x.shape[1] // chunk_size
 
     def chunk(t: Tensor) -> Tensor:  # (b, l, ...) -> (b, c, T, ...)
@@ -158,18 +176,31 @@ def ssd_chunked_scan(
     # 1. Within a chunk: y_i = sum_{j <= i} (C_i . B_j) exp(a_cum_i - a_cum_j) dt_j x_j.
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).tril()
     seg = a_cum[:, :, :, None, :] - a_cum[:, :, None, :, :]  # (b, c, i, j, h)
-    decay = torch.exp(torch.where(causal[:, :, None], seg, float("-inf")))
+    if seq_idx is None:
+        visible = causal[:, :, None]
+    else:  # a position sees only earlier positions of its own document
+        doc = chunk(seq_idx)  # (b, c, T)
+        visible = (causal & (doc[:, :, :, None] == doc[:, :, None, :])).unsqueeze(-1)
+    decay = torch.exp(torch.where(visible, seg, float("-inf")))
     cb = torch.einsum("bcign,bcjgn->bcijg", Cc, Bc).repeat_interleave(heads_per_group, dim=-1)
     y = torch.einsum("bcijh,bcjhp->bcihp", cb * decay, xdt)
 
     # 2. Each chunk's contribution to the state at its end: sum_j exp(a_cum_T - a_cum_j) dt_j x_j B_j^T.
     decay_to_end = torch.exp(a_cum[:, :, -1:, :] - a_cum)  # (b, c, T, h)
+    if seq_idx is not None:  # only the chunk's last document reaches its end state
+        decay_to_end = decay_to_end * (doc == doc[:, :, -1:]).unsqueeze(-1)
     Bh = Bc.repeat_interleave(heads_per_group, dim=3)  # (b, c, T, h, n)
     chunk_states = torch.einsum("bcjhn,bcjh,bcjhp->bchpn", Bh, decay_to_end, xdt)
 
     # 3. Between chunks: a linear recurrence over chunk boundaries (sequential, so linear in l).
     state = x.new_zeros(b, nheads, headdim, dstate) if initial_state is None else initial_state.float()
     chunk_decay = torch.exp(a_cum[:, :, -1, :])  # (b, c, h)
+    if seq_idx is not None:
+        # Document index just before each chunk (-1 before the first: any initial state belongs
+        # to the first position's document).
+        before = torch.cat([doc[:, :1, 0], doc[:, :-1, -1]], dim=1)  # (b, c)
+        carried = doc == before.unsqueeze(-1)  # (b, c, T): positions that still see the entering state
+        chunk_decay = chunk_decay * carried[:, :, -1:].to(chunk_decay.dtype)
     states_in = []
     for s_c, g_c in zip(chunk_states.unbind(1), chunk_decay.unbind(1)):
         states_in.append(state)
@@ -178,7 +209,10 @@ def ssd_chunked_scan(
 
     # 4. The entering state seen from inside the chunk: y_i += exp(a_cum_i) C_i . state.
     Ch = Cc.repeat_interleave(heads_per_group, dim=3)  # (b, c, T, h, n)
-    y = y + torch.einsum("bcihn,bchpn,bcih->bcihp", Ch, prev, torch.exp(a_cum))
+    entering = torch.exp(a_cum)
+    if seq_idx is not None:
+        entering = entering * carried.unsqueeze(-1).to(entering.dtype)
+    y = y + torch.einsum("bcihn,bchpn,bcih->bcihp", Ch, prev, entering)
 
     y = y.reshape(b, nchunks * chunk_size, nheads, headdim)[:, :seqlen]
     if D is not None:

@@ -153,6 +153,10 @@ class TrainConfig:
     max_duration: str = "100ba"
     precision: str = "auto"  # auto: amp_bf16 on GPU, fp32 on CPU | fp32 | amp_bf16
     clip_grad_norm: float = 1.0  # <= 0 disables clipping
+    # Restart the recurrent state at each document boundary inside a packed sample (Mamba-2's
+    # seq_idx; attention layers then stay inside documents too). Off, as in the paper: the state
+    # flows from one document into the next. Mamba-1 has no such kernel option.
+    reset_state_at_doc_boundaries: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     positional_weighting: PositionalWeightingConfig = field(default_factory=PositionalWeightingConfig)
@@ -167,6 +171,11 @@ class TrainConfig:
             raise ValueError(f"precision={self.precision!r} must be auto, fp32 or amp_bf16")
         if self.device_train_microbatch_size < 1 or self.global_train_batch_size < 1:
             raise ValueError("global_train_batch_size and device_train_microbatch_size must be >= 1")
+        if self.reset_state_at_doc_boundaries and self.model.ssm.layer != "mamba2":
+            raise ValueError(
+                "reset_state_at_doc_boundaries=true needs Mamba-2 layers (model.ssm.layer=mamba2): "
+                "mamba_ssm's Mamba-1 selective scan cannot restart its state inside a sequence"
+            )
 
     @property
     def run_dir(self) -> Path:

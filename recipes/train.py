@@ -60,8 +60,8 @@ def build_model(cfg: TrainConfig, distributed: bool) -> ComposerMambaLM:
     shard and initialises it with ``MambaLMHeadModel.param_init_fn``."""
     if distributed and cfg.fsdp.enabled and torch.cuda.is_available():
         with torch.device("meta"):
-            return ComposerMambaLM(cfg.model)
-    return ComposerMambaLM(cfg.model)
+            return ComposerMambaLM(cfg.model, reset_state_at_doc_boundaries=cfg.reset_state_at_doc_boundaries)
+    return ComposerMambaLM(cfg.model, reset_state_at_doc_boundaries=cfg.reset_state_at_doc_boundaries)
 
 
 def build_scheduler_from(cfg: SchedulerConfig, max_duration: str):

@@ -101,3 +101,30 @@ def test_non_dict_batch_is_refused() -> None:
     model = ComposerMambaLM(preset("debug"))
     with pytest.raises(ValueError, match="dicts with 'input_ids'"):
         model([torch.zeros(1, 4, dtype=torch.long)])
+
+
+def test_state_reset_makes_packed_documents_independent() -> None:
+    """With reset_state_at_doc_boundaries, a document packed after another gets the logits it gets alone
+    (Mamba-2 conv and SSM states, attention, all restart); without it, the first document leaks in."""
+    cfg = preset("debug-hybrid")  # Mamba-2, attention with rotary embeddings, MLPs
+    model = ComposerMambaLM(cfg, reset_state_at_doc_boundaries=True).eval()
+    first, second = torch.randint(0, 500, (1, 11)), torch.randint(0, 500, (1, 21))
+    packed = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(11), torch.arange(21)])[None]
+    with torch.no_grad():
+        together = model({"input_ids": packed, "position_ids": positions})
+        alone = model({"input_ids": second, "position_ids": torch.arange(21)[None]})
+        torch.testing.assert_close(together[:, 11:], alone, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            together[:, :11], model({"input_ids": first, "position_ids": positions[:, :11]})
+        )
+        model.reset_state_at_doc_boundaries = False
+        leaked = model({"input_ids": packed, "position_ids": positions})
+    assert (leaked[:, 11:] - alone).abs().max() > 1e-2
+
+
+def test_state_reset_refuses_mamba1() -> None:
+    model = ComposerMambaLM(preset("debug"), reset_state_at_doc_boundaries=True)
+    ids = torch.randint(0, 500, (1, 8))
+    with pytest.raises(ValueError, match="needs Mamba-2 layers"):
+        model({"input_ids": ids, "position_ids": torch.arange(8)[None]})

@@ -71,3 +71,12 @@ def test_mamba_ssm_loads_our_export_with_equal_logits(name: str, tmp_path: Path)
     theirs = MambaSSMLM.from_pretrained(str(tmp_path / "ms"), device="cuda", dtype=torch.float32)
     ids = torch.randint(0, 500, (2, 64), device="cuda")
     torch.testing.assert_close(ours(ids), theirs(ids).logits, rtol=2e-3, atol=2e-3)
+
+
+def test_kernels_restart_state_at_document_boundaries() -> None:
+    ref, fast = pair(CONFIGS["mamba2"])
+    ids = torch.randint(0, 1000, (2, 300), device="cuda")
+    starts = torch.zeros(2, 300, dtype=torch.long, device="cuda")
+    starts[0, [17, 64, 65, 200]] = 1
+    seq_idx = starts.cumsum(1)
+    torch.testing.assert_close(fast(ids, seq_idx=seq_idx), ref(ids, seq_idx=seq_idx), rtol=2e-3, atol=2e-3)

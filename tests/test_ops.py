@@ -23,8 +23,10 @@ def mamba1_recurrence_f64(u, delta, A, B, C, D, z, delta_bias):
     return torch.stack(ys, dim=-1), h
 
 
-def ssd_recurrence_f64(x, dt, A, B, C, D, initial_state=None):
-    """Mamba-2 per-head recurrence, one step at a time, float64. dt already positive."""
+def ssd_recurrence_f64(x, dt, A, B, C, D, initial_state=None, seq_idx=None):
+    """Mamba-2 per-head recurrence, one step at a time, float64. dt already positive.
+
+    With seq_idx (b, l) the state restarts from zero where the document index changes."""
     x, dt, A, B, C, D = (t.double() for t in (x, dt, A, B, C, D))
     b, length, h, p = x.shape
     g = B.shape[2]
@@ -36,6 +38,9 @@ def ssd_recurrence_f64(x, dt, A, B, C, D, initial_state=None):
     states = list(init.unbind(1))  # one (b, p, n) state per head, rebuilt (not mutated) every step
     ys = []
     for t in range(length):
+        if seq_idx is not None and t > 0:
+            keep = (seq_idx[:, t] == seq_idx[:, t - 1]).double()[:, None, None]
+            states = [s * keep for s in states]
         y_t = []
         for head in range(h):
             grp = head // (h // g)
@@ -114,3 +119,34 @@ def test_causal_conv_step_matches_full() -> None:
     state = torch.zeros(2, 6, 4)
     steps = torch.stack([ops.causal_conv1d_step(x[:, :, t], state, w, bias) for t in range(9)], dim=-1)
     torch.testing.assert_close(steps, full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("length", "chunk"), [(20, 4), (13, 8), (9, 16)])
+def test_ssd_resets_state_at_document_boundaries(length: int, chunk: int) -> None:
+    b, h, p, n, g = 2, 4, 3, 5, 2
+    x = torch.randn(b, length, h, p)
+    dt = F.softplus(torch.randn(b, length, h))
+    A = -torch.rand(h) - 0.2
+    B, C = torch.randn(b, length, g, n), torch.randn(b, length, g, n)
+    D = torch.randn(h)
+    # Row 0: boundaries inside and at the edges of chunks; row 1: a single document.
+    starts = torch.zeros(b, length, dtype=torch.long)
+    starts[0, [3, 4, 8, length - 1]] = 1
+    seq_idx = starts.cumsum(1)
+    y, final = ops.ssd_chunked_scan(x, dt, A, B, C, chunk, D=D, seq_idx=seq_idx, return_final_state=True)
+    y_ref, final_ref = ssd_recurrence_f64(x, dt, A, B, C, D, seq_idx=seq_idx)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final.double(), final_ref, rtol=1e-5, atol=1e-5)
+    # Without boundaries the option changes nothing.
+    torch.testing.assert_close(y[1], ops.ssd_chunked_scan(x, dt, A, B, C, chunk, D=D)[1])
+
+
+def test_causal_conv_stays_inside_documents() -> None:
+    x, w, bias = torch.randn(2, 6, 9), torch.randn(6, 4), torch.randn(6)
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]] * 2)
+    y = ops.causal_conv1d(x, w, bias, seq_idx=seq_idx)
+    # Each document alone, convolved from a zero history, is the reference.
+    for lo, hi in [(0, 3), (3, 5), (5, 9)]:
+        torch.testing.assert_close(
+            y[..., lo:hi], ops.causal_conv1d(x[..., lo:hi], w, bias), rtol=1e-5, atol=1e-6
+        )

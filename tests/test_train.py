@@ -200,3 +200,10 @@ def test_decay_phase_from_pre_decay_checkpoint(corpus: dict[str, Path], tmp_path
     # LRMonitor logs at the end of batch n the lr after the scheduler step, f(n); batch 0 trains at
     # f(0) = 1: the stable lr of the pre-decay checkpoint, no jump at the boundary.
     assert lrs == pytest.approx([peak * (1 - 0.9 * n / 4) for n in range(4)], rel=1e-6)
+
+
+def test_state_reset_option_is_checked_against_the_mixer() -> None:
+    with pytest.raises(ValueError, match="needs Mamba-2 layers"):
+        load_train_config([ROOT / "yamls/tiny/wsd.yaml"], ["reset_state_at_doc_boundaries=true"])
+    cfg = load_train_config([ROOT / "yamls/tiny/mamba2.yaml"], ["reset_state_at_doc_boundaries=true"])
+    assert cfg.reset_state_at_doc_boundaries
