@@ -38,6 +38,11 @@ def test_every_recipe_loads_and_builds(recipe: str) -> None:
         model = MambaLMHeadModel(cfg.model)
     assert sum(p.numel() for p in model.parameters()) > 0
     assert cfg.global_train_batch_size % cfg.device_train_microbatch_size == 0
+    # The recipe's data mixture exists (paths are relative to the repository root) and has its phase.
+    from data.mixture import load_mixture
+
+    mixture = load_mixture(ROOT / cfg.data.mixture)
+    assert cfg.data.phase in mixture.phases
 
 
 @pytest.fixture(scope="module")
