@@ -21,7 +21,7 @@ import glob as globlib
 import gzip
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -325,17 +325,12 @@ def _read_parquet(path: Path, spec: SourceSpec, bad: BadRecords) -> Iterator[str
             path, None, f"no column {spec.text_field!r} (columns: {', '.join(names)}); set text_field="
         )
         return
-    row = 0
-    for batch in parquet.iter_batches(batch_size=4096, columns=[spec.text_field]):
-        for text in batch.column(0).to_pylist():
-            row += 1
-            if not isinstance(text, str):
-                bad.report(
-                    path, row, f"column {spec.text_field!r} is {type(text).__name__}, expected a string"
-                )
-                continue
-            yield text
-    if row == 0:
+    values = (
+        v
+        for batch in parquet.iter_batches(batch_size=4096, columns=[spec.text_field])
+        for v in batch.column(0).to_pylist()
+    )
+    if not (yield from _string_column(values, path, spec.text_field, bad)):
         bad.report(path, None, "the Parquet file holds no row")
 
 
@@ -357,16 +352,23 @@ def _read_hf(path: Path, spec: SourceSpec, bad: BadRecords) -> Iterator[str]:
         cols = ", ".join(dataset.column_names)
         bad.report(path, None, f"no column {spec.text_field!r} (columns: {cols}); set text_field=")
         return
+    batches = dataset.select_columns([spec.text_field]).iter(batch_size=4096)
+    yield from _string_column(
+        (v for batch in batches for v in batch[spec.text_field]), path, spec.text_field, bad
+    )
+
+
+def _string_column(
+    values: Iterator[object], path: Path, field: str, bad: BadRecords
+) -> Generator[str, None, int]:
+    """Yield the strings of a table column (rows numbered from 1), reporting other values; returns the row count."""
     row = 0
-    for batch in dataset.select_columns([spec.text_field]).iter(batch_size=4096):
-        for text in batch[spec.text_field]:
-            row += 1
-            if not isinstance(text, str):
-                bad.report(
-                    path, row, f"column {spec.text_field!r} is {type(text).__name__}, expected a string"
-                )
-                continue
-            yield text
+    for row, value in enumerate(values, start=1):
+        if isinstance(value, str):
+            yield value
+        else:
+            bad.report(path, row, f"column {field!r} is {type(value).__name__}, expected a string")
+    return row
 
 
 def spec_fields() -> list[str]:
