@@ -238,7 +238,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
         callbacks.append(LossSpikeRollback(**spike))
     callbacks += extra_callbacks or []
 
-    return Trainer(
+    trainer = Trainer(
         run_name=cfg.run_name,
         model=model,
         train_dataloader=train_spec,
@@ -268,6 +268,8 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
         log_to_console=not cfg.logging.progress_bar,
         console_log_interval=cfg.logging.console_interval,
     )
+    trainer.logger.log_hyperparameters(report)  # the resolved config, revision and versions, in every logger
+    return trainer
 
 
 def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
