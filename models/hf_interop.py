@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -310,7 +310,7 @@ def load_pretrained(path: str | Path, **overrides: Any) -> MambaLMHeadModel:
     is_hf = "model_type" in raw
     cfg = config_from_hf(raw) if is_hf else config_from_mamba_ssm(raw)
     if overrides:
-        cfg = MambaConfig(**{**asdict(cfg), **overrides, "ssm": cfg.ssm, "attn": cfg.attn})
+        cfg = replace(cfg, **overrides)
     sd = _read_weights(path)
     if is_hf:
         sd[OUR_EMBEDDING] = sd.pop(HF_EMBEDDING)

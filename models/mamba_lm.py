@@ -540,11 +540,13 @@ class MambaLMHeadModel(nn.Module):
                 next_token = torch.where(done, torch.full_like(next_token, eos_token_id), next_token)
                 done |= next_token == eos_token_id
             tokens.append(next_token[:, None])
-            if i + 1 < max_new_tokens and not (eos_token_id is not None and bool(done.all())):
-                logits = self(next_token[:, None], cache)[:, -1]
-            elif i + 1 < max_new_tokens:
-                tokens.append(torch.full((b, max_new_tokens - i - 1), eos_token_id, device=input_ids.device))
+            remaining = max_new_tokens - i - 1
+            if remaining == 0:
                 break
+            if eos_token_id is not None and bool(done.all()):  # every row finished: pad, stop stepping
+                tokens.append(next_token.new_full((b, remaining), eos_token_id))
+                break
+            logits = self(next_token[:, None], cache)[:, -1]
         return torch.cat(tokens, dim=1)
 
     # -- initialisation (Composer's param_init_fn), wrapping and weight decay --------------------

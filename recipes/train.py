@@ -64,7 +64,7 @@ def build_model(cfg: TrainConfig, distributed: bool) -> ComposerMambaLM:
     return ComposerMambaLM(cfg.model, reset_state_at_doc_boundaries=cfg.reset_state_at_doc_boundaries)
 
 
-def build_scheduler_from(cfg: SchedulerConfig, max_duration: str):
+def build_scheduler_from(cfg: SchedulerConfig):
     """The scheduler ``cfg.name`` with the settings its constructor takes; a warning for the rest."""
     if cfg.name not in SCHEDULERS:
         raise ConfigError(f"scheduler.name={cfg.name!r} is not one of {', '.join(SCHEDULERS)}")
@@ -246,7 +246,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
         eval_interval=cfg.eval_interval or 1,
         max_duration=cfg.max_duration,
         optimizers=optimizer,
-        schedulers=build_scheduler_from(cfg.scheduler, cfg.max_duration),
+        schedulers=build_scheduler_from(cfg.scheduler),
         step_schedulers_every_batch=True,
         algorithms=algorithms,
         callbacks=callbacks,
