@@ -1,0 +1,70 @@
+"""How every command-line entry point of this repository behaves.
+
+- ``--help`` explains every option and shows its default (``parser()`` below).
+- A user mistake (a ``UserError``, a ``ValueError`` from a config check, a missing or existing
+  file) prints one message, ``error: <what, where, the fix>``, and exits with status 2;
+  ``--debug`` shows the traceback instead. Anything else is a bug and keeps its traceback.
+
+    def main(argv=None):
+        args = cli.parser("python -m data.convert", __doc__).parse_args(argv)
+        ...
+
+    if __name__ == "__main__":
+        cli.run(main)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+USAGE_ERROR = 2  # the exit status of a user mistake (argparse's own, too)
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the message names what is wrong, where, and the fix."""
+
+
+# What a user can cause by what they type: bad values, missing or existing paths.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError,
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and appends each option's default to its help."""
+
+
+def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` with the module docstring as description, defaults shown, and ``--debug``."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=_HelpFormatter)
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, show the full traceback instead of a one-line message",
+    )
+    return p
+
+
+def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> NoReturn:
+    """Call ``main(argv)``; exit 0, or 2 with one line for a user mistake (traceback with ``--debug``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        main(args)
+    except USER_ERRORS as exc:
+        if "--debug" in args:
+            raise
+        message = str(exc) or type(exc).__name__
+        print(f"error: {message}\n(run again with --debug for the traceback)", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(0)
