@@ -35,6 +35,12 @@ class SSMConfig:
     headdim: int = 64  # Mamba-2: P
     ngroups: int = 1  # Mamba-2: G groups of B/C shared by nheads / G heads
     chunk_size: int = 256  # Mamba-2 SSD chunk length
+    # Mamba-2's gated output norm. mamba_ssm fixes its eps at 1e-5 and normalises each of the
+    # ngroups groups of d_inner / ngroups channels; HF transformers' Mamba2 (4.5x) uses the
+    # model's layer_norm_epsilon and normalises all d_inner channels at once. Both are
+    # representable so that checkpoints of either library load with their own numbers.
+    gated_norm_eps: float = 1e-5
+    gated_norm_per_group: bool = True
 
     def __post_init__(self) -> None:
         if self.layer not in MIXERS:
@@ -50,6 +56,8 @@ class SSMConfig:
         for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.ssm.{name}={getattr(self, name)} must be >= 1")
+        if self.gated_norm_eps <= 0:
+            raise ValueError(f"model.ssm.gated_norm_eps={self.gated_norm_eps} must be > 0")
         if self.dt_rank is not None and self.dt_rank < 1:
             raise ValueError(f"model.ssm.dt_rank={self.dt_rank} must be >= 1 (or null for ceil(d_model/16))")
 
@@ -91,7 +99,7 @@ class MambaConfig:
     residual_in_fp32: bool = True
     tie_embeddings: bool = False  # Mambaoutai unties the head (paper, section 3.1)
     initializer_range: float = 0.02  # embedding std
-    rescale_prenorm_residual: bool = True  # out_proj/fc2 scaled by 1/sqrt(n_residuals * n_layer)
+    rescale_prenorm_residual: bool = True  # out_proj/fc2 scaled by 1/sqrt(n_layer) (mamba_ssm)
     impl: str = "auto"  # auto: mamba_ssm kernels on CUDA when installed, else PyTorch | torch | kernels
 
     def __post_init__(self) -> None:

@@ -27,8 +27,6 @@ from models import ops
 from models.config import MambaConfig
 from models.kernels import load_kernels, use_kernels
 
-# mamba_ssm's Mamba2 builds its gated RMSNorm with a fixed eps, whatever the block norms use.
-MAMBA2_GATED_NORM_EPS = 1e-5
 # mamba_ssm's GatedMLP rounds its hidden width up to a multiple of 128.
 MLP_MULTIPLE_OF = 128
 
@@ -210,7 +208,8 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(H))
         self.A_log = nn.Parameter(torch.empty(H))
         self.D = nn.Parameter(torch.empty(H))
-        self.norm = GatedRMSNorm(E, MAMBA2_GATED_NORM_EPS, group_size=E // G)
+        # Per group as mamba_ssm (eps fixed at 1e-5), or over all channels as HF transformers' Mamba2.
+        self.norm = GatedRMSNorm(E, s.gated_norm_eps, group_size=E // G if s.gated_norm_per_group else E)
         self.out_proj = nn.Linear(E, cfg.d_model, bias=s.bias)
         self.out_proj.init_role = "residual_out"
 
@@ -566,8 +565,8 @@ class MambaLMHeadModel(nn.Module):
         FSDP; ``reset_parameters`` applies it to every module of an eagerly built model.
         mamba_ssm's choices: embedding N(0, 0.02); Linear weights keep PyTorch's default
         (kaiming-uniform, a=sqrt(5)) and biases are zeroed; each residual branch's output
-        projection (mixer ``out_proj``, MLP ``fc2``) is divided by sqrt(n_residuals * n_layer)
-        (GPT-2's prenorm-residual scaling); Mamba-1 ``dt_proj`` and all ``A_log``, ``D``,
+        projection (mixer ``out_proj``, MLP ``fc2``) is divided by sqrt(n_layer) (GPT-2's
+        prenorm-residual scaling, as mamba_ssm's last ``_init_weights`` pass leaves it); Mamba-1 ``dt_proj`` and all ``A_log``, ``D``,
         ``dt_bias`` follow the Mamba papers' S4D-real and log-uniform-dt initialisation.
         """
         cfg = self.config
@@ -584,8 +583,11 @@ class MambaLMHeadModel(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
             if cfg.rescale_prenorm_residual and role == "residual_out":
-                n_residuals = 2 if cfg.d_intermediate > 0 else 1
-                module.weight.div_(math.sqrt(n_residuals * cfg.n_layer))
+                # mamba_ssm's final value: MixerModel.__init__ applies _init_weights with
+                # n_residuals_per_layer=2 when there are MLPs, then MambaLMHeadModel.__init__ applies
+                # it again with the default 1, re-drawing out_proj/fc2: the last call wins, so the
+                # scale is 1/sqrt(n_layer) with or without MLPs (mixer_seq_simple.py, 2.3.1).
+                module.weight.div_(math.sqrt(cfg.n_layer))
         elif isinstance(module, nn.Conv1d):
             module.reset_parameters()
         elif isinstance(module, (RMSNorm, GatedRMSNorm)):
