@@ -26,7 +26,7 @@ from torch import Tensor
 
 from common.io import atomic_dir
 from models.config import AttnConfig, MambaConfig, SSMConfig
-from models.mamba_lm import MAMBA2_GATED_NORM_EPS, MambaLMHeadModel
+from models.mamba_lm import MambaLMHeadModel
 
 HF_EMBEDDING = "backbone.embeddings.weight"
 OUR_EMBEDDING = "backbone.embedding.weight"
@@ -76,12 +76,12 @@ def hf_config_dict(cfg: MambaConfig) -> dict[str, Any]:
             time_step_scale=s.dt_scale,
             time_step_init_scheme=s.dt_init,
         )
-    if cfg.norm_epsilon != MAMBA2_GATED_NORM_EPS:
+    if s.gated_norm_eps != cfg.norm_epsilon:
         raise ValueError(
-            f"model.norm_epsilon={cfg.norm_epsilon}: HF's Mamba2 uses it for the gated norm too, where "
-            f"mamba_ssm fixes {MAMBA2_GATED_NORM_EPS}; export with format mamba_ssm or use 1e-5"
+            f"model.ssm.gated_norm_eps={s.gated_norm_eps} differs from model.norm_epsilon={cfg.norm_epsilon}: "
+            "HF's Mamba2 uses one layer_norm_epsilon for both; export with format mamba_ssm"
         )
-    if s.ngroups > 1:
+    if s.ngroups > 1 and s.gated_norm_per_group:
         warnings.warn(
             "HF transformers' Mamba2 (<= 4.53) normalises the gated output over all d_inner channels, "
             f"mamba_ssm over each of the ngroups={s.ngroups} groups: the HF model will not match this one "
@@ -132,9 +132,16 @@ def export_hf(
 def export_mamba_ssm(model: MambaLMHeadModel, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write ``model`` as mamba_ssm's ``MambaLMHeadModel.save_pretrained`` does (config.json + pytorch_model.bin)."""
     cfg = model.config
-    if cfg.norm_epsilon != 1e-5:
-        raise ValueError(f"mamba_ssm's format has no norm_epsilon field (fixed 1e-5); got {cfg.norm_epsilon}")
     s = cfg.ssm
+    problems = []
+    if cfg.norm_epsilon != 1e-5:
+        problems.append(f"model.norm_epsilon={cfg.norm_epsilon} (mamba_ssm fixes 1e-5)")
+    if s.layer == "mamba2" and s.gated_norm_eps != 1e-5:
+        problems.append(f"model.ssm.gated_norm_eps={s.gated_norm_eps} (mamba_ssm fixes 1e-5)")
+    if s.layer == "mamba2" and s.ngroups > 1 and not s.gated_norm_per_group:
+        problems.append("model.ssm.gated_norm_per_group=false (mamba_ssm normalises per group)")
+    if problems:
+        raise ValueError(f"mamba_ssm's format cannot hold {'; '.join(problems)}; export with format hf")
     ssm_cfg: dict[str, Any] = {
         "layer": {"mamba1": "Mamba1", "mamba2": "Mamba2"}[s.layer],
         "d_state": s.d_state,
@@ -198,85 +205,317 @@ def _copy_tokenizer(tokenizer_dir: str | Path, out_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading
+# Loading: configs and weights as mamba_ssm and HF transformers write them.
+#
+# A mamba_ssm config.json is ``MambaConfig.__dict__``: ``ssm_cfg`` and ``attn_cfg`` hold only the
+# keyword arguments their author passed; everything else is a constructor default, and those
+# differ by layer type (Mamba-2's d_state is 128, Mamba-1's 16). The tables below are the
+# defaults of mamba_ssm 2.3.1 (models/config_mamba.py, modules/mamba_simple.py Mamba,
+# modules/mamba2.py Mamba2, modules/mha.py MHA), read from its source.
+
+MAMBA_SSM_MODEL_DEFAULTS: dict[str, Any] = {
+    "d_model": 2560,
+    "d_intermediate": 0,
+    "n_layer": 64,
+    "vocab_size": 50277,
+    "ssm_cfg": {},
+    "attn_layer_idx": [],
+    "attn_cfg": {},
+    "rms_norm": True,
+    "residual_in_fp32": True,
+    "fused_add_norm": True,  # a kernel choice: same numbers either way
+    "pad_vocab_size_multiple": 8,
+    "tie_embeddings": True,
+}
+MAMBA_SSM_LAYER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "Mamba1": {
+        "d_state": 16,
+        "d_conv": 4,
+        "expand": 2,
+        "dt_rank": "auto",
+        "dt_min": 0.001,
+        "dt_max": 0.1,
+        "dt_init": "random",
+        "dt_scale": 1.0,
+        "dt_init_floor": 1e-4,
+        "conv_bias": True,
+        "bias": False,
+        "use_fast_path": True,
+    },
+    "Mamba2": {
+        "d_state": 128,
+        "d_conv": 4,
+        "conv_init": None,
+        "expand": 2,
+        "headdim": 64,
+        "d_ssm": None,
+        "ngroups": 1,
+        "A_init_range": [1, 16],
+        "D_has_hdim": False,
+        "rmsnorm": True,
+        "norm_before_gate": False,
+        "dt_min": 0.001,
+        "dt_max": 0.1,
+        "dt_init_floor": 1e-4,
+        "dt_limit": [0.0, math.inf],
+        "bias": False,
+        "conv_bias": True,
+        "chunk_size": 256,
+        "use_mem_eff_path": True,
+        "sequence_parallel": True,
+    },
+}
+MAMBA_SSM_MHA_DEFAULTS: dict[str, Any] = {
+    "num_heads": None,  # required by MHA
+    "num_heads_kv": None,
+    "head_dim": None,
+    "mlp_dim": 0,
+    "qkv_proj_bias": True,
+    "out_proj_bias": True,
+    "softmax_scale": None,
+    "causal": False,
+    "d_conv": 0,
+    "rotary_emb_dim": 0,
+    "rotary_emb_base": 10000.0,
+    "rotary_emb_interleaved": False,
+}
+# Settings that choose a kernel or a parallel layout, never the numbers.
+SPEED_ONLY = {"use_fast_path", "use_mem_eff_path", "sequence_parallel", "fused_add_norm"}
 
 
-def config_from_hf(hf: dict[str, Any]) -> MambaConfig:
-    """Our config from an HF ``config.json`` of model_type mamba or mamba2."""
-    vocab = hf["vocab_size"]
-    common = dict(
-        d_model=hf["hidden_size"],
-        n_layer=hf["num_hidden_layers"],
-        vocab_size=vocab,
-        pad_vocab_size_multiple=8 if vocab % 8 == 0 else 1,
-        norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-        residual_in_fp32=hf.get("residual_in_fp32", True),
-        tie_embeddings=hf.get("tie_word_embeddings", True),
-        initializer_range=hf.get("initializer_range", 0.1),
-    )
-    ssm = dict(
-        d_state=hf["state_size"],
-        d_conv=hf["conv_kernel"],
-        expand=hf["expand"],
-        bias=hf.get("use_bias", False),
-        conv_bias=hf.get("use_conv_bias", True),
-        dt_min=hf.get("time_step_min", 0.001),
-        dt_max=hf.get("time_step_max", 0.1),
-        dt_init_floor=hf.get("time_step_floor", 1e-4),
-    )
-    if hf.get("model_type") == "mamba":
-        ssm.update(
-            layer="mamba1",
-            dt_rank=hf["time_step_rank"],
-            dt_scale=hf.get("time_step_scale", 1.0),
-            dt_init=hf.get("time_step_init_scheme", "random"),
+class UnsupportedCheckpoint(ValueError):
+    """A checkpoint setting this repository cannot represent: loading it would change its numbers."""
+
+
+def _merge_defaults(
+    given: dict[str, Any], defaults: dict[str, Any], where: str, source: str
+) -> dict[str, Any]:
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise UnsupportedCheckpoint(
+            f"{source}: {where} has {unknown}, which mamba_ssm 2.3.1 does not accept either "
+            f"(valid: {', '.join(sorted(defaults))}); fix the config.json"
         )
-    elif hf.get("model_type") == "mamba2":
+    return {**defaults, **given}
+
+
+def _integral_expand(expand: Any, where: str, source: str) -> int:
+    if float(expand) != int(expand):
+        raise UnsupportedCheckpoint(
+            f"{source}: {where}={expand}: this repository's model.ssm.expand is an integer "
+            "(d_inner = expand * d_model)"
+        )
+    return int(expand)
+
+
+def _require(value: Any, supported: Any, setting: str, why: str, source: str) -> None:
+    if value != supported:
+        raise UnsupportedCheckpoint(
+            f"{source}: {setting}={value!r} is not supported ({why}); only {supported!r} loads with the "
+            "checkpoint's own numbers, so it is refused"
+        )
+
+
+def config_from_mamba_ssm(raw: dict[str, Any], source: str = "config.json") -> MambaConfig:
+    """Our config from a mamba_ssm ``config.json``, with mamba_ssm's defaults for what it leaves out."""
+    ms = _merge_defaults(raw, MAMBA_SSM_MODEL_DEFAULTS, "the top level", source)
+    ssm_in = dict(ms["ssm_cfg"] or {})
+    layer = ssm_in.pop("layer", "Mamba1")
+    if layer not in MAMBA_SSM_LAYER_DEFAULTS:
+        raise UnsupportedCheckpoint(
+            f"{source}: ssm_cfg.layer={layer!r} is not Mamba1 or Mamba2 (mamba_ssm's choices)"
+        )
+    s = _merge_defaults(ssm_in, MAMBA_SSM_LAYER_DEFAULTS[layer], f"ssm_cfg ({layer})", source)
+    expand = _integral_expand(s["expand"], "ssm_cfg.expand", source)
+    ssm: dict[str, Any] = {
+        "layer": layer.lower(),
+        "d_state": s["d_state"],
+        "d_conv": s["d_conv"],
+        "expand": expand,
+        "dt_min": s["dt_min"],
+        "dt_max": s["dt_max"],
+        "dt_init_floor": s["dt_init_floor"],
+        "conv_bias": s["conv_bias"],
+        "bias": s["bias"],
+    }
+    if layer == "Mamba1":
         ssm.update(
-            layer="mamba2",
-            headdim=hf["head_dim"],
-            ngroups=hf.get("n_groups", 1),
-            chunk_size=hf.get("chunk_size", 256),
+            dt_rank=None if s["dt_rank"] == "auto" else s["dt_rank"],
+            dt_init=s["dt_init"],
+            dt_scale=s["dt_scale"],
         )
     else:
-        raise ValueError(f"model_type {hf.get('model_type')!r} is not 'mamba' or 'mamba2'")
-    return MambaConfig(ssm=SSMConfig(**ssm), **common)
+        d_inner = expand * ms["d_model"]
+        if s["d_ssm"] is not None:
+            _require(
+                s["d_ssm"],
+                d_inner,
+                "ssm_cfg.d_ssm",
+                "an SSM on part of d_inner with a gated MLP beside it",
+                source,
+            )
+        _require(
+            bool(s["D_has_hdim"]), False, "ssm_cfg.D_has_hdim", "D per channel instead of per head", source
+        )
+        _require(bool(s["rmsnorm"]), True, "ssm_cfg.rmsnorm", "Mamba-2 without its gated output norm", source)
+        _require(
+            bool(s["norm_before_gate"]), False, "ssm_cfg.norm_before_gate", "norm before the z gate", source
+        )
+        dt_limit = [float(v) for v in s["dt_limit"]]
+        _require(dt_limit, [0.0, math.inf], "ssm_cfg.dt_limit", "clamping dt", source)
+        if s["conv_init"] is not None:
+            warnings.warn(
+                f"{source}: ssm_cfg.conv_init={s['conv_init']} only sets the conv weights' initial range; "
+                "the checkpoint's trained weights are loaded as they are",
+                stacklevel=3,
+            )
+        lo, hi = s["A_init_range"]
+        ssm.update(
+            headdim=s["headdim"],
+            ngroups=s["ngroups"],
+            chunk_size=s["chunk_size"],
+            A_init_min=float(lo),
+            A_init_max=float(hi),
+            gated_norm_eps=1e-5,  # mamba_ssm's Mamba2 fixes it
+            gated_norm_per_group=True,
+        )
+    attn_layer_idx = list(ms["attn_layer_idx"] or [])
+    attn = AttnConfig()
+    if attn_layer_idx:
+        a = _merge_defaults(dict(ms["attn_cfg"] or {}), MAMBA_SSM_MHA_DEFAULTS, "attn_cfg", source)
+        if a["num_heads"] is None:
+            raise UnsupportedCheckpoint(f"{source}: attn_cfg has no num_heads (mamba_ssm's MHA requires it)")
+        _require(
+            bool(a["causal"]),
+            True,
+            "attn_cfg.causal",
+            "mamba_ssm's MHA default is non-causal attention",
+            source,
+        )
+        _require(a["d_conv"], 0, "attn_cfg.d_conv", "a depthwise convolution on q, k, v", source)
+        _require(a["mlp_dim"], 0, "attn_cfg.mlp_dim", "an MLP fused into the attention projections", source)
+        _require(
+            bool(a["rotary_emb_interleaved"]),
+            False,
+            "attn_cfg.rotary_emb_interleaved",
+            "interleaved rotary",
+            source,
+        )
+        head_dim = a["head_dim"] or ms["d_model"] // a["num_heads"]
+        if a["softmax_scale"] is not None and not math.isclose(a["softmax_scale"], head_dim**-0.5):
+            _require(
+                a["softmax_scale"],
+                None,
+                "attn_cfg.softmax_scale",
+                "a softmax scale other than 1/sqrt(head_dim)",
+                source,
+            )
+        attn = AttnConfig(
+            num_heads=a["num_heads"],
+            num_heads_kv=a["num_heads_kv"],
+            head_dim=a["head_dim"],
+            rotary_emb_dim=a["rotary_emb_dim"],
+            rotary_base=float(a["rotary_emb_base"]),
+            qkv_proj_bias=a["qkv_proj_bias"],
+            out_proj_bias=a["out_proj_bias"],
+        )
+    try:
+        return MambaConfig(
+            d_model=ms["d_model"],
+            n_layer=ms["n_layer"],
+            vocab_size=ms["vocab_size"],
+            d_intermediate=ms["d_intermediate"],
+            pad_vocab_size_multiple=ms["pad_vocab_size_multiple"],
+            ssm=SSMConfig(**ssm),
+            attn_layer_idx=attn_layer_idx,
+            attn=attn,
+            rms_norm=ms["rms_norm"],
+            norm_epsilon=1e-5,  # MambaLMHeadModel does not pass one: MixerModel's default
+            residual_in_fp32=ms["residual_in_fp32"],
+            tie_embeddings=ms["tie_embeddings"],
+        )
+    except ValueError as exc:
+        raise UnsupportedCheckpoint(f"{source}: {exc}") from exc
 
 
-def config_from_mamba_ssm(ms: dict[str, Any]) -> MambaConfig:
-    """Our config from a mamba_ssm ``config.json`` (``MambaConfig`` of mamba_ssm)."""
-    ssm_in = dict(ms.get("ssm_cfg") or {})
-    layer = ssm_in.pop("layer", "Mamba1")
-    if layer not in ("Mamba1", "Mamba2"):
-        raise ValueError(f"ssm_cfg.layer={layer!r} is not Mamba1 or Mamba2")
-    ssm = {"layer": layer.lower()}
-    if "A_init_range" in ssm_in:
-        ssm["A_init_min"], ssm["A_init_max"] = ssm_in.pop("A_init_range")
-    known = {f for f in SSMConfig.__dataclass_fields__}
-    unknown = sorted(set(ssm_in) - known)
-    if unknown:
-        raise ValueError(f"ssm_cfg has fields this repository does not implement: {unknown}")
-    ssm.update(ssm_in)
-    attn_in = dict(ms.get("attn_cfg") or {})
-    attn_in.pop("causal", None)
-    if "rotary_emb_base" in attn_in:
-        attn_in["rotary_base"] = attn_in.pop("rotary_emb_base")
-    unknown = sorted(set(attn_in) - set(AttnConfig.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"attn_cfg has fields this repository does not implement: {unknown}")
-    return MambaConfig(
-        d_model=ms["d_model"],
-        n_layer=ms["n_layer"],
-        vocab_size=ms["vocab_size"],
-        d_intermediate=ms.get("d_intermediate", 0),
-        pad_vocab_size_multiple=ms.get("pad_vocab_size_multiple", 8),
-        ssm=SSMConfig(**ssm),
-        attn_layer_idx=list(ms.get("attn_layer_idx") or []),
-        attn=AttnConfig(**attn_in),
-        rms_norm=ms.get("rms_norm", True),
-        residual_in_fp32=ms.get("residual_in_fp32", True),
-        tie_embeddings=ms.get("tie_embeddings", True),
+def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> MambaConfig:
+    """Our config from an HF ``config.json`` (model_type mamba or mamba2), with HF's own defaults.
+
+    Every HF field that changes the numbers is honoured or refused; the rest (token ids,
+    ``use_cache``, ``use_mambapy``, ``torch_dtype``, ...) do not change what the model computes.
+    """
+    from transformers import Mamba2Config as HFMamba2Config
+    from transformers import MambaConfig as HFMambaConfig
+
+    model_type = raw.get("model_type")
+    classes = {"mamba": HFMambaConfig, "mamba2": HFMamba2Config}
+    if model_type not in classes:
+        raise UnsupportedCheckpoint(
+            f"{source}: model_type={model_type!r}: only HF's 'mamba' (MambaForCausalLM) and 'mamba2' "
+            "(Mamba2ForCausalLM) load here"
+        )
+    try:
+        hf = classes[model_type].from_dict(raw)
+    except (ValueError, TypeError) as exc:
+        raise UnsupportedCheckpoint(f"{source}: transformers refuses this config: {exc}") from exc
+    if hf.hidden_act not in ("silu", "swish"):
+        _require(hf.hidden_act, "silu", "hidden_act", "Mamba's activation is SiLU", source)
+    expand = _integral_expand(hf.expand, "expand", source)
+    vocab = hf.vocab_size
+    ssm: dict[str, Any] = dict(
+        d_state=hf.state_size,
+        d_conv=hf.conv_kernel,
+        expand=expand,
+        bias=hf.use_bias,
+        conv_bias=hf.use_conv_bias,
+        dt_min=hf.time_step_min,
+        dt_max=hf.time_step_max,
+        dt_init_floor=hf.time_step_floor,
     )
+    if model_type == "mamba":
+        ssm.update(
+            layer="mamba1",
+            dt_rank=hf.time_step_rank,
+            dt_scale=hf.time_step_scale,
+            dt_init=hf.time_step_init_scheme,
+        )
+    else:
+        if hf.num_heads * hf.head_dim != expand * hf.hidden_size:
+            raise UnsupportedCheckpoint(
+                f"{source}: num_heads * head_dim = {hf.num_heads * hf.head_dim} != expand * hidden_size "
+                f"= {expand * hf.hidden_size}"
+            )
+        limit = [float(v) for v in hf.time_step_limit]
+        _require(limit, [0.0, math.inf], "time_step_limit", "clamping dt after the softplus", source)
+        ssm.update(
+            layer="mamba2",
+            headdim=hf.head_dim,
+            ngroups=hf.n_groups,
+            chunk_size=hf.chunk_size,
+            # HF's gated norm: the model's layer_norm_epsilon, over all d_inner channels at once.
+            gated_norm_eps=hf.layer_norm_epsilon,
+            gated_norm_per_group=hf.n_groups == 1,
+        )
+    try:
+        return MambaConfig(
+            d_model=hf.hidden_size,
+            n_layer=hf.num_hidden_layers,
+            vocab_size=vocab,
+            pad_vocab_size_multiple=8 if vocab % 8 == 0 else 1,
+            norm_epsilon=hf.layer_norm_epsilon,
+            residual_in_fp32=hf.residual_in_fp32,
+            tie_embeddings=hf.tie_word_embeddings,
+            initializer_range=hf.initializer_range,
+            rescale_prenorm_residual=hf.rescale_prenorm_residual,
+            ssm=SSMConfig(**ssm),
+        )
+    except ValueError as exc:
+        raise UnsupportedCheckpoint(f"{source}: {exc}") from exc
+
+
+def is_hf_config(raw: dict[str, Any]) -> bool:
+    """HF configs name their ``model_type``; mamba_ssm's ``MambaConfig.__dict__`` never does."""
+    return "model_type" in raw
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
@@ -284,17 +523,60 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
 
     if (path / "model.safetensors").is_file():
         return load_file(str(path / "model.safetensors"))
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        sd: dict[str, Tensor] = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            sd.update(load_file(str(path / shard)))
-        return sd
+    for index_name, reader in (
+        ("model.safetensors.index.json", lambda f: load_file(str(f))),
+        ("pytorch_model.bin.index.json", lambda f: torch.load(f, map_location="cpu", weights_only=True)),
+    ):
+        index = path / index_name
+        if index.is_file():
+            sd: dict[str, Tensor] = {}
+            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                sd.update(reader(path / shard))
+            return sd
     if (path / "pytorch_model.bin").is_file():
         return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise FileNotFoundError(
-        f"{path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+        f"{path} has no model.safetensors, model.safetensors.index.json, pytorch_model.bin(.index.json)"
     )
+
+
+def read_pretrained(path: str | Path) -> tuple[MambaConfig, dict[str, Tensor], str]:
+    """Config and weights (our parameter names) of a local HF or mamba_ssm directory, and its format."""
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: not an HF or mamba_ssm model directory")
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_path}: not valid JSON ({exc})") from exc
+    is_hf = is_hf_config(raw)
+    cfg = config_from_hf(raw, str(config_path)) if is_hf else config_from_mamba_ssm(raw, str(config_path))
+    sd = _read_weights(path)
+    if is_hf and HF_EMBEDDING in sd:
+        sd[OUR_EMBEDDING] = sd.pop(HF_EMBEDDING)
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return cfg, sd, "hf" if is_hf else "mamba_ssm"
+
+
+def load_weights(model: MambaLMHeadModel, sd: dict[str, Tensor], source: str) -> None:
+    """Load a complete state dict (tied head optional), naming every mismatch."""
+    expected = model.state_dict()
+    tied = model.config.tie_embeddings
+    missing = [k for k in expected if k not in sd and not (tied and k == "lm_head.weight")]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sd
+        if k in expected and sd[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{source}: weights do not match the config: missing {missing}, unexpected {unexpected}, "
+            f"shapes {wrong}"
+        )
+    model.load_state_dict(sd, strict=False)
 
 
 def load_pretrained(path: str | Path, **overrides: Any) -> MambaLMHeadModel:
@@ -302,26 +584,9 @@ def load_pretrained(path: str | Path, **overrides: Any) -> MambaLMHeadModel:
 
     ``overrides`` replace config fields (e.g. ``impl="torch"``).
     """
-    path = Path(path)
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: not an HF or mamba_ssm model directory")
-    raw = json.loads(config_path.read_text())
-    is_hf = "model_type" in raw
-    cfg = config_from_hf(raw) if is_hf else config_from_mamba_ssm(raw)
+    cfg, sd, _ = read_pretrained(path)
     if overrides:
         cfg = replace(cfg, **overrides)
-    sd = _read_weights(path)
-    if is_hf:
-        sd[OUR_EMBEDDING] = sd.pop(HF_EMBEDDING)
-    if cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
     model = MambaLMHeadModel(cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if cfg.tie_embeddings:
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: weights do not match the config: missing {missing}, unexpected {unexpected}"
-        )
+    load_weights(model, sd, str(path))
     return model
