@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from common.config import ConfigError, load_config
 from data.loader import DataConfig
 from models.config import PRESETS, MambaConfig, preset
+from recipes.init_from import InitFromConfig
 
 
 @dataclass
@@ -143,6 +144,7 @@ class TrainConfig:
     seed: int = 17
     model_preset: str | None = None  # a models/config.py preset applied before `model:` fields
     model: MambaConfig = field(default_factory=MambaConfig)
+    init_from: InitFromConfig | None = None  # start the model from a checkpoint (recipes/init_from.py)
     tokenizer: str = ""  # the tokenizer directory the shards were converted with
     data: DataConfig = field(default_factory=lambda: DataConfig(mixture="unset"))
     eval_interval: str | None = "500ba"  # null disables evaluation

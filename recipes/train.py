@@ -41,6 +41,7 @@ from common.io import atomic_write_text
 from data.loader import build_dataloader
 from models.composer_model import ComposerMambaLM, optimizer_param_groups
 from recipes.config import SchedulerConfig, TrainConfig, load_train_config
+from recipes.init_from import apply_init_from
 
 METRIC_NAMES = ["LanguageCrossEntropy", "LanguagePerplexity", "Top1Accuracy", "Top3Accuracy", "Top10Accuracy"]
 
@@ -180,7 +181,13 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
         print(f"[train] resolved config written to {cfg.run_dir / 'run.json'}", flush=True)
 
     model = build_model(cfg, distributed=world > 1)
-    callbacks: list[Callback] = [SpeedMonitor(window_size=cfg.logging.speed_window), LRMonitor()]
+    # Weights from cfg.init_from (before the optimizer exists); its callbacks go first, before LRMonitor.
+    handover_callbacks = apply_init_from(cfg, model)
+    callbacks: list[Callback] = [
+        *handover_callbacks,
+        SpeedMonitor(window_size=cfg.logging.speed_window),
+        LRMonitor(),
+    ]
     ramp = cfg.batch_rampup
     if ramp.enabled:
         # The loader serves micro-batches; RampedBatches joins as many as the ramp asks for.

@@ -1,0 +1,311 @@
+"""Read model weights from anywhere a checkpoint lives: one entry point for init_from, export and evaluation.
+
+``read_weights(source)`` returns the model config and a full state dict (our parameter names,
+CPU tensors) from any of:
+
+- a run folder of this repository (``{run_root}/{run_name}``): its latest checkpoint,
+  ``checkpoints/latest-rank0.pt`` (a symlink Composer keeps to the newest file or folder);
+- a Composer checkpoint of this repository, monolithic (``ep0-ba100-rank0.pt``,
+  ``pre-decay-ba100.pt``) or sharded (a torch.distributed.checkpoint folder: ``.metadata`` and
+  ``__{rank}_0.distcp``, what FSDP runs write with ``fsdp.state_dict_type: sharded``);
+- an HF transformers directory (``MambaForCausalLM`` / ``Mamba2ForCausalLM``) or a mamba_ssm
+  directory (``config.json`` + ``pytorch_model.bin``), via ``models.hf_interop``;
+
+each local or on an object store (``s3://``, ``gs://``, ``oci://``, ``azure://``), through
+Composer's own object-store layer (``composer.utils.maybe_create_object_store_from_uri``, which
+honours ``S3_ENDPOINT_URL``): remote sources are downloaded to a temporary folder first.
+
+Which model a Composer checkpoint holds. Checkpoints written by ``recipes/train.py`` carry
+their model config in the state of the ``HandoverRecord`` callback (``state/callbacks``), so a
+checkpoint alone, monolithic or sharded, local or remote, says what it is. Older checkpoints
+fall back to the ``run.json`` of the run folder they sit in (``<run>/checkpoints/<ckpt>``).
+
+A sharded checkpoint is read in one process without a process group: the tensors are sized
+from the checkpoint's own metadata and filled by ``torch.distributed.checkpoint.load(...,
+no_dist=True)``, which assembles every rank's shards; only the model's entries are read, not
+the optimizer's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+from torch import Tensor
+
+from common.config import config_from_dict, to_dict
+from models.config import MambaConfig
+from models.hf_interop import load_weights, read_pretrained
+from models.mamba_lm import MambaLMHeadModel
+
+RECORD = "HandoverRecord"  # the callback's name in a Composer checkpoint's state/callbacks
+MODEL_PREFIX = "model."  # ComposerMambaLM holds the MambaLMHeadModel as its child ``model``
+DCP_MODEL_PREFIX = "state.model.model."
+LATEST = "latest-rank0.pt"
+
+
+class HandoverRecord(Callback):
+    """Stores the model config (and the tokenizer path) in every Composer checkpoint of a run.
+
+    Its ``state_dict`` is saved with the checkpoint like any callback's; ``read_weights`` reads
+    it back, so a checkpoint needs no run folder or recipe beside it to be exported or used as
+    ``init_from``. The config is one JSON string: sharded checkpoints store it as one entry.
+    """
+
+    def __init__(self, model: MambaConfig, tokenizer: str = "") -> None:
+        self.model_config_json = json.dumps(to_dict(model), sort_keys=True)
+        self.tokenizer = tokenizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model_config_json": self.model_config_json, "tokenizer": self.tokenizer}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Keep this run's own config: a resumed or re-planned run records what it trains now."""
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        """Nothing to do at run time: the record is only read back from checkpoints."""
+
+
+@dataclass
+class ModelWeights:
+    """A model's config and complete state dict (our names; a tied head is left out)."""
+
+    config: MambaConfig
+    state_dict: dict[str, Tensor]
+    source: str  # what was read, for messages
+    format: str  # hf | mamba_ssm | composer | composer-sharded
+    tokenizer: str = ""  # the tokenizer a Composer run recorded ("" when unknown)
+
+    def build(self, **overrides: Any) -> MambaLMHeadModel:
+        """A ``MambaLMHeadModel`` with these weights (config fields overridable, e.g. ``impl``)."""
+        from dataclasses import replace
+
+        model = MambaLMHeadModel(replace(self.config, **overrides) if overrides else self.config)
+        load_weights(model, self.state_dict, self.source)
+        return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Object stores (Composer's layer)
+
+
+def is_uri(path: str | Path) -> bool:
+    """Whether ``path`` names an object store (``s3://bucket/key``) rather than a local path."""
+    from composer.utils import parse_uri
+
+    return bool(parse_uri(str(path))[0])
+
+
+def _store_and_key(uri: str) -> tuple[Any, str]:
+    from composer.utils import maybe_create_object_store_from_uri, parse_uri
+
+    try:
+        store = maybe_create_object_store_from_uri(uri)
+    except NotImplementedError as exc:
+        raise ValueError(f"{uri}: {exc}") from exc
+    return store, parse_uri(uri)[2].rstrip("/")
+
+
+def remote_exists(uri: str) -> bool:
+    """Whether an object exists at ``uri``."""
+    store, key = _store_and_key(uri)
+    try:
+        store.get_object_size(key)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def list_remote(uri: str) -> list[str]:
+    """Object names (relative to ``uri``) under the prefix ``uri/``."""
+    store, key = _store_and_key(uri)
+    prefix = key + "/" if key else ""
+    return sorted(name[len(prefix) :] for name in store.list_objects(prefix) if name.startswith(prefix))
+
+
+def download(uri: str, dest: Path) -> Path:
+    """Download one object, or every object under ``uri/`` when it is a "folder", to ``dest``."""
+    store, key = _store_and_key(uri)
+    if remote_exists(uri):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        store.download_object(key, str(dest), overwrite=True)
+        return dest
+    names = list_remote(uri)
+    if not names:
+        raise FileNotFoundError(f"{uri}: no such object or folder on the object store")
+    for name in names:
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        store.download_object(f"{key}/{name}", str(target), overwrite=True)
+    return dest
+
+
+def upload_dir(local: Path, uri: str, last: tuple[str, ...] = ("config.json",)) -> None:
+    """Upload every file of ``local`` under ``uri/``; the files named in ``last`` go last.
+
+    Object stores have no atomic folder rename: uploading the file that readers look for first
+    (``config.json``) last means a reader never sees it beside missing weights.
+    """
+    store, key = _store_and_key(uri)
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name in last)
+    for path in files:
+        store.upload_object(f"{key}/{path.relative_to(local).as_posix()}", str(path))
+
+
+@contextlib.contextmanager
+def staged(source: str | Path) -> Iterator[Path]:
+    """A local path for ``source``: itself, or a temporary download of a remote object or folder."""
+    if not is_uri(source):
+        yield Path(source)
+        return
+    with tempfile.TemporaryDirectory(prefix="handover-") as tmp:
+        name = str(source).rstrip("/").rsplit("/", 1)[-1] or "object"
+        yield download(str(source), Path(tmp) / name)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a source is
+
+
+def _remote_latest(uri: str) -> str | None:
+    """A remote run folder's latest checkpoint: Composer uploads ``latest-rank0.pt.symlink``, a
+    small object holding the name of the newest checkpoint object."""
+    for candidate in (f"{uri}/checkpoints/{LATEST}.symlink", f"{uri}/{LATEST}.symlink"):
+        if remote_exists(candidate):
+            with tempfile.TemporaryDirectory() as tmp:
+                target = download(candidate, Path(tmp) / "symlink").read_text().strip()
+            from composer.utils import parse_uri
+
+            backend, bucket, _ = parse_uri(uri)
+            return f"{backend}://{bucket}/{target}"
+    return None
+
+
+def resolve(source: str | Path) -> str:
+    """A run folder becomes its latest checkpoint; anything else is returned as it is."""
+    source = str(source).rstrip("/")
+    if is_uri(source):
+        return _remote_latest(source) or source
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{source} does not exist (expected a run folder, checkpoint or model directory)"
+        )
+    for latest in (path / "checkpoints" / LATEST, path / LATEST):
+        if latest.exists():
+            return str(latest.resolve())
+    if (path / "run.json").is_file():
+        raise FileNotFoundError(
+            f"{source} is a run folder without checkpoints ({path / 'checkpoints' / LATEST} is missing): "
+            "it has not saved one yet"
+        )
+    return source
+
+
+def _config_from_run_json(checkpoint: Path) -> tuple[MambaConfig, str] | None:
+    """The model config in ``run.json`` of the run folder holding ``checkpoint`` (older checkpoints)."""
+    for run_dir in (checkpoint.parent.parent, checkpoint.parent):
+        run_json = run_dir / "run.json"
+        if run_json.is_file():
+            config = json.loads(run_json.read_text())["config"]
+            return config_from_dict(MambaConfig, config["model"], source=str(run_json)), config.get(
+                "tokenizer", ""
+            )
+    return None
+
+
+def _config_from_record(record: dict[str, Any] | None, source: str) -> tuple[MambaConfig, str] | None:
+    if not record or not record.get("model_config_json"):
+        return None
+    values = json.loads(record["model_config_json"])
+    return config_from_dict(MambaConfig, values, source=f"{source} ({RECORD})"), record.get("tokenizer", "")
+
+
+def _read_monolithic(path: Path, label: str) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    try:
+        # weights_only=False: Composer checkpoints pickle timestamps, RNG states and metrics.
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(
+            f"{label}: not a readable Composer checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
+    if not isinstance(ckpt, dict) or "state" not in ckpt or "model" not in ckpt["state"]:
+        raise ValueError(f"{label}: not a Composer checkpoint (no state/model inside)")
+    model = ckpt["state"]["model"]
+    sd = {k.removeprefix(MODEL_PREFIX): v for k, v in model.items() if k.startswith(MODEL_PREFIX)}
+    record = ckpt["state"].get("callbacks", {}).get(RECORD)
+    return sd, record
+
+
+def _read_sharded(path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(path))
+    metadata = reader.read_metadata().state_dict_metadata
+    model: dict[str, Tensor] = {}
+    for key, meta in metadata.items():
+        if key.startswith(DCP_MODEL_PREFIX) and isinstance(meta, TensorStorageMetadata):
+            model[key.removeprefix(DCP_MODEL_PREFIX)] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    if not model:
+        raise ValueError(f"{path}: a torch.distributed.checkpoint folder without Composer model weights")
+    # The nested layout flattens to the checkpoint's keys (state.model.model.<name>); DCP then
+    # reads every rank's shard of each tensor into these full-size tensors.
+    wanted: dict[str, Any] = {"state": {"model": {MODEL_PREFIX + k: v for k, v in model.items()}}}
+    record_keys = [k for k in metadata if k.startswith(f"state.callbacks.{RECORD}.")]
+    if record_keys:
+        wanted["state"]["callbacks"] = {RECORD: {k.rsplit(".", 1)[-1]: "" for k in record_keys}}
+    dcp.load(wanted, storage_reader=reader, no_dist=True)
+    sd = {k.removeprefix(MODEL_PREFIX): v for k, v in wanted["state"]["model"].items()}
+    return sd, wanted["state"].get("callbacks", {}).get(RECORD)
+
+
+def _read_local(path: Path, label: str, config: MambaConfig | None) -> ModelWeights:
+    if path.is_dir() and (path / "config.json").is_file():
+        cfg, sd, fmt = read_pretrained(path)
+        return ModelWeights(cfg, sd, label, fmt)
+    if path.is_dir() and (path / ".metadata").is_file():
+        sd, record = _read_sharded(path)
+        fmt = "composer-sharded"
+    elif path.is_file():
+        sd, record = _read_monolithic(path, label)
+        fmt = "composer"
+    else:
+        raise ValueError(
+            f"{label}: not a checkpoint: expected a run folder, a Composer checkpoint (a .pt file or a sharded "
+            "folder with .metadata), or an HF / mamba_ssm directory with config.json"
+        )
+    found = _config_from_record(record, label) or (None if is_uri(label) else _config_from_run_json(path))
+    if config is None and found is None:
+        raise ValueError(
+            f"{label}: this Composer checkpoint does not record its model config (written before "
+            f"{RECORD}) and no run.json is beside it; pass the model config explicitly"
+        )
+    cfg, tokenizer = (config, found[1] if found else "") if config is not None else found
+    return ModelWeights(cfg, sd, label, fmt, tokenizer)
+
+
+def read_weights(source: str | Path, config: MambaConfig | None = None) -> ModelWeights:
+    """Config and weights from a run folder, Composer checkpoint, HF or mamba_ssm directory, local or remote.
+
+    ``config`` is only needed for a Composer checkpoint that records none (see the module doc).
+    """
+    resolved = resolve(source)
+    label = str(source) if resolved == str(source).rstrip("/") else f"{source} ({resolved})"
+    with staged(resolved) as local:
+        weights = _read_local(local, label, config)
+    return weights
+
+
+def load_model(source: str | Path, **overrides: Any) -> MambaLMHeadModel:
+    """``read_weights(source).build(**overrides)``: the model, in eval mode."""
+    return read_weights(source).build(**overrides).eval()

@@ -1,0 +1,366 @@
+"""``init_from``: start a run's model from any checkpoint, and never silently change its numbers.
+
+The ``init_from`` section of a training recipe initialises the *model* of a new run from a
+released or earlier checkpoint (``models/checkpoint_io.py`` reads all of them: a run folder, a
+Composer checkpoint monolithic or sharded, an HF or mamba_ssm directory, local or on an object
+store). The clock, the schedule, the data position and the optimizer start fresh: to continue a
+run of this repository *with* its AdamW state, use ``checkpoint.load_path`` instead.
+
+Three uses (yamls/tiny/continue_hf.yaml, decay_hf.yaml, inheritune.yaml and the README):
+
+- continue the stable phase of a released model at its peak lr;
+- a custom decay (``scheduler.name: decay_phase``) from a released pre-decay checkpoint;
+- Inheritune (Sanyal et al. 2024): the first n blocks (``num_layers``), or a listed set
+  (``layers``), with the embedding, final norm and head as chosen.
+
+AdamW's moments. A released checkpoint carries no optimizer state, so the run starts with
+``exp_avg = exp_avg_sq = 0``. AdamW's bias correction then makes the first update
+``lr * g / |g|``: every coordinate moves by the full lr, whatever its gradient's scale, where a
+trained optimizer moves most coordinates far less. ``lr_rewarmup`` (default 1% of a 2000-step
+run, 20 batches) ramps the lr linearly from 0 over the first batches of the run, on top of the
+schedule, while the moments fill: batch 0 only estimates them (lr 0). The tiny measurement
+behind the choice is in the README ("Continue pre-training, or run your own decay") and in
+tests/test_init_from.py.
+
+Where the weights are loaded. ``apply_init_from`` runs right after the model is built and
+before the optimizer exists. On CPU (and single-GPU) runs every process holds the full model:
+each loads the weights. Under FSDP on GPUs ``recipes/train.py`` builds the model on the meta
+device; then rank 0 alone materialises it on the CPU and loads the weights, the other ranks stay
+on meta, and Composer's FSDP2 sees the mixed placement and broadcasts rank 0's weights while
+sharding (``sync_module_states``; composer/distributed/shared_utils.py). Only one process then
+holds a full copy in host memory. With FSDP1 every rank loads the full model.
+
+Checks, all before any compute: each loaded tensor's shape (naming the parameter, both shapes
+and the fix), the tokenizer against the checkpoint's vocabulary, the kind of every selected
+block (SSM or attention), and every model setting that changes what a block computes (e.g.
+``norm_epsilon``, ``rotary_emb_dim``): a mismatch names the ``model.`` key and the value to set.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from composer.core import Callback, State, Time, TimeUnit
+from composer.loggers import Logger
+from composer.utils import dist
+from torch import Tensor
+
+from models.checkpoint_io import HandoverRecord, ModelWeights, read_weights
+from models.config import MambaConfig
+
+if TYPE_CHECKING:
+    from models.composer_model import ComposerMambaLM
+    from recipes.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+LAYER_PREFIX = "backbone.layers."
+
+
+@dataclass
+class InitFromConfig:
+    """Initialise the model of a new run from a checkpoint (weights only; fresh optimizer and clock)."""
+
+    path: str = (
+        ""  # run folder, Composer checkpoint (.pt or sharded folder), HF or mamba_ssm dir; local or URI
+    )
+    num_layers: int = 0  # > 0: the checkpoint's first num_layers blocks (Inheritune); 0: see `layers`
+    layers: list[int] = field(default_factory=list)  # the checkpoint's blocks, in order; [] = all of them
+    embedding: bool = True  # copy backbone.embedding (False: fresh init)
+    final_norm: bool = True  # copy backbone.norm_f
+    lm_head: bool = True  # copy lm_head (a tied head follows the embedding)
+    # Ramp the lr from 0 over the run's first batches (or tokens) while AdamW's fresh moments fill.
+    lr_rewarmup: str = "20ba"
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("init_from.path is empty: set it to a checkpoint, run folder or model directory")
+        if self.num_layers < 0:
+            raise ValueError(f"init_from.num_layers={self.num_layers} must be >= 0")
+        if self.num_layers and self.layers:
+            raise ValueError(
+                f"init_from.num_layers={self.num_layers} and init_from.layers={self.layers} are both set; "
+                "use one (num_layers: the first n blocks; layers: an explicit list)"
+            )
+        if any(i < 0 for i in self.layers):
+            raise ValueError(f"init_from.layers={self.layers} has negative block indices")
+        parse_rewarmup(self.lr_rewarmup)
+
+    def source_layers(self, checkpoint_layers: int) -> list[int]:
+        """The checkpoint block copied into each block of the new model, in order."""
+        if self.layers:
+            return list(self.layers)
+        if self.num_layers:
+            return list(range(self.num_layers))
+        return list(range(checkpoint_layers))
+
+
+def parse_rewarmup(value: str) -> Time:
+    try:
+        t = Time.from_timestring(value)
+    except ValueError as exc:
+        raise ValueError(f"init_from.lr_rewarmup={value!r} is not a time such as '20ba' or '1e7tok'") from exc
+    if t.unit not in (TimeUnit.BATCH, TimeUnit.TOKEN, TimeUnit.SAMPLE) or t.value < 0:
+        raise ValueError(
+            f"init_from.lr_rewarmup={value!r} must be a length in ba, tok or sp (e.g. '20ba', '0ba')"
+        )
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# What is copied where, and the checks
+
+
+def inherited_config(reference: MambaConfig, layers: list[int]) -> MambaConfig:
+    """The config of a model made of ``reference``'s blocks ``layers`` (Inheritune's smaller model)."""
+    from dataclasses import replace
+
+    attn = [j for j, i in enumerate(layers) if i in reference.attn_layer_idx]
+    return replace(reference, n_layer=len(layers), attn_layer_idx=attn)
+
+
+# Settings that change what a block computes (not only how it is initialised or scheduled).
+_COMPUTE_FIELDS = ("d_model", "d_intermediate", "rms_norm", "norm_epsilon", "residual_in_fp32")
+_SSM_FIELDS = (
+    "layer",
+    "d_state",
+    "d_conv",
+    "expand",
+    "conv_bias",
+    "bias",
+    "headdim",
+    "ngroups",
+    "gated_norm_eps",
+    "gated_norm_per_group",
+)
+_ATTN_FIELDS = ("num_heads", "rotary_emb_dim", "rotary_base", "qkv_proj_bias", "out_proj_bias")
+
+
+def _setting_differences(model: MambaConfig, ckpt: MambaConfig, has_attn: bool) -> list[str]:
+    diffs = [
+        f"model.{name}={getattr(ckpt, name)!r}"
+        for name in _COMPUTE_FIELDS
+        if getattr(model, name) != getattr(ckpt, name)
+    ]
+    ssm_fields = [f for f in _SSM_FIELDS if ckpt.ssm.layer == "mamba2" or f not in ("headdim", "ngroups")]
+    diffs += [
+        f"model.ssm.{name}={getattr(ckpt.ssm, name)!r}"
+        for name in ssm_fields
+        if getattr(model.ssm, name) != getattr(ckpt.ssm, name)
+    ]
+    if ckpt.ssm.layer == "mamba1" and model.dt_rank != ckpt.dt_rank:
+        diffs.append(f"model.ssm.dt_rank={ckpt.dt_rank}")
+    if has_attn:
+        diffs += [
+            f"model.attn.{name}={getattr(ckpt.attn, name)!r}"
+            for name in _ATTN_FIELDS
+            if getattr(model.attn, name) != getattr(ckpt.attn, name)
+        ]
+        if model.attn_num_heads_kv != ckpt.attn_num_heads_kv:
+            diffs.append(f"model.attn.num_heads_kv={ckpt.attn_num_heads_kv}")
+        if model.attn_head_dim != ckpt.attn_head_dim:
+            diffs.append(f"model.attn.head_dim={ckpt.attn_head_dim}")
+    return diffs
+
+
+def _tokenizer_size(tokenizer: str) -> int | None:
+    if not tokenizer:
+        return None
+    from data.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(tokenizer).get_vocab_size(with_added_tokens=True)
+    except FileNotFoundError:
+        return None  # the data loader names a missing tokenizer itself
+
+
+def select_weights(
+    init: InitFromConfig,
+    model_cfg: MambaConfig,
+    ckpt: ModelWeights,
+    model_sd: dict[str, Tensor],
+    tokenizer: str = "",
+) -> dict[str, Tensor]:
+    """The tensors to copy into a model with state dict ``model_sd`` (our names), checked.
+
+    Raises ``ValueError`` naming every problem and its fix before anything is copied.
+    """
+    src_cfg = ckpt.config
+    where = f"init_from.path={init.path}"
+    layers = init.source_layers(src_cfg.n_layer)
+    problems: list[str] = []
+    if not init.layers and not init.num_layers and model_cfg.n_layer != src_cfg.n_layer:
+        problems.append(
+            f"the checkpoint has {src_cfg.n_layer} blocks and model.n_layer={model_cfg.n_layer}: set "
+            f"model.n_layer={src_cfg.n_layer}, or choose blocks with init_from.num_layers / init_from.layers"
+        )
+    elif len(layers) != model_cfg.n_layer:
+        problems.append(
+            f"init_from selects {len(layers)} blocks {layers} but model.n_layer={model_cfg.n_layer}: "
+            f"set model.n_layer={len(layers)}"
+        )
+    bad = [i for i in layers if i >= src_cfg.n_layer]
+    if bad:
+        problems.append(
+            f"init_from selects blocks {bad}, but the checkpoint has blocks 0..{src_cfg.n_layer - 1}"
+        )
+    if not problems:
+        want_attn = [j for j, i in enumerate(layers) if i in src_cfg.attn_layer_idx]
+        if model_cfg.attn_layer_idx != want_attn:
+            problems.append(
+                f"the selected blocks are attention at positions {want_attn} of the new model, but "
+                f"model.attn_layer_idx={model_cfg.attn_layer_idx}: set model.attn_layer_idx={want_attn}"
+            )
+    src_vocab = ckpt.state_dict["backbone.embedding.weight"].shape[0]
+    n_tokens = _tokenizer_size(tokenizer)
+    if n_tokens is not None and n_tokens > src_vocab and (init.embedding or init.lm_head):
+        problems.append(
+            f"the tokenizer {tokenizer} has {n_tokens} tokens, more than the checkpoint's vocabulary of "
+            f"{src_vocab} rows: token ids past {src_vocab - 1} have no embedding. Use the checkpoint's "
+            "tokenizer (or one with at most that many tokens)"
+        )
+    if not problems and model_cfg.tie_embeddings and not src_cfg.tie_embeddings and init.lm_head:
+        problems.append(
+            "the checkpoint's head is untied from its embedding but model.tie_embeddings=true: "
+            "set model.tie_embeddings=false (or init_from.lm_head=false)"
+        )
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+
+    mapping: dict[str, str] = {}  # model key -> checkpoint key
+    for new, old in enumerate(layers):
+        for key in ckpt.state_dict:
+            if key.startswith(f"{LAYER_PREFIX}{old}."):
+                mapping[f"{LAYER_PREFIX}{new}." + key[len(f"{LAYER_PREFIX}{old}.") :]] = key
+    if init.embedding:
+        mapping["backbone.embedding.weight"] = "backbone.embedding.weight"
+    if init.final_norm:
+        for key in ckpt.state_dict:
+            if key.startswith("backbone.norm_f."):
+                mapping[key] = key
+    if init.lm_head and not model_cfg.tie_embeddings:
+        mapping["lm_head.weight"] = (
+            "lm_head.weight" if not src_cfg.tie_embeddings else "backbone.embedding.weight"
+        )
+    if model_cfg.tie_embeddings and init.lm_head and not init.embedding:
+        mapping["backbone.embedding.weight"] = "backbone.embedding.weight"  # the tied head is this tensor
+
+    shape_errors = []
+    for new_key, old_key in mapping.items():
+        if new_key not in model_sd:
+            shape_errors.append(f"{new_key}: in the checkpoint ({old_key}) but not in this model")
+        elif model_sd[new_key].shape != ckpt.state_dict[old_key].shape:
+            shape_errors.append(
+                f"{new_key}: checkpoint {tuple(ckpt.state_dict[old_key].shape)} vs model "
+                f"{tuple(model_sd[new_key].shape)}"
+            )
+    missing = [
+        k for k in model_sd if k.startswith(LAYER_PREFIX) and k not in mapping
+    ]  # a block part the checkpoint lacks
+    diffs = _setting_differences(model_cfg, src_cfg, has_attn=bool(model_cfg.attn_layer_idx))
+    if src_vocab != model_sd["backbone.embedding.weight"].shape[0]:
+        diffs.append(
+            f"model.vocab_size={src_cfg.vocab_size} (model.pad_vocab_size_multiple={src_cfg.pad_vocab_size_multiple})"
+        )
+    if shape_errors or missing or diffs:
+        fix = f" Fix: set {', '.join(diffs)}." if diffs else ""
+        raise ValueError(
+            f"{where} does not fit this model: "
+            + "; ".join(shape_errors + [f"{k}: not in the checkpoint" for k in missing])
+            + ("; " if shape_errors or missing else "")
+            + "the model must compute what the checkpoint was trained to compute."
+            + fix
+        )
+    return {new: ckpt.state_dict[old] for new, old in mapping.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The lr re-warmup
+
+
+class LrRewarmup(Callback):
+    """Scale the lr by ``t / T`` for the first ``T`` of a run whose optimizer starts without state.
+
+    Applied on top of the schedule: after each scheduler step (``Event.BATCH_END``) and at fit
+    start, the lr becomes ``schedule(t) * min(1, t / T)`` with ``t`` the time already trained. It
+    must run before ``LRMonitor`` so the logged lr is the one used (``recipes/train.py`` puts it
+    first). The value is recomputed from the scheduler every time, so resuming never compounds it.
+    """
+
+    def __init__(self, duration: str) -> None:
+        self.duration = parse_rewarmup(duration)
+
+    def _factor(self, state: State) -> float:
+        if self.duration.value == 0:
+            return 1.0
+        now = state.timestamp.get(self.duration.unit).value
+        return min(1.0, now / self.duration.value)
+
+    def _apply(self, state: State) -> None:
+        factor = self._factor(state)
+        for scheduler in state.schedulers:
+            for group, scheduled in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = scheduled * factor
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self._apply(state)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        self._apply(state)
+
+
+# ----------------------------------------------------------------------------------------------
+# The one call recipes/train.py makes
+
+
+def load_into(model: torch.nn.Module, weights: dict[str, Tensor]) -> None:
+    """Copy ``weights`` (a subset of ``model``'s state dict, checked by ``select_weights``) into ``model``."""
+    with torch.no_grad():
+        result = model.load_state_dict(weights, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+
+
+def _materialise_if_meta(model: torch.nn.Module, init_fn: Any) -> bool:
+    """Give a meta-device model real CPU tensors, initialised; False when it already has them."""
+    if not any(p.is_meta for p in model.parameters()):
+        return False
+    model.to_empty(device="cpu")
+    for module in model.modules():
+        init_fn(module)
+    return True
+
+
+def apply_init_from(cfg: TrainConfig, composer_model: ComposerMambaLM) -> list[Callback]:
+    """Load ``cfg.init_from`` into the freshly built model; the callbacks the run then needs.
+
+    Always returns the ``HandoverRecord`` (the model config in every checkpoint, so it can be
+    exported or used as ``init_from`` later) and, with ``init_from``, the ``LrRewarmup``.
+    Call it after the model is built, before the optimizer exists, and put the callbacks first.
+    """
+    callbacks: list[Callback] = [HandoverRecord(cfg.model, cfg.tokenizer)]
+    init: InitFromConfig | None = getattr(cfg, "init_from", None)
+    if init is None:
+        return callbacks
+    if cfg.checkpoint.load_path:
+        raise ValueError(
+            f"init_from.path={init.path} and checkpoint.load_path={cfg.checkpoint.load_path} are both set: "
+            "init_from starts a new run from a model's weights; load_path loads a Composer checkpoint "
+            "(weights and optimizer state). Keep one"
+        )
+    model = composer_model.model
+    on_meta = any(p.is_meta for p in model.parameters())
+    # Under FSDP2 on GPUs only rank 0 loads; Composer broadcasts from it (see the module doc).
+    loads_here = not on_meta or cfg.fsdp.version == 1 or dist.get_global_rank() == 0
+    if loads_here:
+        ckpt = read_weights(init.path)
+        weights = select_weights(init, cfg.model, ckpt, model.state_dict(), cfg.tokenizer)
+        _materialise_if_meta(model, model.param_init_fn)
+        load_into(model, weights)
+        log.info("init_from: %d tensors from %s (%s)", len(weights), ckpt.source, ckpt.format)
+        if dist.get_global_rank() == 0:
+            print(f"[train] init_from: {len(weights)} tensors from {ckpt.source} ({ckpt.format})", flush=True)
+    callbacks.append(LrRewarmup(init.lr_rewarmup))
+    return callbacks
