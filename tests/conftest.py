@@ -24,3 +24,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# The tiny corpus of the handover tests (init_from, export, Inheritune, object stores).
+from tests.handover_helpers import tiny_corpus  # noqa: E402, F401
