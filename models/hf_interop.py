@@ -114,18 +114,52 @@ def export_hf(
     tokenizer_dir: str | Path | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` as an HF transformers directory (``AutoModelForCausalLM`` loads it offline)."""
+    """Write ``model`` as an HF transformers directory (``AutoModelForCausalLM`` loads it offline).
+
+    With a tokenizer the directory is what ``transformers`` users expect: ``config.json`` carries
+    the tokenizer's bos/eos/pad ids (HF's Mamba configs otherwise default them to 0, a real
+    token), ``generation_config.json`` stops at the end-of-text and, for chat, ``<|im_end|>``,
+    and the tokenizer is saved with its chat template and without ``token_type_ids`` among its
+    outputs, so ``model.generate(**tokenizer(text, return_tensors="pt"))`` works.
+    """
     from safetensors.torch import save_file
 
     config = hf_config_dict(model.config)
     sd = _state_dict_for_export(model)
     sd[HF_EMBEDDING] = sd.pop(OUR_EMBEDDING)
+    dtypes = {t.dtype for t in sd.values()}
+    config["torch_dtype"] = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+    tok = _load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    generation: dict[str, Any] = {}
+    if tok is not None:
+        if len(tok) > model.config.padded_vocab_size:
+            raise ValueError(
+                f"the tokenizer {tokenizer_dir} has {len(tok)} tokens but the model only "
+                f"{model.config.padded_vocab_size} embedding rows: export with the run's own tokenizer"
+            )
+        ids = {
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        }
+        config.update(ids)
+        stop = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        im_end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
+        if im_end is not None and im_end not in stop:
+            stop.append(im_end)  # a chat turn ends there
+        generation = {**ids, "eos_token_id": stop[0] if len(stop) == 1 else stop or None}
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer_dir is not None:
-            _copy_tokenizer(tokenizer_dir, tmp)
+        if tok is not None:
+            from transformers import GenerationConfig
+
+            GenerationConfig(**generation).save_pretrained(str(tmp))
+            # Mamba takes no token_type_ids: generate(**tokenizer(text)) would refuse them.
+            tok.model_input_names = ["input_ids", "attention_mask"]
+            tok.init_kwargs["model_input_names"] = tok.model_input_names  # saved in tokenizer_config.json
+            tok.save_pretrained(str(tmp))
     return out_dir
 
 
@@ -194,14 +228,13 @@ def export_mamba_ssm(model: MambaLMHeadModel, out_dir: str | Path, overwrite: bo
     return out_dir
 
 
-def _copy_tokenizer(tokenizer_dir: str | Path, out_dir: Path) -> None:
+def _load_tokenizer(tokenizer_dir: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    except Exception as exc:
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except Exception as exc:  # transformers raises OSError, ValueError or its own types
         raise ValueError(f"cannot load a tokenizer from {tokenizer_dir}: {exc}") from exc
-    tok.save_pretrained(str(out_dir))
 
 
 # ----------------------------------------------------------------------------------------------

