@@ -24,10 +24,10 @@ from composer.loggers import Logger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from callbacks.jsonl_logger import read_jsonl  # noqa: E402
-from data.loader import build_dataloader  # noqa: E402
-from recipes.config import load_train_config  # noqa: E402
-from recipes.train import build_trainer  # noqa: E402
+from callbacks.jsonl_logger import read_jsonl
+from data.loader import build_dataloader
+from recipes.config import load_train_config
+from recipes.train import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
