@@ -56,7 +56,9 @@ def fit(recipe: str, overrides: list[str], probe: Callback | None = None) -> Pat
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="runs/bench-rewarmup", help="run root")
     parser.add_argument("--steps", type=int, default=10, help="first steps to print")
     parser.add_argument("--rewarmup", default="20ba", help="init_from.lr_rewarmup of the remedy run")
@@ -80,11 +82,15 @@ def main() -> None:
     for i, (name, extra) in enumerate(runs.items()):
         probe = FixedBatchLoss(batch)
         run_dir = fit("yamls/tiny/decay.yaml", [*common, f"run_name=decay{i}", *extra], probe)
-        train = [r["loss/train/total"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss/train/total" in r]
+        train = [
+            r["loss/train/total"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss/train/total" in r
+        ]
         rows.append((name, probe.losses[: args.steps + 1], sum(train[-10:]) / 10))
     print(f"\npre-decay checkpoint {pre_decay}; load average {os.getloadavg()[0]:.1f}")
     print(f"fixed validation batch loss: before training, then after steps 1..{args.steps}\n")
-    print("| run | " + " | ".join(str(k) for k in range(args.steps + 1)) + " | max rise | last-10 train loss |")
+    print(
+        "| run | " + " | ".join(str(k) for k in range(args.steps + 1)) + " | max rise | last-10 train loss |"
+    )
     print("|---" * (args.steps + 4) + "|")
     for name, losses, last in rows:
         rise = max(losses[1:]) - losses[0]
