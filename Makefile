@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: install install-gpu test test-gpu test-dist lint format doctor bench-model bench-convert demo demo-data clean-demo \
-	ablation-wsd ablation-cosine ablation-wsd-posweight ablation-tiny decay
+	ablation-wsd ablation-cosine ablation-wsd-posweight ablation-tiny decay inheritune-tiny export
 
 install: $(STAMP)
 
@@ -110,3 +110,15 @@ decay: install
 	@test -n "$(CKPT)" -a -n "$(RECIPE)" || { echo "usage: make decay CKPT=pre-decay-checkpoint RECIPE=yamls/decay/recipe.yaml [NPROC=8]"; exit 2; }
 	@test -e "$(CKPT)" || { echo "CKPT=$(CKPT) does not exist"; exit 2; }
 	$(COMPOSER) -n $(NPROC) recipes/train.py $(RECIPE) checkpoint.load_path=$(CKPT)
+
+# Inheritune on CPU (demo data): a 4-block reference, then its first 2 blocks grown one block per
+# 20-step round until the validation loss matches the reference's, beside the same depth from
+# scratch for the same and twice the steps. Table: runs/inheritune/inheritune/inheritune.md.
+inheritune-tiny: install demo-data
+	test -e runs/inheritune/reference/checkpoints/latest-rank0.pt || $(PY) recipes/train.py yamls/tiny/inheritune_reference.yaml
+	$(PY) -m recipes.inheritune yamls/tiny/inheritune.yaml --reference runs/inheritune/reference --baselines
+
+# Hand a run on: make export RUN=runs/demo/decay TO=hf OUT=exports/demo-decay [TOKENIZER=dir]
+export: install
+	@test -n "$(RUN)" -a -n "$(OUT)" || { echo "usage: make export RUN=run-or-checkpoint OUT=dir [TO=hf|mamba_ssm] [TOKENIZER=dir]"; exit 2; }
+	$(PY) -m recipes.export $(RUN) --to $(or $(TO),hf) --out $(OUT) $(if $(TOKENIZER),--tokenizer $(TOKENIZER),)
