@@ -18,6 +18,12 @@ their results consumed in order, so the output is byte-identical for any ``--wor
 Safety: everything is written into a temporary folder that is renamed onto ``--out`` only
 when complete (``stats.json`` included), so an interrupted run leaves nothing that looks
 finished and re-running it neither duplicates nor loses documents.
+
+Object stores: ``--out s3://bucket/mds/en`` (also ``gs://``, ``oci://``, ...; ``S3_ENDPOINT_URL``
+for S3-compatible stores) converts into a local temporary folder, then uploads it with
+Streaming's own uploader (``streaming.base.storage.CloudUploader``): shards first, each split's
+``index.json`` after its shards and ``stats.json`` last, so a reader never finds an index whose
+shards are missing. The loader reads such a stream with ``remote:`` in the mixture.
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -210,8 +218,33 @@ def _remove_stale_temporaries(out: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def _is_remote(out: str) -> bool:
+    return urllib.parse.urlparse(out).scheme != ""
+
+
+def _convert_to_object_store(cfg: ConvertConfig) -> dict[str, Any]:
+    """Convert into a local temporary folder, then upload it to ``cfg.out`` (see the module doc)."""
+    from streaming.base.storage.upload import CloudUploader
+
+    with tempfile.TemporaryDirectory(prefix="convert-") as tmp:
+        local = Path(tmp) / "out"
+        uploader = CloudUploader.get(out=(str(local), cfg.out), keep_local=True)
+        if not cfg.overwrite and uploader.list_objects("stats.json"):
+            raise FileExistsError(
+                f"{cfg.out} already holds a converted stream (stats.json); pass --overwrite"
+            )
+        stats = convert(replace(cfg, out=str(local), overwrite=True))
+        files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+        order = {"stats.json": 2, "index.json": 1}
+        for name in sorted(files, key=lambda n: order.get(Path(n).name, 0)):
+            uploader.upload_file(name)
+    return stats
+
+
 def convert(cfg: ConvertConfig) -> dict[str, Any]:
     """Run a conversion; returns what it writes to ``stats.json``."""
+    if _is_remote(cfg.out):
+        return _convert_to_object_store(cfg)
     tok = load_tokenizer(cfg.tokenizer)
     info: TokenizerInfo = tokenizer_info(tok)
     dtype = token_dtype(info.vocab_size)
@@ -262,7 +295,11 @@ def _parse_args(argv: Sequence[str] | None) -> ConvertConfig:
         "name, text_field, messages_field, text_split (file|paragraph), hf_split; repeat for several",
     )
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder (from data.train_tokenizer)")
-    parser.add_argument("--out", required=True, help="output stream folder (gets train/, val/, stats.json)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output stream folder (gets train/, val/, stats.json); local or s3://, gs://, ...",
+    )
     parser.add_argument("--seq-len", type=int, default=ConvertConfig.seq_len)
     parser.add_argument("--val-fraction", type=float, default=ConvertConfig.val_fraction)
     parser.add_argument("--split-seed", type=int, default=ConvertConfig.split_seed)

@@ -34,7 +34,6 @@ from callbacks.gloo_grad_average import GlooFSDP2GradAverage
 from callbacks.jsonl_logger import JSONLinesLogger
 from callbacks.loss_spike import LossSpikeRollback
 from callbacks.positional_weighting import PositionalLossWeighting
-from callbacks.pre_decay_checkpoint import PreDecayCheckpoint
 from callbacks.schedulers import SCHEDULERS, build_scheduler
 from common.config import ConfigError, to_dict
 from common.io import atomic_write_text
@@ -42,6 +41,7 @@ from data.loader import build_dataloader
 from models.composer_model import ComposerMambaLM, optimizer_param_groups
 from recipes.config import SchedulerConfig, TrainConfig, load_train_config
 from recipes.init_from import apply_init_from
+from recipes.object_store import pre_decay_callbacks
 
 METRIC_NAMES = ["LanguageCrossEntropy", "LanguagePerplexity", "Top1Accuracy", "Top3Accuracy", "Top10Accuracy"]
 
@@ -234,7 +234,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
     ckpt = cfg.checkpoint
     save_folder = ckpt.save_folder or str(cfg.run_dir / "checkpoints")
     if ckpt.pre_decay and cfg.scheduler.name == "wsd":
-        callbacks.append(PreDecayCheckpoint(save_folder=save_folder))
+        callbacks += pre_decay_callbacks(save_folder, cfg.run_dir)  # uploaded when save_folder is a URI
     elif ckpt.pre_decay:
         warnings.warn(
             f"checkpoint.pre_decay is ignored: scheduler.name={cfg.scheduler.name} has no stable phase",
