@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,7 +265,10 @@ def _read_sharded(path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]
     record_keys = [k for k in metadata if k.startswith(f"state.callbacks.{RECORD}.")]
     if record_keys:
         wanted["state"]["callbacks"] = {RECORD: {k.rsplit(".", 1)[-1]: "" for k in record_keys}}
-    dcp.load(wanted, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():
+        # "torch.distributed is disabled ... assuming ... a single process": exactly the intent here.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(wanted, storage_reader=reader, no_dist=True)
     sd = {k.removeprefix(MODEL_PREFIX): v for k, v in wanted["state"]["model"].items()}
     return sd, wanted["state"].get("callbacks", {}).get(RECORD)
 

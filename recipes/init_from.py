@@ -145,7 +145,8 @@ def _setting_differences(model: MambaConfig, ckpt: MambaConfig, has_attn: bool) 
         for name in _COMPUTE_FIELDS
         if getattr(model, name) != getattr(ckpt, name)
     ]
-    ssm_fields = [f for f in _SSM_FIELDS if ckpt.ssm.layer == "mamba2" or f not in ("headdim", "ngroups")]
+    mamba2_only = ("headdim", "ngroups", "gated_norm_eps", "gated_norm_per_group")
+    ssm_fields = [f for f in _SSM_FIELDS if ckpt.ssm.layer == "mamba2" or f not in mamba2_only]
     diffs += [
         f"model.ssm.{name}={getattr(ckpt.ssm, name)!r}"
         for name in ssm_fields

@@ -13,9 +13,9 @@ from transformers import MambaConfig as HFMambaConfig
 from transformers import MambaForCausalLM
 
 from callbacks.jsonl_logger import read_jsonl
-from models.checkpoint_io import ModelWeights
+from models.checkpoint_io import ModelWeights, read_weights
 from models.config import AttnConfig, MambaConfig, SSMConfig
-from models.hf_interop import export_mamba_ssm
+from models.hf_interop import export_hf, export_mamba_ssm
 from models.mamba_lm import MambaLMHeadModel
 from recipes.config import load_train_config
 from recipes.init_from import InitFromConfig, inherited_config, select_weights
@@ -242,8 +242,9 @@ def test_export_init_from_roundtrip_through_mamba_ssm_format(
 def test_decay_without_optimizer_state_does_not_spike_with_rewarmup(
     tiny_corpus: dict[str, Path], tmp_path: Path
 ) -> None:
-    """A decay from a pre-decay checkpoint: with its AdamW state, and weights only (fresh moments)
-    with and without the lr re-warmup. The loss on one fixed batch after each of the first steps."""
+    """A decay (scheduler decay_phase) from a pre-decay checkpoint: with its AdamW state, and from its
+    weights released in HF format (fresh moments) with and without the lr re-warmup. The loss on
+    one fixed batch after each of the first steps."""
     stable = tiny_overrides(
         tiny_corpus,
         tmp_path,
@@ -255,12 +256,15 @@ def test_decay_without_optimizer_state_does_not_spike_with_rewarmup(
     fit(stable, "yamls/tiny/wsd.yaml")
     pre_decay = tmp_path / "stable" / "checkpoints" / "pre-decay-ba18.pt"
     assert pre_decay.is_file()
+    # The "released" pre-decay checkpoint: its weights in HF format, no optimizer state.
+    released = tmp_path / "released-hf"
+    export_hf(read_weights(pre_decay).build(), released)
     batch = probe_batch(tiny_corpus)
     decay = ["max_duration=8ba", "eval_interval=null", "scheduler.alpha_f=0.1"]
     runs = {
         "state": [f"checkpoint.load_path={pre_decay}"],
-        "fresh": [f"init_from.path={pre_decay}", "init_from.lr_rewarmup=0ba"],
-        "rewarm": [f"init_from.path={pre_decay}", "init_from.lr_rewarmup=4ba"],
+        "fresh": [f"init_from.path={released}", "init_from.lr_rewarmup=0ba"],
+        "rewarm": [f"init_from.path={released}", "init_from.lr_rewarmup=4ba"],
     }
     probes = {}
     for name, extra in runs.items():
