@@ -39,9 +39,7 @@ def full_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in state.items()}
 
 
-def test_sharded_checkpoints_and_init_from_across_processes(
-    tiny_corpus: dict[str, Path], tmp_path: Path
-) -> None:
+def test_sharded_checkpoint_is_read_in_one_process(tiny_corpus: dict[str, Path], tmp_path: Path) -> None:
     train = ROOT / "recipes" / "train.py"
     common = {"eval_interval": "null", "max_duration": "4ba", "checkpoint.save_interval": "4ba"}
     # The same 2-process run twice: FSDP's sharded (DCP) checkpoint, and a full one as the reference.
@@ -58,8 +56,17 @@ def test_sharded_checkpoints_and_init_from_across_processes(
     for key, value in reference.items():
         assert torch.equal(sharded.state_dict[key], value), key
 
-    # init_from the sharded checkpoint in a new 2-process run: at a negligible lr one step barely
-    # moves the weights, so the saved checkpoint must still equal the source (a fresh init would not).
+
+def test_init_from_under_two_processes(tiny_corpus: dict[str, Path], tmp_path: Path) -> None:
+    """An HF checkpoint as init_from of a 2-process FSDP2 run, loaded by every rank (CPU), and by rank 0
+    alone into a meta-device model (the GPU path). At a negligible lr one step barely moves the
+    weights, so the first saved checkpoint must still equal the source (a fresh init would not)."""
+    from models.config import MambaConfig, SSMConfig
+    from models.hf_interop import export_hf
+    from models.mamba_lm import MambaLMHeadModel
+
+    source = MambaLMHeadModel(MambaConfig(d_model=32, n_layer=2, vocab_size=300, ssm=SSMConfig(d_state=8)))
+    export_hf(source, tmp_path / "released")
     start = {
         "eval_interval": "null",
         "max_duration": "1ba",
@@ -68,13 +75,15 @@ def test_sharded_checkpoints_and_init_from_across_processes(
         "optimizer.lr": 1e-12,
         "scheduler.t_warmup": "0ba",
         "scheduler.t_decay": "1ba",
-        "init_from.path": tmp_path / "sharded" / "checkpoints" / "ep0-ba4",
+        "init_from.path": tmp_path / "released",
     }
-    launch(train, tiny_overrides(tiny_corpus, tmp_path, run_name="every-rank", **start))
+    launch(
+        ROOT / "recipes" / "train.py", tiny_overrides(tiny_corpus, tmp_path, run_name="every-rank", **start)
+    )
     launch(
         ROOT / "tests/dist/train_on_meta.py", tiny_overrides(tiny_corpus, tmp_path, run_name="meta", **start)
     )
     for run in ("every-rank", "meta"):
         started = full_weights(tmp_path / run / "checkpoints" / "ep0-ba1-rank0.pt")
-        for key, value in sharded.state_dict.items():
+        for key, value in source.state_dict().items():
             torch.testing.assert_close(started[key], value, rtol=0, atol=1e-8, msg=f"{run}: {key}")

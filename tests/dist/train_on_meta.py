@@ -14,11 +14,15 @@ import torch
 
 import recipes.train as train
 from models.composer_model import ComposerMambaLM
+from models.mamba_lm import MambaLMHeadModel
 
 
 def build_on_meta(cfg, distributed: bool) -> ComposerMambaLM:
+    # Only the network on meta: the wrapper's torchmetrics states must stay real tensors (Composer
+    # moves them with .to(), which a meta tensor refuses).
     with torch.device("meta"):
-        return ComposerMambaLM(cfg.model, reset_state_at_doc_boundaries=cfg.reset_state_at_doc_boundaries)
+        network = MambaLMHeadModel(cfg.model)
+    return ComposerMambaLM(cfg.model, network, reset_state_at_doc_boundaries=cfg.reset_state_at_doc_boundaries)
 
 
 if __name__ == "__main__":
