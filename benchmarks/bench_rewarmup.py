@@ -1,6 +1,6 @@
 """AdamW without moments: the first steps of a decay started from a pre-decay checkpoint.
 
-    python benchmarks/bench_rewarmup.py            # after `make demo-data`; about 10 minutes on 2 cores
+    python benchmarks/bench_rewarmup.py   # after `make demo-data`; 270 tiny batches (40 minutes here at load 30)
 
 Trains the tiny WSD recipe on the demo corpus (yamls/tiny/wsd.yaml, pre-decay checkpoint at
 batch 120), then runs its 40-batch decay (yamls/tiny/decay.yaml) three ways from that checkpoint:
