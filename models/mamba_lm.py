@@ -566,8 +566,9 @@ class MambaLMHeadModel(nn.Module):
         mamba_ssm's choices: embedding N(0, 0.02); Linear weights keep PyTorch's default
         (kaiming-uniform, a=sqrt(5)) and biases are zeroed; each residual branch's output
         projection (mixer ``out_proj``, MLP ``fc2``) is divided by sqrt(n_layer) (GPT-2's
-        prenorm-residual scaling, as mamba_ssm's last ``_init_weights`` pass leaves it); Mamba-1 ``dt_proj`` and all ``A_log``, ``D``,
-        ``dt_bias`` follow the Mamba papers' S4D-real and log-uniform-dt initialisation.
+        prenorm-residual scaling, as mamba_ssm's last ``_init_weights`` pass leaves it); Mamba-1
+        ``dt_proj`` and all ``A_log``, ``D``, ``dt_bias`` follow the Mamba papers' S4D-real and
+        log-uniform-dt initialisation.
         """
         cfg = self.config
         if isinstance(module, nn.Embedding):
