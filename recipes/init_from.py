@@ -16,11 +16,12 @@ Three uses (yamls/tiny/continue_hf.yaml, decay_hf.yaml, inheritune.yaml and the 
 AdamW's moments. A released checkpoint carries no optimizer state, so the run starts with
 ``exp_avg = exp_avg_sq = 0``. AdamW's bias correction then makes the first update
 ``lr * g / |g|``: every coordinate moves by the full lr, whatever its gradient's scale, where a
-trained optimizer moves most coordinates far less. ``lr_rewarmup`` (default 1% of a 2000-step
-run, 20 batches) ramps the lr linearly from 0 over the first batches of the run, on top of the
-schedule, while the moments fill: batch 0 only estimates them (lr 0). The tiny measurement
-behind the choice is in the README ("Continue pre-training, or run your own decay") and in
-tests/test_init_from.py.
+trained optimizer moves most coordinates far less. ``lr_rewarmup`` (default 20 batches; the
+Mambaoutai recipes use 200, a tenth of its original 2000-step warmup) ramps the lr linearly from
+0 on top of the schedule while the moments fill: batch 0 only estimates them (lr 0). Measured
+with benchmarks/bench_rewarmup.py on the demo corpus (README, "Continue pre-training, or run
+your own decay"): without it the decay's loss first rises by 0.07 nats and ends 0.11 nats worse
+than with the checkpoint's AdamW state; with it the loss never rises and ends 0.06 behind.
 
 Where the weights are loaded. ``apply_init_from`` runs right after the model is built and
 before the optimizer exists. On CPU (and single-GPU) runs every process holds the full model:
