@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-gpu test test-gpu test-dist lint format doctor bench-model bench-convert demo demo-data clean-demo \
+.PHONY: install install-gpu test test-gpu test-dist test-faults lint format doctor bench-model bench-convert demo demo-data clean-demo \
 	ablation-wsd ablation-cosine ablation-wsd-posweight ablation-tiny decay inheritune-tiny export
 
 install: $(STAMP)
@@ -32,6 +32,10 @@ test-gpu: install
 
 test-dist: install
 	$(PY) -m pytest -m dist
+
+# Kill, corrupt, fill the disk, inject NaNs; the same command must recover (tests/fault_injection.py).
+test-faults: install
+	$(PY) -m tests.fault_injection
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -78,7 +82,7 @@ demo-data: $(DEMO_STREAMS)
 demo: install demo-data
 	$(PY) recipes/train.py yamls/tiny/demo.yaml
 	$(PY) recipes/train.py yamls/tiny/demo_decay.yaml \
-		checkpoint.load_path=$$(ls $(DEMO)/stable/checkpoints/pre-decay-*.pt | head -n 1)
+		checkpoint.load_path=$$(ls $(DEMO)/stable/checkpoints/pre-decay/pre-decay-*.pt | head -n 1)
 	$(PY) -m recipes.evaluate $(DEMO)/stable --prompt "def read_config(path):"
 	$(PY) -m recipes.evaluate $(DEMO)/decay --prompt "<|im_start|>user"$$'\n'"What does the with statement do?<|im_end|>"$$'\n'"<|im_start|>assistant"$$'\n'
 	$(PY) -m recipes.plot $(DEMO)/stable $(DEMO)/decay --out $(DEMO)/loss.png
@@ -105,7 +109,7 @@ ablation-tiny: install demo-data
 	$(PY) recipes/train.py yamls/tiny/wsd_posweight.yaml run_root=runs/tiny run_name=wsd-posweight
 	$(PY) -m recipes.plot runs/tiny/wsd runs/tiny/cosine runs/tiny/wsd-posweight --out runs/tiny/ablation.png
 
-# Your own decay from a pre-decay checkpoint: make decay CKPT=path/pre-decay-ba....pt RECIPE=yamls/decay/....yaml
+# Your own decay from a pre-decay checkpoint: make decay CKPT=path/pre-decay/pre-decay-ba....pt RECIPE=yamls/decay/....yaml
 decay: install
 	@test -n "$(CKPT)" -a -n "$(RECIPE)" || { echo "usage: make decay CKPT=pre-decay-checkpoint RECIPE=yamls/decay/recipe.yaml [NPROC=8]"; exit 2; }
 	@test -e "$(CKPT)" || { echo "CKPT=$(CKPT) does not exist"; exit 2; }

@@ -67,6 +67,31 @@ from composer.utils import dist
 from torch.utils.data import DataLoader, IterableDataset
 
 
+@dataclass
+class BatchRampupConfig:
+    """The ``batch_rampup`` section of a recipe: grow the global batch linearly in tokens.
+
+    The paper ramps to its 2M-token batch (the recipe's ``global_train_batch_size``) over the
+    first 1B tokens; it gives no start size. Give the scheduler's warmup in tokens when the ramp
+    is on: batches no longer map to a fixed number of tokens.
+    """
+
+    start_batch_tokens: int = 262144  # global batch at the start (rounded down to whole micro-batches)
+    ramp_tokens: int = 1_000_000_000  # tokens over which it grows to the target; 0 = no ramp
+
+    def schedule(
+        self, target_batch_tokens: int, seq_len: int, device_microbatch_size: int, world_size: int
+    ) -> BatchRampSchedule:
+        return BatchRampSchedule(
+            self.start_batch_tokens,
+            target_batch_tokens,
+            self.ramp_tokens,
+            seq_len,
+            device_microbatch_size,
+            world_size,
+        )
+
+
 @dataclass(frozen=True)
 class BatchRampSchedule:
     """Global batch size as a function of the tokens seen so far (see the module docstring).

@@ -21,14 +21,17 @@ its own weight sum (as Composer's mean losses are by their own token counts).
 
 from __future__ import annotations
 
+import typing
 import warnings
+from typing import Literal
 
 import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from torch import Tensor
 
-WEIGHT_FNS = ("tanh", "linear")
+WeightFn = Literal["tanh", "linear"]
+WEIGHT_FNS: tuple[str, ...] = typing.get_args(WeightFn)
 
 
 def positional_weights(position_ids: Tensor, scale: float = 10.0, fn: str = "tanh") -> Tensor:
@@ -68,7 +71,7 @@ class PositionalLossWeighting(Algorithm):
         fn: 'tanh' (the paper) or 'linear' (``min(1, p / scale)``).
     """
 
-    def __init__(self, scale: float = 10.0, per_document: bool = True, fn: str = "tanh") -> None:
+    def __init__(self, scale: float = 10.0, per_document: bool = True, fn: WeightFn = "tanh") -> None:
         if scale <= 0:
             raise ValueError(f"PositionalLossWeighting: scale={scale} must be > 0 (the paper uses 10)")
         if fn not in WEIGHT_FNS:

@@ -1,8 +1,10 @@
-"""Learning-rate schedules: warmup-stable-decay (WSD), its decay-only phase, cosine and D2Z.
+"""Learning-rate schedules: warmup-stable-decay (WSD), its decay-only phase, and cosine.
 
 Each class is a Composer ``ComposerScheduler``: a pure function ``(state, ssr) -> multiplier`` of
 the optimizer's peak learning rate, so a run can be resumed, or re-planned, from any checkpoint.
-Its constructor is its config; ``build_scheduler(name, **kwargs)`` picks one by the YAML name.
+Its constructor is its config (``scheduler: {name: wsd, ...}`` in a recipe; the names are in
+``callbacks/registry.py``, beside Composer's own ``linear_with_warmup``, which is D2Z with
+``alpha_f: 0``, and ``constant_with_warmup``).
 
 All schedules here are one piecewise function of the training time ``t`` (Composer's timestamp,
 in batches ``ba``, tokens ``tok``, samples ``sp``; epochs ``ep`` are turned into batches and
@@ -23,12 +25,11 @@ with ``decay(0) = 1`` (no jump when the decay starts) and ``decay(1) = alpha_f``
   The decay ends exactly at ``alpha_f`` (the common definition: ModernBERT, torchtitan,
   Megatron, OLMo-core). LightOn's own code instead clamps ``max(alpha_f, linear-to-zero)``,
   which reaches ``alpha_f`` before the end and stays there.
-* Cosine (the paper's baseline, "10x decay"): no stable phase, ``T_s = T_w``, cosine to 0.1.
+* Cosine (the paper's baseline, "10x decay" = ``alpha_f: 0.1``): no stable phase, ``T_s = T_w``.
   Equal to Composer's ``CosineAnnealingWithWarmupScheduler`` at ``ssr = 1`` (tested). It is not
   reused because with ``scale_warmup=True`` and ``ssr != 1`` Composer stretches the warmup ramp
   but still ends it at the unscaled ``t_warmup`` (the lr then jumps), and it warns on every
   call when ``t_warmup`` is 0.
-* D2Z (Bergsma et al. 2025, "Straight to zero"): no stable phase, linear decay to 0.
 * Decay phase: no warmup, stable until ``t_start`` (the step of a pre-decay checkpoint), then
   decay until ``t_max``; its value at ``t_start`` is 1, the stable lr.
 
@@ -43,10 +44,9 @@ which the Trainer has already multiplied by ``ssr``.
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import math
-from typing import NamedTuple
+import typing
+from typing import Literal, NamedTuple
 
 from composer.core import State, Time, TimeUnit
 
@@ -54,7 +54,8 @@ from composer.core import State, Time, TimeUnit
 # scale schedule ratio mean here exactly what they mean in Composer's schedulers.
 from composer.optim.scheduler import ComposerScheduler, _convert_time
 
-DECAY_SHAPES = ("linear", "cosine", "1-sqrt", "exponential")
+DecayShape = Literal["linear", "cosine", "1-sqrt", "exponential"]
+DECAY_SHAPES: tuple[str, ...] = typing.get_args(DecayShape)
 
 _ALLOWED_UNITS = (TimeUnit.BATCH, TimeUnit.TOKEN, TimeUnit.SAMPLE, TimeUnit.EPOCH, TimeUnit.DURATION)
 
@@ -167,7 +168,7 @@ class WarmupStableDecayScheduler(PhasedScheduler):
         t_warmup: Warmup length, a time string ('480ba', '1e9tok', '0.01dur') or ``Time``; may be 0.
         t_decay: Decay length. A float in (0, 1] is a fraction of ``t_max`` (0.2 = the last 20%);
             otherwise a time string or ``Time``. ``None``: no stable phase, the decay starts when
-            the warmup ends (cosine, D2Z).
+            the warmup ends (cosine).
         decay_shape: 'linear' | 'cosine' | '1-sqrt' | 'exponential'.
         alpha_f: Final multiplier of the peak lr, in [0, 1] (> 0 for 'exponential').
         t_max: End of the schedule, default '1dur' = the Trainer's ``max_duration``. Past it the
@@ -177,9 +178,9 @@ class WarmupStableDecayScheduler(PhasedScheduler):
 
     def __init__(
         self,
-        t_warmup: str | Time,
-        t_decay: str | Time | float | None,
-        decay_shape: str = "linear",
+        t_warmup: str | Time = "0ba",
+        t_decay: str | Time | float | None = 0.2,
+        decay_shape: DecayShape = "linear",
         alpha_f: float = 0.0,
         t_max: str | Time = "1dur",
         scale_warmup: bool = False,
@@ -246,24 +247,17 @@ class WarmupStableDecayScheduler(PhasedScheduler):
 class CosineWithWarmupScheduler(WarmupStableDecayScheduler):
     """Linear warmup, then cosine decay to ``alpha_f`` until ``t_max`` (the paper's baseline).
 
-    "Passing the Torch": 480 warmup steps, cosine from 2e-3 to 2e-4, i.e. ``alpha_f = 0.1``.
+    "Passing the Torch": 480 warmup steps, cosine from 2e-3 to 2e-4, i.e. ``alpha_f: 0.1``.
     """
 
     def __init__(
         self,
-        t_warmup: str | Time,
-        alpha_f: float = 0.1,
+        t_warmup: str | Time = "0ba",
+        alpha_f: float = 0.0,
         t_max: str | Time = "1dur",
         scale_warmup: bool = False,
     ) -> None:
         super().__init__(t_warmup, None, "cosine", alpha_f, t_max, scale_warmup)
-
-
-class LinearDecayToZeroScheduler(WarmupStableDecayScheduler):
-    """D2Z: linear warmup, then linear decay to exactly 0 at ``t_max`` (Bergsma et al. 2025)."""
-
-    def __init__(self, t_warmup: str | Time, t_max: str | Time = "1dur", scale_warmup: bool = False) -> None:
-        super().__init__(t_warmup, None, "linear", 0.0, t_max, scale_warmup)
 
 
 class DecayPhaseScheduler(PhasedScheduler):
@@ -284,7 +278,7 @@ class DecayPhaseScheduler(PhasedScheduler):
     def __init__(
         self,
         t_start: str | Time = "0ba",
-        decay_shape: str = "linear",
+        decay_shape: DecayShape = "linear",
         alpha_f: float = 0.0,
         t_max: str | Time = "1dur",
     ) -> None:
@@ -310,38 +304,3 @@ class DecayPhaseScheduler(PhasedScheduler):
                 "t_start plus the length of the decay"
             )
         return Phases(Time(0, decay_start.unit), decay_start, decay_end)
-
-
-SCHEDULERS: dict[str, type[PhasedScheduler]] = {
-    "wsd": WarmupStableDecayScheduler,
-    "cosine": CosineWithWarmupScheduler,
-    "d2z": LinearDecayToZeroScheduler,
-    "decay_phase": DecayPhaseScheduler,
-}
-
-
-def build_scheduler(name: str, **kwargs: object) -> PhasedScheduler:
-    """The scheduler registered as ``name`` (see ``SCHEDULERS``), built from its constructor kwargs."""
-    if name not in SCHEDULERS:
-        close = difflib.get_close_matches(name, SCHEDULERS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown scheduler name {name!r}{hint}; valid names: {', '.join(SCHEDULERS)}")
-    cls = SCHEDULERS[name]
-    params = inspect.signature(cls.__init__).parameters
-    valid = [p for p in params if p != "self"]
-    unknown = [k for k in kwargs if k not in valid]
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], valid, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(
-            f"scheduler {name!r} has no setting {', '.join(map(repr, unknown))}{hint}; "
-            f"its settings are: {', '.join(valid)}"
-        )
-    missing = [
-        p.name for p in params.values() if p.name != "self" and p.default is p.empty and p.name not in kwargs
-    ]
-    if missing:
-        raise ValueError(
-            f"scheduler {name!r} needs {', '.join(map(repr, missing))}; its settings are: {', '.join(valid)}"
-        )
-    return cls(**kwargs)

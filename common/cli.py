@@ -3,7 +3,9 @@
 - ``--help`` explains every option and shows its default (``parser()`` below).
 - A user mistake (a ``UserError``, a ``ValueError`` from a config check, a missing or existing
   file) prints one message, ``error: <what, where, the fix>``, and exits with status 2;
-  ``--debug`` shows the traceback instead. Anything else is a bug and keeps its traceback.
+  ``--debug`` shows the traceback instead. A safety stop (``RunStopped``: a NaN in training, a
+  corrupt shard) prints ``stopped: <why, the fix>`` and exits with status 3. Anything else is a
+  bug and keeps its traceback.
 
     def main(argv=None):
         args = cli.parser("python -m data.convert", __doc__).parse_args(argv)
@@ -16,15 +18,21 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 USAGE_ERROR = 2  # the exit status of a user mistake (argparse's own, too)
+STOPPED = 3  # the exit status of a run that a safety check stopped
 
 
 class UserError(Exception):
     """A mistake the user can fix; the message names what is wrong, where, and the fix."""
+
+
+class RunStopped(RuntimeError):
+    """A safety check stopped the work before it could do harm; the message says why and what to do."""
 
 
 # What a user can cause by what they type: bad values, missing or existing paths.
@@ -39,7 +47,16 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Keeps the description's layout and appends each option's default to its help."""
+    """Keeps the description's layout and appends each option's default to its help.
+
+    Flags (off unless given) and options whose help already speaks of the default are left as written.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.nargs == 0 or "default" in text or action.default in (None, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
@@ -58,12 +75,26 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         main(args)
+    except RunStopped as exc:
+        if "--debug" in args:
+            raise
+        print(f"stopped: {exc}", file=sys.stderr)
+        sys.exit(STOPPED)
     except USER_ERRORS as exc:
         if "--debug" in args:
             raise
         message = str(exc) or type(exc).__name__
         print(f"error: {message}\n(run again with --debug for the traceback)", file=sys.stderr)
         sys.exit(USAGE_ERROR)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or "--debug" in args:
+            raise
+        print(
+            f"stopped: {exc}. Nothing half-written was kept: free some space (or write elsewhere) and run "
+            "the same command again",
+            file=sys.stderr,
+        )
+        sys.exit(STOPPED)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

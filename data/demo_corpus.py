@@ -16,7 +16,6 @@ machine with the same Python version, and small enough to tokenize in seconds.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import itertools
 import json
@@ -24,6 +23,7 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from common import cli
 from common.io import atomic_dir
 
 _SKIP_DIRS = {
@@ -145,14 +145,14 @@ def build_demo_corpus(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data.demo_corpus", description=__doc__.split("\n\n")[0])
+    parser = cli.parser("python -m data.demo_corpus", __doc__)
     parser.add_argument("--out", required=True, help="output folder for code.jsonl, prose.jsonl, chat.jsonl")
-    parser.add_argument("--code-mb", type=float, default=3.0, help="standard-library source to include")
+    parser.add_argument("--code-mb", type=float, default=3.0, help="MB of standard-library source to include")
     parser.add_argument(
-        "--prose-mb", type=float, default=1.5, help="reference text and docstrings to include"
+        "--prose-mb", type=float, default=1.5, help="MB of reference text and docstrings to include"
     )
-    parser.add_argument("--chats", type=int, default=150, help="synthetic conversations")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--chats", type=int, default=150, help="synthetic ChatML conversations")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     counts = build_demo_corpus(
         args.out, int(args.code_mb * 1e6), int(args.prose_mb * 1e6), args.chats, overwrite=args.overwrite
@@ -162,4 +162,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

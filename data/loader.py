@@ -5,7 +5,12 @@ Each sample becomes a dict of int64 tensors of length L (= seq_len):
 - ``input_ids``: stored tokens [0:L]; ``labels``: stored tokens [1:L+1] (already shifted),
   -100 where the target is padding;
 - ``position_ids``: each input token's index in its document (the token after an end-of-text
-  starts at 0; a sample that starts mid-document continues from the stored ``doc_offset``).
+  starts at 0; a sample that starts mid-document continues from the stored ``doc_offset``);
+- ``sample_id``: the sample's index in the dataset (one per sample), for audits.
+
+Every sample read is checked: its CRC-32 (written by ``data.convert``) and every token id below
+the tokenizer's vocabulary; a failure names the shard file and the sample. A shard that fails
+Streaming's own hash check when unpacked is named too, and never leaves a reader waiting.
 
 Resumption is Streaming's own: Composer saves ``dataset.state_dict(samples_seen, True)`` in its
 checkpoint and calls ``load_state_dict`` on resume, and the dataset skips exactly the samples
@@ -19,20 +24,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
+import threading
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from composer.core import DataSpec
+from omegaconf import MISSING
 from streaming import Stream, StreamingDataset
+from streaming.base.dataset import _ShardState
 from torch.utils.data import DataLoader
 
-from common.config import ConfigError
-from data.convert import META_KEY
+from common.cli import RunStopped
+from common.config import ConfigError, report
+from data.convert import CHECKSUM_COLUMN, META_KEY, sample_checksum
 from data.mixture import StreamConfig, load_mixture, phase_streams
 from data.shared_memory import clean_stale_shared_memory
 from data.tokenizer import TokenizerInfo, load_tokenizer, tokenizer_info
@@ -45,38 +56,36 @@ SPLITS = ("train", "val")
 class DataConfig:
     """The ``data`` section of a training recipe: which mixture and phase, and how to stream it."""
 
-    mixture: str = ""  # a mixture YAML, e.g. yamls/data/demo.yaml
+    mixture: str = MISSING  # a mixture YAML, e.g. yamls/data/demo.yaml (paths relative to the launch folder)
     phase: str = "stable"  # a phase of that mixture (stable | decay ...)
     root: str | None = None  # overrides the mixture's ``root`` (where its streams live)
     epoch_size: int | None = None  # samples per epoch; None = as the weights give
     shuffle: bool = True
     shuffle_seed: int = 9176
-    shuffle_algo: str = "py1e"
+    shuffle_algo: Literal["py1e", "py1br", "py1b", "py1s", "py2s", "naive"] = "py1e"
     shuffle_block_size: int | None = None  # None = Streaming's default
     num_canonical_nodes: int | None = None  # fix it to resume on a different number of nodes
     predownload: int | None = None
     cache_limit: str | None = None  # e.g. "100gb" for remote streams
-    sampling_method: str = "balanced"  # balanced (new subset each epoch) | fixed
-    validate_hash: str | None = "xxh64"  # checked when a compressed shard is unpacked; None = off
+    sampling_method: Literal["balanced", "fixed"] = "balanced"  # balanced: a new subset each epoch
+    validate_hash: Literal["xxh64", "sha1"] | None = "xxh64"  # checked when a shard is unpacked; None = off
     download_timeout: float = 60.0
     num_workers: int = 0  # DataLoader worker processes (decoding is cheap; 0 serves from the trainer)
     drop_last: bool = True
 
     def __post_init__(self) -> None:
+        problems = []
         if not self.mixture:
-            raise ValueError("data.mixture is empty: set it to a mixture YAML such as yamls/data/demo.yaml")
+            problems.append("data.mixture is empty: set it to a mixture YAML such as yamls/data/demo.yaml")
         if self.epoch_size is not None and self.epoch_size < 1:
-            raise ValueError(f"data.epoch_size={self.epoch_size} must be >= 1 or null")
+            problems.append(f"data.epoch_size={self.epoch_size} must be >= 1 or null")
         if self.num_workers < 0:
-            raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
-        if self.sampling_method not in ("balanced", "fixed"):
-            raise ValueError(f"data.sampling_method={self.sampling_method!r} must be 'balanced' or 'fixed'")
-        if self.validate_hash not in (None, "xxh64", "sha1", "xxh3_64", "md5"):
-            raise ValueError(f"data.validate_hash={self.validate_hash!r}: the shards record xxh64 and sha1")
+            problems.append(f"data.num_workers={self.num_workers} must be >= 0")
+        report(problems)
 
 
-class ShardError(RuntimeError):
-    """A shard failed its hash check or could not be read; the message names it."""
+class ShardError(RunStopped):
+    """A shard or a sample failed its check, or could not be read; the message names it and the fix."""
 
 
 @dataclass(frozen=True)
@@ -127,31 +136,69 @@ def make_example(tokens: np.ndarray, doc_offset: int, eot_id: int, pad_id: int) 
 class PackedTokenDataset(StreamingDataset):
     """StreamingDataset of ``data.convert`` samples, decoded into model-ready tensors."""
 
-    def __init__(self, *, eot_id: int, pad_id: int, mix_id: str = "", **kwargs: Any) -> None:
+    def __init__(self, *, eot_id: int, pad_id: int, vocab_size: int, mix_id: str = "", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.eot_id = eot_id
         self.pad_id = pad_id
+        self.vocab_size = vocab_size  # the tokenizer's: a stored id at or above it is corrupt data
         self.mix_id = mix_id
         self.seq_len = 0  # set by build_dataset from the shards' metadata
         self._shard_error: ShardError | None = None
 
+    def shard_path(self, shard_id: int) -> str:
+        """The local path of a shard's data file: the unpacked one if it exists, else the compressed one."""
+        stream = self.streams[int(self.stream_per_shard[shard_id])]
+        raw, packed = self.shards[shard_id].file_pairs[0]
+        path = os.path.join(stream.local, stream.split, raw.basename)
+        if packed is not None and not os.path.exists(path):
+            path = os.path.join(stream.local, stream.split, packed.basename)
+        return path
+
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, torch.Tensor]:
+        """The sample, checked: its CRC-32 (written at conversion) and every token id below the vocabulary."""
+        if self._shard_error is not None:
+            raise self._shard_error
         sample = super().get_item(sample_id, retry)
-        return make_example(sample["tokens"], int(sample["doc_offset"]), self.eot_id, self.pad_id)
+        tokens, doc_offset = sample["tokens"], int(sample["doc_offset"])
+        stored = sample.get(CHECKSUM_COLUMN)
+        problem = None
+        if stored is not None and int(stored) != sample_checksum(tokens, doc_offset):
+            problem = "its checksum does not match (the shard's bytes changed after conversion)"
+        elif len(tokens) and int(tokens.max()) >= self.vocab_size:
+            problem = f"it holds token id {int(tokens.max())}, outside the tokenizer's {self.vocab_size} ids"
+        if problem is not None:
+            shard_id, index_in_shard = self.spanner[sample_id]
+            raise ShardError(
+                f"shard {self.shard_path(shard_id)}, sample {index_in_shard} (sample {sample_id} of the "
+                f"dataset) is corrupt: {problem}; re-run data.convert for this stream (or delete the "
+                "shard's unpacked .mds file to unpack it again from the compressed one, whose hash is checked)"
+            )
+        return {
+            **make_example(tokens, doc_offset, self.eot_id, self.pad_id),
+            "sample_id": torch.tensor(sample_id, dtype=torch.int64),
+        }
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
-        """Streaming's shard preparation, with failures (hash mismatch, bad zstd) naming the shard."""
+        """Streaming's shard preparation, with failures (hash mismatch, bad zstd) naming the shard.
+
+        Streaming 0.13 leaves a shard PREPARING when unpacking it fails, and its background
+        thread, dying on the exception, never reports its exit, so every reader and the end of the
+        epoch wait forever. Here the shard is put back to REMOTE, the error is kept, and in a
+        background thread Streaming's stop event is set instead of raising, so every thread ends
+        and ``__iter__`` (or the next ``get_item``) raises the error.
+        """
         try:
             super().prepare_shard(shard_id, blocking)
         except Exception as exc:
-            stream = self.streams[int(self.stream_per_shard[shard_id])]
-            files = [info.basename for pair in self.shards[shard_id].file_pairs for info in pair if info]
-            path = os.path.join(stream.local, stream.split, files[-1])
+            self._shard_states[shard_id] = _ShardState.REMOTE
             self._shard_error = ShardError(
-                f"shard {path} is corrupt or unreadable ({exc}); re-run data.convert for this stream "
-                "or delete the shard from the cache to download it again"
+                f"shard {self.shard_path(shard_id)} is corrupt or unreadable ({exc}); re-run data.convert for "
+                "this stream, or delete the shard from the cache to download it again"
             )
-            raise self._shard_error from exc
+            self._shard_error.__cause__ = exc
+            if threading.current_thread() is threading.main_thread():
+                raise self._shard_error from exc
+            self._event.set()
 
     def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
         """Streaming's resumption state, tagged with the mix it belongs to."""
@@ -233,61 +280,114 @@ def build_dataset(
     _initialize_dist()
     clean_stale_shared_memory()
     train = split == "train"
-    streams = [
-        Stream(
-            remote=s.remote,
-            local=s.local or None,
-            split=split,
-            proportion=s.proportion if train else None,
-            repeat=s.repeat if train else None,
-            choose=s.choose if train else None,
+
+    def streams() -> list[Stream]:  # new ones for every attempt: StreamingDataset changes them
+        return [
+            Stream(
+                remote=s.remote,
+                local=s.local or None,
+                split=split,
+                proportion=s.proportion if train else None,
+                repeat=s.repeat if train else None,
+                choose=s.choose if train else None,
+            )
+            for s in stream_cfgs.values()
+        ]
+
+    local = {
+        name: Path(s.local) / split / "index.json" for name, s in stream_cfgs.items() if s.remote is None
+    }
+    if local:  # fail with our messages before Streaming's
+        check_streams(local, info, tokenizer)
+    dataset = _with_shared_memory_retry(
+        lambda: PackedTokenDataset(
+            eot_id=info.eot_id,
+            pad_id=info.pad_id,
+            vocab_size=info.vocab_size,
+            mix_id=mix_id(cfg, stream_cfgs, split),
+            streams=streams(),
+            epoch_size=cfg.epoch_size if train else None,
+            predownload=cfg.predownload,
+            cache_limit=cfg.cache_limit,
+            download_timeout=cfg.download_timeout,
+            validate_hash=cfg.validate_hash,
+            sampling_method=cfg.sampling_method,
+            num_canonical_nodes=cfg.num_canonical_nodes,
+            batch_size=device_batch_size,
+            shuffle=cfg.shuffle and train,
+            shuffle_algo=cfg.shuffle_algo,
+            shuffle_seed=cfg.shuffle_seed,
+            shuffle_block_size=cfg.shuffle_block_size,
         )
-        for s in stream_cfgs.values()
-    ]
-    for name, s in stream_cfgs.items():
-        if s.remote is None:  # fail with our message before Streaming's
-            read_shard_meta(Path(s.local) / split / "index.json", name)
-    dataset = PackedTokenDataset(
-        eot_id=info.eot_id,
-        pad_id=info.pad_id,
-        mix_id=mix_id(cfg, stream_cfgs, split),
-        streams=streams,
-        epoch_size=cfg.epoch_size if train else None,
-        predownload=cfg.predownload,
-        cache_limit=cfg.cache_limit,
-        download_timeout=cfg.download_timeout,
-        validate_hash=cfg.validate_hash,
-        sampling_method=cfg.sampling_method,
-        num_canonical_nodes=cfg.num_canonical_nodes,
-        batch_size=device_batch_size,
-        shuffle=cfg.shuffle and train,
-        shuffle_algo=cfg.shuffle_algo,
-        shuffle_seed=cfg.shuffle_seed,
-        shuffle_block_size=cfg.shuffle_block_size,
     )
-    dataset.seq_len = check_streams(dataset, list(stream_cfgs), info, tokenizer)
+    indexes = {
+        name: Path(st.local) / st.split / "index.json" for name, st in zip(stream_cfgs, dataset.streams)
+    }
+    dataset.seq_len = check_streams(indexes, info, tokenizer)
     return dataset
 
 
-def check_streams(
-    dataset: StreamingDataset, names: list[str], info: TokenizerInfo, tokenizer: str | Path
-) -> int:
-    """Refuse shards made with another tokenizer; all streams must share one sequence length."""
-    seq_lens = {}
-    for name, stream in zip(names, dataset.streams):
-        index_path = Path(stream.local) / stream.split / "index.json"
-        meta = read_shard_meta(index_path, name)
+def _with_shared_memory_retry(
+    build: Callable[[], PackedTokenDataset], attempts: int = 5
+) -> PackedTokenDataset:
+    """``build()``, retried when another job on this machine took the same shared-memory name first.
+
+    Streaming picks the first free shared-memory prefix and then creates it, so two independent
+    single-process jobs starting together (an evaluation beside a training run) can race for
+    one prefix. Several ranks of one job wait for each other at barriers inside Streaming, so
+    only a single process retries.
+    """
+    for attempt in range(attempts):
+        try:
+            return build()
+        except FileExistsError:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1 or attempt == attempts - 1:
+                raise
+            time.sleep(random.uniform(0.05, 0.5))
+    raise AssertionError("unreachable")
+
+
+def check_streams(index_paths: dict[str, Path], info: TokenizerInfo, tokenizer: str | Path) -> int:
+    """The streams' common sequence length; every stream made with another tokenizer, missing, or of
+    another sequence length is reported, all at once, in one ``ConfigError``."""
+    problems, seq_lens = [], {}
+    for name, index_path in index_paths.items():
+        try:
+            meta = read_shard_meta(index_path, name)
+        except (FileNotFoundError, ValueError) as exc:
+            problems.append(str(exc))
+            continue
         if meta.tokenizer.fingerprint != info.fingerprint or meta.tokenizer.vocab_size != info.vocab_size:
-            raise ValueError(
+            problems.append(
                 f"tokenizer mismatch: stream {name!r} ({index_path}) was converted with tokenizer "
                 f"{meta.tokenizer.fingerprint[:12]} (vocab {meta.tokenizer.vocab_size}), but this run uses {tokenizer} "
                 f"({info.fingerprint[:12]}, vocab {info.vocab_size}); re-convert the stream with "
                 f"--tokenizer {tokenizer} or run with the tokenizer the shards were made with"
             )
         seq_lens[name] = meta.seq_len
+        shards = json.loads(index_path.read_text())["shards"]
+        if shards and CHECKSUM_COLUMN not in shards[0]["column_names"]:
+            warnings.warn(
+                f"stream {name!r} ({index_path}) has no per-sample checksums (converted by an older "
+                "data.convert): its samples are read unverified; re-convert it to check them on every read",
+                stacklevel=2,
+            )
     if len(set(seq_lens.values())) > 1:
-        raise ValueError(f"streams have different seq_len {seq_lens}; convert them all with one --seq-len")
-    return next(iter(seq_lens.values()))
+        problems.append(f"streams have different seq_len {seq_lens}; convert them all with one --seq-len")
+    if problems:
+        raise ConfigError(*problems)
+    return next(iter(seq_lens.values()), 0)
+
+
+def check_data(cfg: DataConfig, tokenizer: str | Path, split: str = "train") -> int:
+    """Check the mixture, its phase and the shards of ``split`` on local disk, before any dataset is
+    built; returns the sequence length (0 when every stream is remote: known once downloaded)."""
+    overrides = [f"root={cfg.root}"] if cfg.root is not None else []
+    mixture = load_mixture(cfg.mixture, overrides)
+    streams = phase_streams(mixture, cfg.phase, source=cfg.mixture)
+    info = tokenizer_info(load_tokenizer(tokenizer))
+    local = {name: Path(s.local) / split / "index.json" for name, s in streams.items() if s.remote is None}
+    return check_streams(local, info, tokenizer) if local else 0
 
 
 def build_dataloader(

@@ -58,7 +58,9 @@ class TokenizerInfo:
         }
 
 
-def build_trainer(vocab_size: int, min_frequency: int = 2) -> trainers.BpeTrainer:
+def build_trainer(
+    vocab_size: int, min_frequency: int = 2, show_progress: bool = False
+) -> trainers.BpeTrainer:
     """A BPE trainer whose alphabet is all 256 byte symbols, so no byte is ever unknown."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     floor = len(alphabet) + len(SPECIAL_TOKENS)
@@ -72,7 +74,7 @@ def build_trainer(vocab_size: int, min_frequency: int = 2) -> trainers.BpeTraine
         min_frequency=min_frequency,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=alphabet,
-        show_progress=False,
+        show_progress=show_progress,
     )
 
 
@@ -84,10 +86,15 @@ def new_tokenizer() -> Tokenizer:
     return tok
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
-    """Train byte-level BPE on ``texts``; special tokens get ids 0..3 in SPECIAL_TOKENS order."""
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = False
+) -> Tokenizer:
+    """Train byte-level BPE on ``texts``; special tokens get ids 0..3 in SPECIAL_TOKENS order.
+
+    ``show_progress`` draws the tokenizers library's own progress bars (counting pairs, merging).
+    """
     tok = new_tokenizer()
-    tok.train_from_iterator(texts, trainer=build_trainer(vocab_size, min_frequency))
+    tok.train_from_iterator(texts, trainer=build_trainer(vocab_size, min_frequency, show_progress))
     for i, special in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(special) == i, (special, tok.token_to_id(special))
     return tok

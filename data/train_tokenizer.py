@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from common import cli
 from common.io import atomic_write_text
 from data.sources import BadRecords, ChatDoc, Document, SourceSpec, chat_pieces, iter_documents, parse_source
 from data.tokenizer import encode_documents, save_tokenizer, train_tokenizer
@@ -106,22 +107,33 @@ def source_report(tok: Tokenizer, samples: Sequence[SourceSample]) -> list[dict[
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m data.train_tokenizer", description=__doc__.split("\n\n")[0]
-    )
+    parser = cli.parser("python -m data.train_tokenizer", __doc__)
     parser.add_argument(
         "--source",
         action="append",
         required=True,
         help="PATH or key=value,... (keys: path, format, name, text_field, messages_field, text_split, "
-        "hf_split, weight); repeat for each source",
+        "hf_split, weight: the source's share of the training text); repeat for each source",
     )
     parser.add_argument("--out", required=True, help="output folder (tokenizer.json + AutoTokenizer files)")
-    parser.add_argument("--vocab-size", type=int, default=65024, help="Mambaoutai's 65,024 by default")
-    parser.add_argument("--min-frequency", type=int, default=2)
-    parser.add_argument("--max-bytes", type=float, default=5e8, help="training text budget over all sources")
-    parser.add_argument("--skip-bad", action="store_true")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=65024,
+        help="tokens in the vocabulary, special tokens included (Mambaoutai: 65,024)",
+    )
+    parser.add_argument(
+        "--min-frequency", type=int, default=2, help="a pair seen fewer times is never merged"
+    )
+    parser.add_argument(
+        "--max-bytes", type=float, default=5e8, help="training text budget over all sources, in bytes"
+    )
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip bad records and list them (default: stop at the first, naming file and line)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser.parse_args(argv)
 
 
@@ -129,10 +141,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
     specs = [parse_source(s) for s in args.source]
     if Path(args.out).exists() and not args.overwrite:
-        raise SystemExit(f"{args.out} already exists; remove it or pass --overwrite")
+        raise FileExistsError(f"{args.out} already exists; remove it or pass --overwrite")
     bad = BadRecords(skip=args.skip_bad)
     samples = mix_sources(specs, int(args.max_bytes), bad)
-    tok = train_tokenizer((t for s in samples for t in s.texts), args.vocab_size, args.min_frequency)
+    tok = train_tokenizer(
+        (t for s in samples for t in s.texts), args.vocab_size, args.min_frequency, show_progress=True
+    )
     save_tokenizer(tok, args.out, overwrite=args.overwrite)
     rows = source_report(tok, samples)
     print(f"vocabulary: {tok.get_vocab_size(with_added_tokens=True):,} tokens (asked {args.vocab_size:,})")
@@ -155,4 +169,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -8,24 +8,30 @@ mamba_ssm checkpoints and, for pure Mamba-1/Mamba-2 models, onto HF transformers
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
-MIXERS = ("mamba1", "mamba2")
-IMPLS = ("auto", "torch", "kernels")
+from common.config import report
+
+Mixer = Literal["mamba1", "mamba2"]
+Impl = Literal["auto", "torch", "kernels"]
+MIXERS: tuple[str, ...] = typing.get_args(Mixer)
+IMPLS: tuple[str, ...] = typing.get_args(Impl)
 
 
 @dataclass
 class SSMConfig:
     """The state-space mixer (``ssm_cfg`` in mamba_ssm)."""
 
-    layer: str = "mamba1"  # mamba1 (selective scan, Gu & Dao 2023) | mamba2 (SSD, Dao & Gu 2024)
+    layer: Mixer = "mamba1"  # mamba1 (selective scan, Gu & Dao 2023) | mamba2 (SSD, Dao & Gu 2024)
     d_state: int = 16  # N; mamba_ssm default 16 for Mamba-1, 128 for Mamba-2
     d_conv: int = 4  # K, depthwise causal conv width
     expand: int = 2  # d_inner = expand * d_model
     dt_rank: int | None = None  # Mamba-1 only; None = ceil(d_model / 16) ("auto")
     dt_min: float = 0.001
     dt_max: float = 0.1
-    dt_init: str = "random"  # Mamba-1 dt_proj.weight init: random | constant
+    dt_init: Literal["random", "constant"] = "random"  # Mamba-1 dt_proj.weight init
     dt_scale: float = 1.0
     dt_init_floor: float = 1e-4
     A_init_min: float = 1.0  # Mamba-2: A ~ U[A_init_min, A_init_max] per head
@@ -43,23 +49,23 @@ class SSMConfig:
     gated_norm_per_group: bool = True
 
     def __post_init__(self) -> None:
-        if self.layer not in MIXERS:
-            raise ValueError(f"model.ssm.layer={self.layer!r} is not one of {MIXERS}")
-        if self.dt_init not in ("random", "constant"):
-            raise ValueError(f"model.ssm.dt_init={self.dt_init!r} must be 'random' or 'constant'")
+        problems = []
+        if self.layer not in MIXERS:  # checked here too for configs built in Python
+            problems.append(f"model.ssm.layer={self.layer!r} is not one of {MIXERS}")
         if not 0 < self.dt_min <= self.dt_max:
-            raise ValueError(
+            problems.append(
                 f"model.ssm.dt_min={self.dt_min} and dt_max={self.dt_max} need 0 < dt_min <= dt_max"
             )
         if not 0 < self.A_init_min <= self.A_init_max:
-            raise ValueError("model.ssm.A_init_min/A_init_max need 0 < A_init_min <= A_init_max")
+            problems.append("model.ssm.A_init_min/A_init_max need 0 < A_init_min <= A_init_max")
         for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"model.ssm.{name}={getattr(self, name)} must be >= 1")
+                problems.append(f"model.ssm.{name}={getattr(self, name)} must be >= 1")
         if self.gated_norm_eps <= 0:
-            raise ValueError(f"model.ssm.gated_norm_eps={self.gated_norm_eps} must be > 0")
+            problems.append(f"model.ssm.gated_norm_eps={self.gated_norm_eps} must be > 0")
         if self.dt_rank is not None and self.dt_rank < 1:
-            raise ValueError(f"model.ssm.dt_rank={self.dt_rank} must be >= 1 (or null for ceil(d_model/16))")
+            problems.append(f"model.ssm.dt_rank={self.dt_rank} must be >= 1 (or null for ceil(d_model/16))")
+        report(problems)
 
 
 @dataclass
@@ -75,13 +81,15 @@ class AttnConfig:
     out_proj_bias: bool = True
 
     def __post_init__(self) -> None:
+        problems = []
         kv = self.num_heads if self.num_heads_kv is None else self.num_heads_kv
         if self.num_heads < 1 or kv < 1 or self.num_heads % kv:
-            raise ValueError(
+            problems.append(
                 f"model.attn.num_heads={self.num_heads} must be a positive multiple of num_heads_kv={kv}"
             )
         if self.rotary_emb_dim % 2:
-            raise ValueError(f"model.attn.rotary_emb_dim={self.rotary_emb_dim} must be even")
+            problems.append(f"model.attn.rotary_emb_dim={self.rotary_emb_dim} must be even")
+        report(problems)
 
 
 @dataclass
@@ -100,35 +108,46 @@ class MambaConfig:
     tie_embeddings: bool = False  # Mambaoutai unties the head (paper, section 3.1)
     initializer_range: float = 0.02  # embedding std
     rescale_prenorm_residual: bool = True  # out_proj/fc2 scaled by 1/sqrt(n_layer) (mamba_ssm)
-    impl: str = "auto"  # auto: mamba_ssm kernels on CUDA when installed, else PyTorch | torch | kernels
+    impl: Impl = "auto"  # auto: mamba_ssm kernels on CUDA when installed, else PyTorch | torch | kernels
 
     def __post_init__(self) -> None:
+        problems = []
         for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
             if getattr(self, name) < 1:
-                raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
+                problems.append(f"model.{name}={getattr(self, name)} must be >= 1")
         if self.d_intermediate < 0:
-            raise ValueError(f"model.d_intermediate={self.d_intermediate} must be >= 0 (0 = no MLP)")
-        if self.impl not in IMPLS:
-            raise ValueError(f"model.impl={self.impl!r} is not one of {IMPLS}")
+            problems.append(f"model.d_intermediate={self.d_intermediate} must be >= 0 (0 = no MLP)")
+        if self.impl not in IMPLS:  # checked here too for configs built in Python
+            problems.append(f"model.impl={self.impl!r} is not one of {IMPLS}")
         bad = [i for i in self.attn_layer_idx if not 0 <= i < self.n_layer]
         if bad:
-            raise ValueError(f"model.attn_layer_idx has {bad} outside [0, n_layer={self.n_layer})")
+            problems.append(f"model.attn_layer_idx has {bad} outside [0, n_layer={self.n_layer})")
         if len(set(self.attn_layer_idx)) != len(self.attn_layer_idx):
-            raise ValueError(f"model.attn_layer_idx={self.attn_layer_idx} has duplicates")
-        if self.ssm.layer == "mamba2":
+            problems.append(f"model.attn_layer_idx={self.attn_layer_idx} has duplicates")
+        ssm_ok = (
+            self.d_model >= 1 and self.ssm.expand >= 1 and self.ssm.headdim >= 1 and self.ssm.ngroups >= 1
+        )
+        if self.ssm.layer == "mamba2" and ssm_ok:
             if self.d_inner % self.ssm.headdim:
-                raise ValueError(
+                problems.append(
                     f"model.ssm.headdim={self.ssm.headdim} must divide d_inner = expand * d_model = {self.d_inner}"
                 )
-            if self.nheads % self.ssm.ngroups:
-                raise ValueError(
+            elif self.nheads % self.ssm.ngroups:
+                problems.append(
                     f"model.ssm.ngroups={self.ssm.ngroups} must divide the number of heads {self.nheads}"
                 )
-        if self.attn_layer_idx and self.attn.head_dim is None and self.d_model % self.attn.num_heads:
-            raise ValueError(
+        heads_ok = self.attn.num_heads >= 1
+        if (
+            self.attn_layer_idx
+            and self.attn.head_dim is None
+            and heads_ok
+            and self.d_model % self.attn.num_heads
+        ):
+            problems.append(
                 f"model.attn.num_heads={self.attn.num_heads} must divide d_model={self.d_model} "
                 "(or set model.attn.head_dim)"
             )
+        report(problems)
 
     @property
     def padded_vocab_size(self) -> int:

@@ -559,7 +559,7 @@ class MambaLMHeadModel(nn.Module):
 
         Linear layers with a special initialisation carry an ``init_role`` attribute set where
         they are built ("dt_proj", "residual_out"); attributes of modules survive Composer's
-        ``to_empty`` where parameter attributes do not (../STACK.md).
+        ``to_empty`` where parameter attributes (mamba_ssm's ``_no_reinit``) do not.
 
         Composer calls this on every module after materialising meta-device parameters under
         FSDP; ``reset_parameters`` applies it to every module of an eagerly built model.

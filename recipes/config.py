@@ -1,22 +1,38 @@
 """The training recipe's typed config tree (``yamls/*.yaml`` + ``key=value`` overrides).
 
-One dataclass per section; each setting has its one default here. ``load_train_config``
-applies the model preset first (``model_preset: 0.5b``), then the YAML files and the command
-line, so a recipe reads "the 0.5b model, but with d_state 32".
+One dataclass per section, each setting with its one default. Sections that configure a part
+of the run hold the settings that build it (``OptimizerConfig.build``, ``FSDPConfig.parallelism``,
+``BatchRampupConfig.schedule``, ``DataConfig`` for the loader, ``MambaConfig`` for the model).
+The parts a recipe chooses among by name (``scheduler``, ``algorithms``, ``callbacks``,
+``loggers``) are ``{name: arguments}`` sections checked against the registered constructor
+(``callbacks/registry.py``), whose signature is their only definition.
+
+``load_train_config`` applies the model preset first (``model_preset: 0.5b``), then the YAML
+files (each after the ``base:`` chain it extends) and the command line, and checks the whole
+tree, reporting every problem at once. What only the files on disk can tell (the tokenizer's
+vocabulary, the shards' sequence length) is checked by ``recipes/train.py`` before it writes
+anything.
 """
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
-from omegaconf import OmegaConf
+import torch
+from omegaconf import MISSING, OmegaConf
 
-from common.config import ConfigError, load_config
+from callbacks.batch_rampup import BatchRampupConfig
+from callbacks.registry import REGISTRIES
+from common.config import ConfigError, load_sources, read_sources, report, to_dict
 from data.loader import DataConfig
 from models.config import PRESETS, MambaConfig, preset
 from recipes.init_from import InitFromConfig
+
+Precision = Literal["auto", "fp32", "amp_bf16"]
 
 
 @dataclass
@@ -30,71 +46,25 @@ class OptimizerConfig:
     weight_decay: float = 0.1  # applied to the decayed group only (models/composer_model.py: decays)
 
     def __post_init__(self) -> None:
+        problems = []
         if self.lr <= 0:
-            raise ValueError(f"optimizer.lr={self.lr} must be > 0")
+            problems.append(f"optimizer.lr={self.lr} must be > 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"optimizer.beta1/beta2=({self.beta1}, {self.beta2}) must be in [0, 1)")
+            problems.append(f"optimizer.beta1/beta2=({self.beta1}, {self.beta2}) must be in [0, 1)")
         if self.weight_decay < 0:
-            raise ValueError(f"optimizer.weight_decay={self.weight_decay} must be >= 0")
+            problems.append(f"optimizer.weight_decay={self.weight_decay} must be >= 0")
+        report(problems)
 
-
-@dataclass
-class SchedulerConfig:
-    """The learning-rate schedule (callbacks/schedulers.py): wsd | cosine | d2z | decay_phase."""
-
-    name: str = "wsd"
-    t_warmup: str = "0ba"  # wsd, cosine, d2z
-    t_decay: float | str = 0.2  # wsd: fraction of training (0.2 = last 20%) or a time ('3e10tok')
-    decay_shape: str = "linear"  # wsd, decay_phase: linear | cosine | 1-sqrt | exponential
-    alpha_f: float = 0.1  # final lr / peak lr (wsd, cosine, decay_phase); the paper: 2e-4 / 2e-3
-    t_start: str = "0ba"  # decay_phase: when the decay starts (0ba after a weights-only load)
-    scale_warmup: bool = False
-
-
-@dataclass
-class PositionalWeightingConfig:
-    """Token loss x tanh(position / scale) (the paper's section 4.2)."""
-
-    enabled: bool = False
-    scale: float = 10.0
-    per_document: bool = True  # positions restart after each end-of-text; false = per sequence
-    fn: str = "tanh"
-
-
-@dataclass
-class BatchRampupConfig:
-    """Global batch grown linearly in tokens up to global_train_batch_size (callbacks/batch_rampup.py).
-
-    The paper ramps to 2M tokens over the first 1B tokens; it gives no start size. Give the
-    scheduler's warmup in tokens when the ramp is on: steps no longer map to tokens.
-    """
-
-    enabled: bool = False
-    start_batch_tokens: int = 262144
-    ramp_tokens: int = 1_000_000_000
-
-
-@dataclass
-class LossSpikeConfig:
-    """Roll back to the last good checkpoint on a loss spike, skipping the data (callbacks/loss_spike.py).
-
-    A spike: loss > mean + max(threshold_std * std, min_rel_increase * mean) of the last
-    ``window`` accepted losses, or a non-finite loss.
-    """
-
-    enabled: bool = False
-    window: int = 50
-    threshold_std: float = 4.0
-    min_rel_increase: float = 0.1
-    warmup_batches: int = 50
-    max_retries: int = 3
-    recovery_batches: int = 20
-    audit_file: str | None = None  # None = loss_spikes.jsonl in the checkpoint folder
+    def build(self, param_groups: list[dict[str, Any]]) -> torch.optim.AdamW:
+        """AdamW over ``param_groups`` (each with its own ``weight_decay``)."""
+        return torch.optim.AdamW(param_groups, lr=self.lr, betas=(self.beta1, self.beta2), eps=self.eps)
 
 
 @dataclass
 class CheckpointConfig:
-    save_folder: str = ""  # "" = {run_dir}/checkpoints
+    save_folder: str = (
+        ""  # a local folder or an object-store URI (s3://, gs://, oci://); "" = {run_dir}/checkpoints
+    )
     save_interval: str = "1000ba"
     save_num_checkpoints_to_keep: int = -1  # -1 keeps all (the paper released 80+ checkpoints)
     autoresume: bool = True  # resume from the latest checkpoint in save_folder if there is one
@@ -105,7 +75,10 @@ class CheckpointConfig:
     # schedule, clock or callback state:
     # ["state/timestamp", "state/dataset_state", "state/schedulers", "state/callbacks"].
     load_ignore_keys: list[str] = field(default_factory=list)
-    pre_decay: bool = True  # save pre-decay-*.pt when the WSD stable phase ends
+    pre_decay: bool = (
+        True  # save a checkpoint when the WSD stable phase ends (callbacks/pre_decay_checkpoint.py)
+    )
+    pre_decay_folder: str = ""  # "" = {save_folder}/pre-decay
 
 
 @dataclass
@@ -113,27 +86,37 @@ class FSDPConfig:
     """Composer FSDP, one unit per Mamba block (models/mamba_lm.py: fsdp_wrap_fn)."""
 
     enabled: bool = True  # used only with more than one process
-    version: int = 2  # 1 (FullyShardedDataParallel) | 2 (fully_shard; the only one on CPU)
+    version: Literal[1, 2] = 2  # 1 (FullyShardedDataParallel, GPU only) | 2 (fully_shard; also on CPU)
     activation_checkpointing: bool = False  # recompute each block in backward (the paper)
-    state_dict_type: str = "sharded"  # sharded | full checkpoints
-    mixed_precision: str = "FULL"  # FULL keeps parameters and gradient reduction in fp32
+    state_dict_type: Literal["sharded", "full"] = "sharded"
+    mixed_precision: Literal["FULL", "DEFAULT", "PURE"] = "FULL"  # FULL: fp32 parameters and reductions
 
-    def __post_init__(self) -> None:
-        if self.version not in (1, 2):
-            raise ValueError(f"fsdp.version={self.version} must be 1 or 2")
-        if self.state_dict_type not in ("sharded", "full"):
-            raise ValueError(f"fsdp.state_dict_type={self.state_dict_type!r} must be 'sharded' or 'full'")
+    def parallelism(self, world_size: int) -> dict[str, Any] | None:
+        """Composer's ``parallelism_config``, or None for a single process."""
+        if world_size == 1 or not self.enabled:
+            return None
+        fsdp: dict[str, Any] = {
+            "activation_checkpointing": self.activation_checkpointing,
+            "state_dict_type": self.state_dict_type,
+            "mixed_precision": self.mixed_precision,
+        }
+        if self.version == 1:
+            fsdp.update(sharding_strategy="FULL_SHARD", use_orig_params=True)
+        return {"fsdp": fsdp}
 
 
 @dataclass
 class LoggingConfig:
-    console_interval: str = "10ba"
+    console_interval: str = "10ba"  # console metrics every N batches (when progress_bar is off)
     progress_bar: bool = True
-    tensorboard: bool = False
-    wandb_project: str | None = None  # set to log to Weights & Biases
-    wandb_entity: str | None = None
-    mlflow_experiment: str | None = None  # set to log to MLflow
-    speed_window: int = 20  # batches averaged by the throughput / MFU monitor
+
+
+def _default_algorithms() -> dict[str, dict[str, Any] | None]:
+    return {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 1.0}}  # the paper: clip 1.0
+
+
+def _default_callbacks() -> dict[str, dict[str, Any] | None]:
+    return {"speed_monitor": {"window_size": 20, "time_unit": "seconds"}, "lr_monitor": {}}
 
 
 @dataclass
@@ -145,43 +128,85 @@ class TrainConfig:
     model_preset: str | None = None  # a models/config.py preset applied before `model:` fields
     model: MambaConfig = field(default_factory=MambaConfig)
     init_from: InitFromConfig | None = None  # start the model from a checkpoint (recipes/init_from.py)
-    tokenizer: str = ""  # the tokenizer directory the shards were converted with
-    data: DataConfig = field(default_factory=lambda: DataConfig(mixture="unset"))
+    tokenizer: str = MISSING  # the tokenizer directory the shards were converted with
+    data: DataConfig = field(default_factory=DataConfig)
     eval_interval: str | None = "500ba"  # null disables evaluation
     eval_subset_num_batches: int = -1  # -1 = the whole validation split
     global_train_batch_size: int = 8  # samples (of seq_len tokens) per optimizer step, all ranks
     device_train_microbatch_size: int = 4
     device_eval_batch_size: int = 8
     max_duration: str = "100ba"
-    precision: str = "auto"  # auto: amp_bf16 on GPU, fp32 on CPU | fp32 | amp_bf16
-    clip_grad_norm: float = 1.0  # <= 0 disables clipping
+    precision: Precision = "auto"  # auto: amp_bf16 on GPU, fp32 on CPU
     # Restart the recurrent state at each document boundary inside a packed sample (Mamba-2's
     # seq_idx; attention layers then stay inside documents too). Off, as in the paper: the state
     # flows from one document into the next. Mamba-1 has no such kernel option.
     reset_state_at_doc_boundaries: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    positional_weighting: PositionalWeightingConfig = field(default_factory=PositionalWeightingConfig)
-    batch_rampup: BatchRampupConfig = field(default_factory=BatchRampupConfig)
-    loss_spike: LossSpikeConfig = field(default_factory=LossSpikeConfig)
+    # {name: ..., arguments}: a registered schedule (callbacks/registry.py). A recipe naming
+    # another schedule than its base replaces the base's scheduler section.
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "wsd"})
+    # {name: arguments} of registered parts; null switches off one inherited from a base recipe.
+    algorithms: dict[str, dict[str, Any] | None] = field(default_factory=_default_algorithms)
+    callbacks: dict[str, dict[str, Any] | None] = field(default_factory=_default_callbacks)
+    loggers: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    batch_rampup: BatchRampupConfig | None = None  # a mapping turns the ramp on
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        if self.precision not in ("auto", "fp32", "amp_bf16"):
-            raise ValueError(f"precision={self.precision!r} must be auto, fp32 or amp_bf16")
+        problems = []
         if self.device_train_microbatch_size < 1 or self.global_train_batch_size < 1:
-            raise ValueError("global_train_batch_size and device_train_microbatch_size must be >= 1")
+            problems.append("global_train_batch_size and device_train_microbatch_size must be >= 1")
         if self.reset_state_at_doc_boundaries and self.model.ssm.layer != "mamba2":
-            raise ValueError(
+            problems.append(
                 "reset_state_at_doc_boundaries=true needs Mamba-2 layers (model.ssm.layer=mamba2): "
                 "mamba_ssm's Mamba-1 selective scan cannot restart its state inside a sequence"
             )
+        name = self.scheduler.get("name")
+        if name is None:
+            problems.append(
+                f"scheduler.name is not set; registered schedules: {', '.join(REGISTRIES['scheduler'].names())}"
+            )
+        checks = [("scheduler", name, {k: v for k, v in self.scheduler.items() if k != "name"}, "scheduler")]
+        for key in ("algorithms", "callbacks", "loggers"):
+            checks += [(key, part, args, f"{key}.{part}") for part, args in self.parts(key).items()]
+        for key, part, args, where in checks:
+            if part is None:
+                continue
+            try:
+                REGISTRIES[key].resolve(part, args, where)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+        report(problems)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.run_root) / self.run_name
+
+    def parts(self, key: str) -> dict[str, dict[str, Any]]:
+        """The switched-on parts of a registry section (``algorithms``, ``callbacks``, ``loggers``)."""
+        return {name: dict(args) for name, args in getattr(self, key).items() if args is not None}
+
+    def scheduler_args(self) -> tuple[str, dict[str, Any]]:
+        """The scheduler's registered name and its arguments (defaults filled in)."""
+        args = dict(self.scheduler)
+        name = args.pop("name")
+        return name, REGISTRIES["scheduler"].resolve(name, args, "scheduler")
+
+
+def resolved_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as plain data with every registered part's defaults filled in (run.json, --print-config)."""
+    out = to_dict(cfg)
+    name, args = cfg.scheduler_args()
+    out["scheduler"] = {"name": name, **args}
+    for key in ("algorithms", "callbacks", "loggers"):
+        out[key] = {part: REGISTRIES[key].resolve(part, args) for part, args in cfg.parts(key).items()}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
 
 
 def expand_bases(yaml_paths: Sequence[str | Path]) -> list[Path]:
@@ -205,25 +230,66 @@ def expand_bases(yaml_paths: Sequence[str | Path]) -> list[Path]:
     return expanded
 
 
-def _requested_preset(yaml_paths: Sequence[str | Path], overrides: Sequence[str]) -> str | None:
-    """``model_preset`` as the YAMLs and the command line set it, read before the strict merge."""
-    name = None
-    for path in yaml_paths:
-        raw = OmegaConf.load(path)
-        if OmegaConf.is_dict(raw):
-            name = raw.get("model_preset", name)
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key.strip() == "model_preset":
-            name = value.strip() or None
-    return name
+def explicitly_set(sources: Sequence[tuple[str, Any]], key: str) -> bool:
+    """Whether a recipe or the command line sets ``key`` (dotted), as opposed to a preset or default."""
+    return any(
+        OmegaConf.is_dict(node) and OmegaConf.select(node, key, default=MISSING) is not MISSING
+        for _, node in sources
+    )
+
+
+def _restart_scheduler(sources: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """Drop the scheduler sections that a later source discards by naming another schedule.
+
+    The arguments of one schedule mean nothing to another (``t_decay`` of ``wsd`` is no argument of
+    ``cosine``), so a recipe that names a different schedule than the ones before it starts the
+    scheduler section afresh, whether it extends them with ``base:`` or follows them.
+    """
+    current, restart = "wsd", 0
+    for i, (_, node) in enumerate(sources):
+        name = OmegaConf.select(node, "scheduler.name", default=None) if OmegaConf.is_dict(node) else None
+        if name is not None and name != current:
+            restart, current = i, name
+    kept = []
+    for i, (label, node) in enumerate(sources):
+        if i < restart and OmegaConf.is_dict(node) and "scheduler" in node:
+            node = OmegaConf.masked_copy(node, [k for k in node if k != "scheduler"])
+        kept.append((label, node))
+    return kept
 
 
 def load_train_config(yaml_paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> TrainConfig:
     """YAML recipes (merged in order) + ``key=value`` overrides -> a checked ``TrainConfig``."""
-    yaml_paths = expand_bases(yaml_paths)
-    name = _requested_preset(yaml_paths, overrides)
+    sources = _restart_scheduler(read_sources(expand_bases(yaml_paths), overrides))
+    name = None
+    for _, node in sources:
+        if OmegaConf.is_dict(node):
+            name = OmegaConf.select(node, "model_preset", default=name)
     if name is not None and name not in PRESETS:
         raise ConfigError(f"model_preset={name!r} is not a preset; valid presets: {', '.join(PRESETS)}")
     base = TrainConfig(model_preset=name, model=preset(name) if name else MambaConfig())
-    return load_config(base, yaml_paths, overrides)
+    vocab = _tokenizer_vocab(sources)
+    if vocab is not None and not explicitly_set(sources, "model.vocab_size"):
+        # The model's vocabulary follows the recipe's tokenizer unless the recipe sets it.
+        sources.insert(0, ("the tokenizer's vocabulary", {"model": {"vocab_size": vocab}}))
+    return load_sources(base, sources)
+
+
+def _tokenizer_vocab(sources: Sequence[tuple[str, Any]]) -> int | None:
+    """The vocabulary size of the tokenizer the sources name, or None if there is none to read yet
+    (a missing tokenizer is reported by the run's checks, with its fix)."""
+    from data.tokenizer import load_tokenizer
+
+    path = None
+    for _, node in sources:
+        if OmegaConf.is_dict(node):
+            path = OmegaConf.select(node, "tokenizer", default=path)
+    if not isinstance(path, str) or not path:
+        return None
+    try:
+        return load_tokenizer(path).get_vocab_size(with_added_tokens=True)
+    except Exception:  # missing or unreadable (tokenizers raises a bare Exception): checked later
+        return None
+
+
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)

@@ -1,13 +1,18 @@
-"""``make doctor``: one table of the software stack and the model path this machine will use."""
+"""``make doctor``: one table of the software stack and the model path this machine will use.
+
+python -m recipes.doctor
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
 import platform
 import sys
+from collections.abc import Sequence
 
 import torch
 
+from common import cli
 from models.kernels import kernel_status
 
 
@@ -43,7 +48,8 @@ def rows() -> list[tuple[str, str]]:
     ]
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    cli.parser("python -m recipes.doctor", __doc__).parse_args(argv)
     table = rows()
     width = max(len(k) for k, _ in table)
     print(f"{'component'.ljust(width)} | version / status")
@@ -53,4 +59,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

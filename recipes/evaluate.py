@@ -10,13 +10,14 @@ recurrently from ``--prompt``.
 
 from __future__ import annotations
 
-import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from common import cli
 from common.config import config_from_dict
 from data.loader import build_dataloader
 from models.composer_model import ComposerMambaLM
@@ -77,24 +78,19 @@ def generate_text(
     return tok.decode(out[0], skip_special_tokens=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = cli.parser("python -m recipes.evaluate", __doc__)
     parser.add_argument("run", type=Path, help="run directory (with run.json and checkpoints/)")
     parser.add_argument("--checkpoint", type=Path, help="default: RUN/checkpoints/latest-rank0.pt")
     parser.add_argument("--max-batches", type=int, default=None, help="validation batches (default: all)")
-    parser.add_argument("--prompt", default="def ")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt", default="def ", help="text to continue for the sample")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate for the sample")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--json", type=Path, help="also write the metrics here")
-    args = parser.parse_args()
-    try:
-        cfg = load_run_config(args.run)
-        model = load_model(cfg, args.checkpoint or args.run / "checkpoints" / "latest-rank0.pt")
-        results: dict[str, Any] = evaluate(cfg, model, args.max_batches)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    args = parser.parse_args(argv)
+    cfg = load_run_config(args.run)
+    model = load_model(cfg, args.checkpoint or args.run / "checkpoints" / "latest-rank0.pt")
+    results: dict[str, Any] = evaluate(cfg, model, args.max_batches)
     print(f"validation ({cfg.data.mixture}, phase {cfg.data.phase}):")
     for name, value in results.items():
         print(f"  {name:22s} {value:.4f}")
@@ -107,4 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -47,8 +47,10 @@ import torch
 from composer.core import Callback, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
+from omegaconf import MISSING
 from torch import Tensor
 
+from common.config import report
 from models.checkpoint_io import HandoverRecord, ModelWeights, read_weights
 from models.config import MambaConfig
 
@@ -66,7 +68,7 @@ class InitFromConfig:
     """Initialise the model of a new run from a checkpoint (weights only; fresh optimizer and clock)."""
 
     path: str = (
-        ""  # run folder, Composer checkpoint (.pt or sharded folder), HF or mamba_ssm dir; local or URI
+        MISSING  # run folder, Composer checkpoint (.pt or sharded folder), HF or mamba_ssm dir; local or URI
     )
     num_layers: int = 0  # > 0: the checkpoint's first num_layers blocks (Inheritune); 0: see `layers`
     layers: list[int] = field(default_factory=list)  # the checkpoint's blocks, in order; [] = all of them
@@ -77,18 +79,23 @@ class InitFromConfig:
     lr_rewarmup: str = "20ba"
 
     def __post_init__(self) -> None:
+        problems = []
         if not self.path:
-            raise ValueError("init_from.path is empty: set it to a checkpoint, run folder or model directory")
+            problems.append("init_from.path is empty: set it to a checkpoint, run folder or model directory")
         if self.num_layers < 0:
-            raise ValueError(f"init_from.num_layers={self.num_layers} must be >= 0")
+            problems.append(f"init_from.num_layers={self.num_layers} must be >= 0")
         if self.num_layers and self.layers:
-            raise ValueError(
+            problems.append(
                 f"init_from.num_layers={self.num_layers} and init_from.layers={self.layers} are both set; "
                 "use one (num_layers: the first n blocks; layers: an explicit list)"
             )
         if any(i < 0 for i in self.layers):
-            raise ValueError(f"init_from.layers={self.layers} has negative block indices")
-        parse_rewarmup(self.lr_rewarmup)
+            problems.append(f"init_from.layers={self.layers} has negative block indices")
+        try:
+            parse_rewarmup(self.lr_rewarmup)
+        except ValueError as exc:
+            problems.append(str(exc))
+        report(problems)
 
     def source_layers(self, checkpoint_layers: int) -> list[int]:
         """The checkpoint block copied into each block of the new model, in order."""

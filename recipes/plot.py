@@ -11,13 +11,14 @@ started from a checkpoint (a decay phase from a pre-decay checkpoint) restarts i
 
 from __future__ import annotations
 
-import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from callbacks.jsonl_logger import read_jsonl
+from common import cli
 from common.io import atomic_path
 
 
@@ -93,19 +94,14 @@ def plot_runs(run_dirs: list[Path], out: Path, smoothing: float = 0.1) -> Path:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = cli.parser("python -m recipes.plot", __doc__)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (with metrics.jsonl)")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
     parser.add_argument("--smoothing", type=float, default=0.1, help="EMA weight of the newest point")
-    args = parser.parse_args()
-    try:
-        print(f"wrote {plot_runs(args.runs, args.out, args.smoothing)}")
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    args = parser.parse_args(argv)
+    print(f"wrote {plot_runs(args.runs, args.out, args.smoothing)}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,49 +1,75 @@
 """Pre-train a Mamba language model with Composer.
 
     composer -n 8 recipes/train.py yamls/ablation_wsd.yaml key=value ...   # one node, 8 GPUs
-    python recipes/train.py yamls/tiny/wsd.yaml                             # one process (CPU or GPU)
+    python recipes/train.py yamls/tiny/wsd.yaml max_duration=500ba         # one process (CPU or GPU)
+    python recipes/train.py yamls/tiny/wsd.yaml --print-config             # the resolved config
 
-Arguments ending in .yaml are recipes, merged in order; the others are ``key=value``
-overrides (recipes/config.py lists every key). The run writes to ``{run_root}/{run_name}``:
-the resolved config, ``metrics.jsonl``, and ``checkpoints/`` (resumed automatically with
-``checkpoint.autoresume``).
+Arguments ending in .yaml are recipes, merged in order (each after the recipes it extends with
+``base:``); the others are ``key=value`` overrides of the typed config in recipes/config.py
+(``model.*``: models/config.py, ``data.*``: data/loader.py). Registered parts are added by
+name with their arguments: ``callbacks.memory_monitor={}``, ``loggers.wandb.project=mamba``.
+The run writes to ``{run_root}/{run_name}``: ``run.json`` (resolved config, git revision,
+package versions), ``metrics.jsonl``, and ``checkpoints/``, resumed automatically by the same
+command after a crash (``checkpoint.autoresume``). The whole config is checked, and every
+problem listed, before anything is written.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import inspect
 import json
 import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from composer import Evaluator, Trainer
-from composer.algorithms import GradientClipping
-from composer.callbacks import LRMonitor, SpeedMonitor
-from composer.core import Algorithm, Callback
+from composer.core import Algorithm, Callback, Time, Timestamp, TimeUnit
 from composer.loggers import LoggerDestination
-from composer.utils import dist, get_device, reproducibility
+from composer.utils import dist, get_device, parse_uri, reproducibility
+from omegaconf import OmegaConf
 
-from callbacks.batch_rampup import BatchRampSchedule, BatchRampup, RampedBatches
+from callbacks import failpoint_hooks, registry
+from callbacks.batch_rampup import BatchRampup, RampedBatches
+from callbacks.checkpoint_safety import (
+    checkpoint_problem,
+    install_atomic_checkpoint_writes,
+    recover_checkpoint_folder,
+    shape_problems,
+)
 from callbacks.gloo_grad_average import GlooFSDP2GradAverage
 from callbacks.jsonl_logger import JSONLinesLogger
-from callbacks.loss_spike import LossSpikeRollback
-from callbacks.positional_weighting import PositionalLossWeighting
-from callbacks.schedulers import SCHEDULERS, build_scheduler
-from common.config import ConfigError, to_dict
+from callbacks.nonfinite_guard import NonFiniteGuard
+from callbacks.pre_decay_checkpoint import PreDecayCheckpoint
+from callbacks.scheduled_lr import ScheduledLrAfterLoad
+from callbacks.schedulers import WarmupStableDecayScheduler
+from common import cli
+from common.config import ConfigError
 from common.io import atomic_write_text
-from data.loader import build_dataloader
+from data.loader import build_dataloader, check_data
+from data.tokenizer import load_tokenizer
 from models.composer_model import ComposerMambaLM, optimizer_param_groups
-from recipes.config import SchedulerConfig, TrainConfig, load_train_config
+from models.mamba_lm import MambaLMHeadModel
+from recipes.config import TrainConfig, load_train_config, resolved_dict
 from recipes.init_from import apply_init_from
-from recipes.object_store import pre_decay_callbacks
+from recipes.units import CONVERTIBLE, Geometry, convert_schedule_times
 
 METRIC_NAMES = ["LanguageCrossEntropy", "LanguagePerplexity", "Top1Accuracy", "Top3Accuracy", "Top10Accuracy"]
+VERSIONED = (
+    "torch",
+    "mosaicml",
+    "mosaicml-streaming",
+    "transformers",
+    "tokenizers",
+    "mamba-ssm",
+    "causal-conv1d",
+)
 
 
 def resolve_precision(cfg: TrainConfig) -> str:
@@ -57,94 +83,38 @@ def resolve_precision(cfg: TrainConfig) -> str:
 
 
 def build_model(cfg: TrainConfig, distributed: bool) -> ComposerMambaLM:
-    """On GPU under FSDP the model is built on the meta device; Composer materialises each
-    shard and initialises it with ``MambaLMHeadModel.param_init_fn``."""
+    """On GPU under FSDP the network is built on the meta device; Composer materialises each
+    shard and initialises it with ``MambaLMHeadModel.param_init_fn``. The metrics stay real
+    tensors: Composer moves them to the device itself, and cannot copy out of meta ones."""
     if distributed and cfg.fsdp.enabled and torch.cuda.is_available():
         with torch.device("meta"):
-            return ComposerMambaLM(cfg.model, reset_state_at_doc_boundaries=cfg.reset_state_at_doc_boundaries)
-    return ComposerMambaLM(cfg.model, reset_state_at_doc_boundaries=cfg.reset_state_at_doc_boundaries)
-
-
-def build_scheduler_from(cfg: SchedulerConfig):
-    """The scheduler ``cfg.name`` with the settings its constructor takes; a warning for the rest."""
-    if cfg.name not in SCHEDULERS:
-        raise ConfigError(f"scheduler.name={cfg.name!r} is not one of {', '.join(SCHEDULERS)}")
-    accepted = set(inspect.signature(SCHEDULERS[cfg.name].__init__).parameters) - {"self"}
-    settings = {k: v for k, v in to_dict(cfg).items() if k != "name"}
-    defaults = to_dict(SchedulerConfig())
-    ignored = [k for k in settings if k not in accepted and settings[k] != defaults[k]]
-    if ignored:
-        warnings.warn(
-            f"scheduler.name={cfg.name} ignores scheduler.{', scheduler.'.join(ignored)}", stacklevel=2
-        )
-    return build_scheduler(cfg.name, **{k: v for k, v in settings.items() if k in accepted})
-
-
-def build_loggers(cfg: TrainConfig) -> list[LoggerDestination]:
-    loggers: list[LoggerDestination] = [JSONLinesLogger(cfg.run_dir / "metrics.jsonl")]
-    if cfg.logging.tensorboard:
-        from composer.loggers import TensorboardLogger
-
-        loggers.append(TensorboardLogger(log_dir=str(cfg.run_dir / "tensorboard")))
-    if cfg.logging.wandb_project:
-        from composer.loggers import WandBLogger
-
-        loggers.append(WandBLogger(project=cfg.logging.wandb_project, entity=cfg.logging.wandb_entity))
-    if cfg.logging.mlflow_experiment:
-        from composer.loggers import MLFlowLogger
-
-        loggers.append(MLFlowLogger(experiment_name=cfg.logging.mlflow_experiment))
-    return loggers
-
-
-def parallelism_config(cfg: TrainConfig) -> dict[str, Any] | None:
-    if dist.get_world_size() == 1 or not cfg.fsdp.enabled:
-        return None
-    # Composer 0.32 picks FSDP2 through this variable (composer/trainer/trainer.py).
-    os.environ["FSDP_VERSION"] = str(cfg.fsdp.version)
-    fsdp: dict[str, Any] = {
-        "activation_checkpointing": cfg.fsdp.activation_checkpointing,
-        "state_dict_type": cfg.fsdp.state_dict_type,
-        "mixed_precision": cfg.fsdp.mixed_precision,
-    }
-    if cfg.fsdp.version == 1:
-        fsdp.update(sharding_strategy="FULL_SHARD", use_orig_params=True)
-    return {"fsdp": fsdp}
+            network = MambaLMHeadModel(cfg.model)
+    else:
+        network = MambaLMHeadModel(cfg.model)
+    return ComposerMambaLM(
+        cfg.model, network, reset_state_at_doc_boundaries=cfg.reset_state_at_doc_boundaries
+    )
 
 
 def startup_report(cfg: TrainConfig) -> dict[str, Any]:
     """The resolved config, the git revision and package versions: logged and saved with the run."""
+    here = Path(__file__).parent
     try:
         revision = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=here
         ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=Path(__file__).parent
-            ).stdout.strip()
-        )
+        status = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=here)
+        dirty = bool(status.stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         revision, dirty = "unknown (not a git checkout)", False
     versions = {}
-    for name in (
-        "torch",
-        "mosaicml",
-        "mosaicml-streaming",
-        "transformers",
-        "tokenizers",
-        "mamba-ssm",
-        "causal-conv1d",
-    ):
+    for name in VERSIONED:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return {
-        "config": to_dict(cfg),
+        "config": resolved_dict(cfg),
         "git_revision": revision + (" (dirty)" if dirty else ""),
         "versions": versions,
         "world_size": dist.get_world_size(),
@@ -152,61 +122,197 @@ def startup_report(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
+@dataclass
+class Plan:
+    """What the checks before a run found out: everything the build needs from the files on disk."""
+
+    world: int
+    device_batch: int  # samples per process per optimizer step
+    precision: str
+    seq_len: int
+    scheduler_name: str
+    scheduler_args: dict[str, Any]  # times converted to max_duration's unit
+    notes: list[str] = field(default_factory=list)  # conversions and choices, printed at start-up
+
+
+def _batch_problems(cfg: TrainConfig, world: int) -> list[str]:
+    problems = []
+    if cfg.global_train_batch_size % world:
+        problems.append(
+            f"global_train_batch_size={cfg.global_train_batch_size} is not divisible by the {world} processes"
+        )
+    elif (cfg.global_train_batch_size // world) % cfg.device_train_microbatch_size:
+        problems.append(
+            f"device_train_microbatch_size={cfg.device_train_microbatch_size} must divide the per-process batch "
+            f"{cfg.global_train_batch_size // world} (global_train_batch_size / processes)"
+        )
+    return problems
+
+
+def _vocab_problems(cfg: TrainConfig, tokenizer_vocab: int) -> list[str]:
+    model = cfg.model
+    if model.vocab_size < tokenizer_vocab:
+        return [
+            f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} tokens "
+            f"({cfg.tokenizer}): ids from {model.vocab_size} up would index past the embedding; remove "
+            f"model.vocab_size from the recipe (it then follows the tokenizer) or set it to {tokenizer_vocab}"
+        ]
+    padded = -(-tokenizer_vocab // model.pad_vocab_size_multiple) * model.pad_vocab_size_multiple
+    if model.padded_vocab_size > padded:
+        warnings.warn(
+            f"model.vocab_size={model.vocab_size} is larger than the tokenizer's {tokenizer_vocab} tokens: "
+            f"{model.padded_vocab_size - tokenizer_vocab} embedding rows will never be used",
+            stacklevel=3,
+        )
+    return []
+
+
+def _schedule_problems(name: str, args: dict[str, Any], max_duration: str, geometry: Geometry) -> list[str]:
+    """Evaluate the schedule at the start and the end of training, as Composer will, before any compute."""
+    try:
+        scheduler = registry.schedulers.build(name, args, where="scheduler")
+        end = Time.from_timestring(max_duration)
+        if end.unit not in CONVERTIBLE:
+            return []  # epochs: resolved against the loader's length by Composer
+        stamps = [Timestamp()]
+        last = {unit: geometry.convert(end, unit).value for unit in CONVERTIBLE}
+        stamps.append(
+            Timestamp(batch=last[TimeUnit.BATCH], sample=last[TimeUnit.SAMPLE], token=last[TimeUnit.TOKEN])
+        )
+        for stamp in stamps:
+            scheduler(SimpleNamespace(max_duration=end, timestamp=stamp, dataloader_len=None))
+    except (ValueError, TypeError) as exc:
+        return [f"scheduler ({name}): {exc}"]
+    return []
+
+
+def _checkpoint_to_load(cfg: TrainConfig, save_folder: str) -> tuple[str, str] | None:
+    """(config key, local path) of the checkpoint the Trainer will load, if it is on local disk."""
+    latest = Path(save_folder) / "latest-rank0.pt"
+    if cfg.checkpoint.autoresume and not parse_uri(save_folder)[0] and latest.exists():
+        return "the run's latest checkpoint", str(latest.resolve())
+    path = cfg.checkpoint.load_path
+    if path and not parse_uri(path)[0]:
+        return "checkpoint.load_path", path
+    return None
+
+
+def plan_run(cfg: TrainConfig, world: int, save_folder: str) -> Plan:
+    """Check everything that can be checked before the run writes or computes anything.
+
+    The batch split over the processes, the precision, the tokenizer against the model's
+    vocabulary, the data mixture's streams against the tokenizer, the schedule on the run's
+    geometry (times converted to ``max_duration``'s unit), and the checkpoint to load against the
+    model's shapes. Every problem found is reported at once in one ``ConfigError``.
+    """
+    problems = _batch_problems(cfg, world)
+    precision = "fp32"
+    try:
+        precision = resolve_precision(cfg)
+    except ConfigError as exc:
+        problems += exc.problems
+    seq_len, tokenizer_vocab = 0, None
+    try:
+        tokenizer_vocab = load_tokenizer(cfg.tokenizer).get_vocab_size(with_added_tokens=True)
+        problems += _vocab_problems(cfg, tokenizer_vocab)
+        seq_len = check_data(cfg.data, cfg.tokenizer, "train")
+        if cfg.eval_interval:
+            check_data(cfg.data, cfg.tokenizer, "val")
+    except ConfigError as exc:
+        problems += exc.problems
+    except (FileNotFoundError, ValueError) as exc:
+        problems.append(str(exc))
+    name, args = cfg.scheduler_args()
+    notes: list[str] = []
+    if seq_len:
+        ramp = None
+        if cfg.batch_rampup is not None:
+            try:
+                ramp = cfg.batch_rampup.schedule(
+                    cfg.global_train_batch_size * seq_len, seq_len, cfg.device_train_microbatch_size, world
+                )
+            except ValueError as exc:
+                problems.append(str(exc))
+        geometry = Geometry(seq_len, cfg.global_train_batch_size, ramp)
+        args, notes, unit_problems = convert_schedule_times(name, args, cfg.max_duration, geometry)
+        problems += unit_problems or _schedule_problems(name, args, cfg.max_duration, geometry)
+    to_load = _checkpoint_to_load(cfg, save_folder)
+    if to_load is not None:
+        key, path = to_load
+        broken = checkpoint_problem(path)
+        if broken:
+            problems.append(f"{key} ({path}) cannot be loaded: {broken}")
+        elif not cfg.checkpoint.load_ignore_keys or not any(
+            "model" in k for k in cfg.checkpoint.load_ignore_keys
+        ):
+            with torch.device("meta"):
+                expected = {n: tuple(p.shape) for n, p in MambaLMHeadModel(cfg.model).state_dict().items()}
+            problems += shape_problems(path, expected, key)
+    if problems:
+        raise ConfigError(*problems)
+    return Plan(world, cfg.global_train_batch_size // world, precision, seq_len, name, args, notes)
+
+
+def build_loggers(cfg: TrainConfig) -> list[LoggerDestination]:
+    """The run's metrics file, then every registered logger the recipe names."""
+    loggers: list[LoggerDestination] = [JSONLinesLogger(cfg.run_dir / "metrics.jsonl")]
+    loggers += [registry.loggers.build(name, args) for name, args in cfg.parts("loggers").items()]
+    return loggers
+
+
 def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = None) -> Trainer:
     # One process group for everything, before Streaming builds its shared memory (the Trainer
     # would create it only later, after the loaders).
     dist.initialize_dist(get_device("gpu" if torch.cuda.is_available() else "cpu"))
     world = dist.get_world_size()
-    if cfg.global_train_batch_size % world:
-        raise ConfigError(
-            f"global_train_batch_size={cfg.global_train_batch_size} is not divisible by the {world} processes"
-        )
-    device_batch = cfg.global_train_batch_size // world
-    if device_batch % cfg.device_train_microbatch_size:
-        raise ConfigError(
-            f"device_train_microbatch_size={cfg.device_train_microbatch_size} must divide the per-process batch "
-            f"{device_batch} (global_train_batch_size / processes)"
-        )
-    if not cfg.tokenizer:
-        raise ConfigError(
-            "tokenizer is empty: set it to the tokenizer directory the shards were converted with"
-        )
+    ckpt = cfg.checkpoint
+    save_folder = ckpt.save_folder or str(cfg.run_dir / "checkpoints")
+    local_save = not parse_uri(save_folder)[0]
+    if ckpt.autoresume and local_save and dist.get_global_rank() == 0:
+        # Before the checks: a broken newest checkpoint is set aside, not reported as a problem.
+        recover_checkpoint_folder(save_folder)
+    dist.barrier()
+    plan = plan_run(cfg, world, save_folder)
+    install_atomic_checkpoint_writes()
+    if world > 1 and cfg.fsdp.enabled:
+        os.environ["FSDP_VERSION"] = str(cfg.fsdp.version)  # how Composer 0.32 picks FSDP1 or FSDP2
     reproducibility.seed_all(cfg.seed)
+
+    model = build_model(cfg, distributed=world > 1)
+    # Weights from init_from, checked against the model, before anything is written; its callbacks
+    # (the lr re-warmup) act after the schedule's own lr is set and before it is logged.
+    handover_callbacks = apply_init_from(cfg, model)
 
     report = startup_report(cfg)
     if dist.get_global_rank() == 0:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cfg.run_dir / "run.json", json.dumps(report, indent=2, default=str) + "\n")
         print(f"[train] git {report['git_revision']}; versions {report['versions']}", flush=True)
+        for note in plan.notes:
+            print(f"[train] {note}", flush=True)
         print(f"[train] resolved config written to {cfg.run_dir / 'run.json'}", flush=True)
 
-    model = build_model(cfg, distributed=world > 1)
-    # Weights from cfg.init_from (before the optimizer exists); its callbacks go first, before LRMonitor.
-    handover_callbacks = apply_init_from(cfg, model)
+    # The guard first: it acts before the loss-spike rollback, and before every checkpoint saver.
     callbacks: list[Callback] = [
+        NonFiniteGuard(),
+        ScheduledLrAfterLoad(cfg.optimizer.lr),
         *handover_callbacks,
-        SpeedMonitor(window_size=cfg.logging.speed_window),
-        LRMonitor(),
     ]
-    ramp = cfg.batch_rampup
-    if ramp.enabled:
+    callbacks += [
+        registry.callbacks.build(n, a, run_dir=str(cfg.run_dir)) for n, a in cfg.parts("callbacks").items()
+    ]
+    if cfg.batch_rampup is not None:
         # The loader serves micro-batches; RampedBatches joins as many as the ramp asks for.
         train_spec = build_dataloader(
             cfg.data, cfg.tokenizer, cfg.device_train_microbatch_size, split="train"
         )
-        seq_len = train_spec.dataloader.dataset.seq_len
-        schedule = BatchRampSchedule(
-            ramp.start_batch_tokens,
-            cfg.global_train_batch_size * seq_len,
-            ramp.ramp_tokens,
-            seq_len,
-            cfg.device_train_microbatch_size,
-            world,
+        schedule = cfg.batch_rampup.schedule(
+            cfg.global_train_batch_size * plan.seq_len, plan.seq_len, cfg.device_train_microbatch_size, world
         )
         train_spec.dataloader = RampedBatches(train_spec.dataloader, schedule)
         callbacks.append(BatchRampup())
     else:
-        train_spec = build_dataloader(cfg.data, cfg.tokenizer, device_batch, split="train")
+        train_spec = build_dataloader(cfg.data, cfg.tokenizer, plan.device_batch, split="train")
     evaluators = []
     if cfg.eval_interval:
         eval_spec = build_dataloader(cfg.data, cfg.tokenizer, cfg.device_eval_batch_size, split="val")
@@ -218,31 +324,28 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
                 subset_num_batches=cfg.eval_subset_num_batches,
             )
         )
-    opt = cfg.optimizer
     groups = [
-        {k: v for k, v in g.items() if k != "names"} for g in optimizer_param_groups(model, opt.weight_decay)
+        {k: v for k, v in g.items() if k != "names"}
+        for g in optimizer_param_groups(model, cfg.optimizer.weight_decay)
     ]
-    optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
+    optimizer = cfg.optimizer.build(groups)
+    scheduler = registry.schedulers.build(plan.scheduler_name, plan.scheduler_args, where="scheduler")
 
-    algorithms: list[Algorithm] = [GlooFSDP2GradAverage()]  # first: before clipping sees the gradients
-    if cfg.clip_grad_norm > 0:
-        algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=cfg.clip_grad_norm))
-    pw = cfg.positional_weighting
-    if pw.enabled:
-        algorithms.append(PositionalLossWeighting(scale=pw.scale, per_document=pw.per_document, fn=pw.fn))
+    # The gloo gradient fix runs first: clipping must see averaged gradients.
+    algorithms: list[Algorithm] = [GlooFSDP2GradAverage()]
+    algorithms += [registry.algorithms.build(n, a) for n, a in cfg.parts("algorithms").items()]
 
-    ckpt = cfg.checkpoint
-    save_folder = ckpt.save_folder or str(cfg.run_dir / "checkpoints")
-    if ckpt.pre_decay and cfg.scheduler.name == "wsd":
-        callbacks += pre_decay_callbacks(save_folder, cfg.run_dir)  # uploaded when save_folder is a URI
+    if ckpt.pre_decay and isinstance(scheduler, WarmupStableDecayScheduler) and scheduler.t_decay is not None:
+        pre_decay_folder = ckpt.pre_decay_folder or _join(save_folder, "pre-decay")
+        callbacks.append(PreDecayCheckpoint(scheduler, pre_decay_folder))
     elif ckpt.pre_decay:
         warnings.warn(
-            f"checkpoint.pre_decay is ignored: scheduler.name={cfg.scheduler.name} has no stable phase",
+            f"checkpoint.pre_decay is ignored: the {plan.scheduler_name} schedule has no stable phase; "
+            "set checkpoint.pre_decay=false to silence this",
             stacklevel=2,
         )
-    if cfg.loss_spike.enabled:
-        spike = {k: v for k, v in to_dict(cfg.loss_spike).items() if k != "enabled"}
-        callbacks.append(LossSpikeRollback(**spike))
+    if failpoint_hooks.enabled():  # the fault-injection suite (tests/fault_injection.py)
+        callbacks.append(failpoint_hooks.FailpointHooks())
     callbacks += extra_callbacks or []
 
     trainer = Trainer(
@@ -253,15 +356,15 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
         eval_interval=cfg.eval_interval or 1,
         max_duration=cfg.max_duration,
         optimizers=optimizer,
-        schedulers=build_scheduler_from(cfg.scheduler),
+        schedulers=scheduler,
         step_schedulers_every_batch=True,
         algorithms=algorithms,
         callbacks=callbacks,
         loggers=build_loggers(cfg),
         device="gpu" if torch.cuda.is_available() else "cpu",
-        precision=resolve_precision(cfg),
+        precision=plan.precision,
         device_train_microbatch_size=cfg.device_train_microbatch_size,
-        parallelism_config=parallelism_config(cfg),
+        parallelism_config=cfg.fsdp.parallelism(world),
         save_folder=save_folder,
         save_interval=ckpt.save_interval,
         save_num_checkpoints_to_keep=ckpt.save_num_checkpoints_to_keep,
@@ -279,23 +382,60 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
     return trainer
 
 
-def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    overrides = [a for a in argv if "=" in a]
-    yamls = [a for a in argv if "=" not in a]
-    if not yamls:
-        raise ConfigError("usage: recipes/train.py RECIPE.yaml [MORE.yaml ...] [key=value ...]")
-    return yamls, overrides
+def is_complete(trainer: Trainer) -> bool:
+    """Whether the run (resumed from its latest checkpoint) has already trained ``max_duration``."""
+    state = trainer.state
+    return state.max_duration is not None and state.timestamp >= state.max_duration
 
 
-def main(argv: list[str]) -> None:
-    try:
-        cfg = load_train_config(*split_args(argv))
-        trainer = build_trainer(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:  # user mistakes: no traceback
-        sys.exit(f"error: {exc}")
-    trainer.fit()
+def _join(folder: str, name: str) -> str:
+    """``folder/name`` for a local folder or an object-store URI."""
+    backend, bucket, path = parse_uri(folder)
+    return f"{backend}://{bucket}/{path.rstrip('/')}/{name}" if backend else str(Path(folder) / name)
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[list[str], list[str], bool]:
+    """(recipes, overrides, print_config) from the command line."""
+    parser = cli.parser("recipes/train.py", __doc__)
+    parser.add_argument(
+        "args",
+        nargs="*",
+        metavar="RECIPE.yaml | key=value",
+        help="recipes (merged in order) and key=value overrides of the config (recipes/config.py)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (every key, with defaults) and exit",
+    )
+    parser.epilog = "registered parts (add them by name under their section):\n" + "\n".join(
+        f"{key}:\n{reg.describe()}" for key, reg in registry.REGISTRIES.items()
+    )
+    args = parser.parse_args(argv)
+    recipes = [a for a in args.args if "=" not in a]
+    overrides = [a for a in args.args if "=" in a]
+    if not recipes:
+        parser.error("give at least one recipe, e.g. recipes/train.py yamls/tiny/wsd.yaml")
+    return recipes, overrides, args.print_config
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    recipes, overrides, print_config = parse_args(argv)
+    cfg = load_train_config(recipes, overrides)
+    if print_config:
+        print(OmegaConf.to_yaml(resolved_dict(cfg)), end="")
+        return
+    trainer = build_trainer(cfg)
+    if is_complete(trainer):
+        print(
+            f"[train] {cfg.run_dir} is already complete ({trainer.state.timestamp.batch} of max_duration "
+            f"{cfg.max_duration}); nothing to do. Train longer with a larger max_duration.",
+            flush=True,
+        )
+    else:
+        trainer.fit()
     trainer.close()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main)

@@ -1,11 +1,14 @@
-"""Shared test set-up: deterministic seeds, quiet HF, and a clean process environment."""
+"""Shared test set-up: deterministic seeds, quiet HF, a clean process environment, a tiny corpus."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,5 +29,69 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-# The tiny corpus of the handover tests (init_from, export, Inheritune, object stores).
-from tests.handover_helpers import tiny_corpus  # noqa: E402, F401
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 300-token tokenizer, a pre-training stream and a chat stream (seq 32), a two-phase mixture."""
+    from data.sources import SourceSpec
+    from tests.data_helpers import (
+        convert_sources,
+        make_chats,
+        make_docs,
+        make_tokenizer,
+        write_jsonl,
+        write_mixture,
+    )
+
+    root = tmp_path_factory.mktemp("corpus")
+    tok = make_tokenizer(root / "tok", vocab_size=300)
+    docs = write_jsonl(root / "docs.jsonl", [{"text": t} for t in make_docs(400, seed=1)])
+    chats = write_jsonl(root / "chat.jsonl", [{"messages": m} for m in make_chats(60, seed=2)])
+    convert_sources(root / "mds" / "docs", tok, [SourceSpec(path=str(docs))], val_fraction=0.1)
+    convert_sources(
+        root / "mds" / "chat", tok, [SourceSpec(path=str(chats), format="chat")], val_fraction=0.1
+    )
+    mixture = write_mixture(
+        root / "mix.yaml",
+        {
+            "stable": {"docs": {"local": str(root / "mds" / "docs"), "proportion": 1.0}},
+            "decay": {
+                "docs": {"local": str(root / "mds" / "docs"), "repeat": 0.5},
+                "chat": {"local": str(root / "mds" / "chat"), "repeat": 1.0},
+            },
+        },
+    )
+    return {"tokenizer": tok, "mixture": mixture, "root": root}
+
+
+def tiny_overrides(corpus: dict[str, Path], run_root: Path, **extra: object) -> list[str]:
+    """Command-line overrides that shrink any recipe to a tiny model on the ``corpus`` fixture."""
+    settings = {
+        "run_root": run_root,
+        "tokenizer": corpus["tokenizer"],
+        "data.mixture": corpus["mixture"],
+        "model.d_model": 32,
+        "model.n_layer": 2,
+        "model.ssm.d_state": 8,
+        "global_train_batch_size": 8,
+        "device_train_microbatch_size": 4,
+        "device_eval_batch_size": 8,
+        "max_duration": "8ba",
+        "eval_interval": "4ba",
+        "eval_subset_num_batches": 2,
+        "checkpoint.save_interval": "2ba",
+        "logging.progress_bar": False,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+class StopAfter(Callback):
+    """Ends training after ``batches`` batches, as the last callback of the event, so that the schedule
+    keeps the run's ``max_duration`` for those batches (``fit(duration=...)`` would replace it)."""
+
+    def __init__(self, batches: int) -> None:
+        self.batches = batches
+
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) >= self.batches:
+            state.stop_training()

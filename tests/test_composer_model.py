@@ -76,7 +76,7 @@ def test_topk_accuracy_and_perplexity_metrics() -> None:
 
 
 def test_flops_mambaoutai_reference() -> None:
-    # ../STACK.md: Mambaoutai (D 2688, 28 layers, V 65024, N 16, R 168) ~ 2.91 GFLOP/token forward.
+    # Mambaoutai (D 2688, 28 layers, V 65024, N 16, R 168): ~2.91 GFLOP/token forward, written out by hand.
     D, E, N, R, K, V, n = 2688, 5376, 16, 168, 4, 65024, 28
     per_layer = 4 * D * E + 2 * E * K + 2 * E * (R + 2 * N) + 2 * R * E + 9 * E * N + 2 * E * D
     assert forward_flops_per_token(preset("1.6b"), 4096) == n * per_layer + 2 * D * V

@@ -146,10 +146,13 @@ def test_stores_two_bytes_per_token(tmp_path: Path, tok_dir: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in make_docs(3000, seed=17)])
     stats = convert_sources(tmp_path / "mds", tok_dir, [SourceSpec(path=str(path))], seq_len=2047)
     index = json.loads((tmp_path / "mds" / "train" / "index.json").read_text())
-    assert all(s["column_encodings"] == ["uint32", "ndarray:uint16:2048"] for s in index["shards"])
+    columns = [dict(zip(s["column_names"], s["column_encodings"])) for s in index["shards"]]
+    assert all(
+        c == {"crc32": "uint32", "doc_offset": "uint32", "tokens": "ndarray:uint16:2048"} for c in columns
+    )
     raw_bytes = sum(s["raw_data"]["bytes"] for s in index["shards"])
     stored_tokens = stats["splits"]["train"]["samples"] * 2048
-    # 2 bytes per token plus ~12 per sample (Streaming's offset, our doc_offset): 2.006 at L=2048.
+    # 2 bytes per token plus 16 per sample (Streaming's offset, our doc_offset and CRC-32): 2.008 at L=2048.
     assert raw_bytes / stored_tokens <= 2.01
 
 
@@ -195,7 +198,8 @@ def test_interrupted_run_leaves_nothing_complete_and_rerun_is_exact(
     with pytest.raises(FileExistsError, match="already exists; remove it or pass --overwrite"):
         convert_sources(out, tok_dir, [SourceSpec(path=str(path))])
     again = convert_sources(out, tok_dir, [SourceSpec(path=str(path))], batch_bytes=300, overwrite=True)
-    assert again == stats
+    assert again.pop("seconds") > 0 and stats.pop("seconds") > 0  # the wall time, not written to stats.json
+    assert again == stats == json.loads((out / "stats.json").read_text())
     tok = load_tokenizer(tok_dir)
     tokens = read_token_stream(single_stream_dataset(tmp_path, out, tok_dir), tok.token_to_id(PAD))
     assert tokens == reference_stream(tok_dir, docs)

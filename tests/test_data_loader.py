@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from common.config import ConfigError
 from data.loader import DataConfig, ShardError, build_dataloader, build_dataset, make_example
-from data.shared_memory import clean_stale_shared_memory
+from data.shared_memory import clean_stale_shared_memory, stale_blocks
 from data.sources import SourceSpec
 from tests.data_helpers import convert_sources, make_docs, make_tokenizer, write_jsonl, write_mixture
 
@@ -55,8 +56,16 @@ def test_batches_are_int64_dicts(tmp_path: Path, corpus: tuple[Path, Path]) -> N
     tok, stream = corpus
     spec = build_dataloader(data_config(tmp_path, stream, "c"), tok, device_batch_size=4)
     batch = next(iter(spec.dataloader))
-    assert set(batch) == {"input_ids", "labels", "position_ids"}
-    assert all(v.shape == (4, 32) and v.dtype == torch.int64 for v in batch.values())
+    assert set(batch) == {"input_ids", "labels", "position_ids", "sample_id"}
+    assert all(
+        batch[k].shape == (4, 32) and batch[k].dtype == torch.int64
+        for k in ("input_ids", "labels", "position_ids")
+    )
+    ids = batch.pop("sample_id")
+    assert ids.dtype == torch.int64 and len(set(ids.tolist())) == 4
+    dataset = spec.dataloader.dataset
+    for i, sample_id in enumerate(ids.tolist()):  # each row is the sample its id names
+        assert torch.equal(dataset[sample_id]["input_ids"], batch["input_ids"][i])
     assert torch.equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:])
     assert spec.get_num_tokens_in_batch(batch) == 4 * 32
     assert spec.dataloader.dataset.seq_len == 32
@@ -119,7 +128,7 @@ def test_tokenizer_mismatch_is_refused(tmp_path: Path, corpus: tuple[Path, Path]
 def test_missing_stream_names_convert_command(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
     tok, _ = corpus
     mixture = write_mixture(tmp_path / "m.yaml", {"stable": {"en": {"local": str(tmp_path / "nothing")}}})
-    with pytest.raises(FileNotFoundError, match=r"stream 'en': no .*nothing/train/index.json; convert"):
+    with pytest.raises(ConfigError, match=r"stream 'en': no .*nothing/train/index.json; convert"):
         build_dataset(DataConfig(mixture=str(mixture)), tok, 4)
 
 
@@ -136,6 +145,31 @@ def test_corrupted_shard_is_named(tmp_path: Path, corpus: tuple[Path, Path]) -> 
         ShardError, match=r"shard .*train/shard\.00000\.mds\.zstd is corrupt.*Checksum failure"
     ):
         list(dataset)
+
+
+def test_a_flipped_bit_in_an_unpacked_shard_is_named(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
+    """Streaming checks a shard's hash only when it unpacks it; the per-sample CRC catches later damage."""
+    tok, stream = corpus
+    data = tmp_path / "data"
+    convert_sources(data, tok, [SourceSpec(path=str(stream.parent / "d.jsonl"))], seq_len=32)
+    cfg = data_config(tmp_path, data, "c", shuffle=False)
+    assert len(list(build_dataset(cfg, tok, 4))) > 0  # unpacks shard.00000.mds into the local cache c/
+    raw = tmp_path / "c" / "train" / "shard.00000.mds"
+    blob = bytearray(raw.read_bytes())
+    blob[len(blob) // 2] ^= 0x01  # the low bit of a token: still a valid id, a different text
+    raw.write_bytes(bytes(blob))
+    with pytest.raises(
+        ShardError, match=r"shard .*c/train/shard\.00000\.mds, sample \d+ .* checksum does not match"
+    ):
+        list(build_dataset(cfg, tok, 4))
+
+
+def test_a_token_outside_the_vocabulary_is_named(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
+    tok, stream = corpus
+    dataset = build_dataset(data_config(tmp_path, stream, "c", shuffle=False), tok, 4)
+    dataset.vocab_size = 5  # every stored id >= 5 now reads as corrupt
+    with pytest.raises(ShardError, match=r"sample 0 .* holds token id \d+, outside the tokenizer's 5 ids"):
+        next(iter(dataset))
 
 
 def test_stale_shared_memory_from_a_crash_is_cleaned(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
@@ -160,7 +194,9 @@ def test_stale_shared_memory_from_a_crash_is_cleaned(tmp_path: Path, corpus: tup
         start_new_session=True,
     )
     assert crashed.returncode == -9, crashed.stderr
-    leftovers = set(os.listdir("/dev/shm")) - before
+    # New blocks that no live process maps: the dead run's (other jobs on the machine may add their own).
+    stale = {name for names in stale_blocks().values() for name in names}
+    leftovers = (set(os.listdir("/dev/shm")) - before) & stale
     assert any(name.endswith("_locals") for name in leftovers)
     # The same local folder, still claimed in shared memory by the dead run.
     rerun = subprocess.run(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError
+from common.config import ConfigError, load_config
 from data.loader import DataConfig, build_dataset
 from data.mixture import load_mixture, phase_streams
 from data.shared_memory import clean_stale_shared_memory
@@ -132,6 +132,12 @@ def test_mixture_errors_name_the_key(tmp_path: Path) -> None:
 
 def test_data_config_checks() -> None:
     with pytest.raises(ValueError, match=r"data\.mixture is empty"):
-        DataConfig()
-    with pytest.raises(ValueError, match=r"data\.sampling_method='random'"):
-        DataConfig(mixture="m.yaml", sampling_method="random")
+        DataConfig(mixture="")
+    with pytest.raises(ConfigError, match=r"config key 'mixture' has no value"):
+        load_config(DataConfig)
+    with pytest.raises(
+        ConfigError, match=r"sampling_method.*'random'.*expected one of \['balanced', 'fixed'\]"
+    ):
+        load_config(DataConfig, overrides=["mixture=m.yaml", "sampling_method=random"])
+    with pytest.raises(ConfigError, match=r"2 problems.*\n.*epoch_size=0.*\n.*num_workers=-1"):
+        load_config(DataConfig, overrides=["mixture=m.yaml", "epoch_size=0", "num_workers=-1"])

@@ -15,15 +15,16 @@ from models.hf_interop import load_pretrained
 from recipes.config import load_train_config
 from recipes.export import main as export_main
 from recipes.train import build_trainer
-from tests.test_train import ROOT, tiny_overrides
+from tests.conftest import tiny_overrides
+from tests.test_train import ROOT
 
 
 @pytest.fixture(scope="module")
-def trained_run(tiny_corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained_run(corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4-batch Mamba-1 run on the tiny corpus (its tokenizer has the ChatML tokens and template)."""
     root = tmp_path_factory.mktemp("runs")
     overrides = tiny_overrides(
-        tiny_corpus,
+        corpus,
         root,
         run_name="m1",
         max_duration="4ba",
@@ -85,10 +86,10 @@ def _umask() -> int:
 
 
 def test_mamba_ssm_export_of_a_hybrid_checkpoint(
-    tiny_corpus: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    corpus: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     overrides = tiny_overrides(
-        tiny_corpus,
+        corpus,
         tmp_path,
         run_name="hybrid",
         max_duration="2ba",

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from models.checkpoint_io import read_weights
-from tests.test_train import ROOT, free_port, tiny_overrides
+from tests.conftest import tiny_overrides
+from tests.test_train import ROOT, free_port
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -39,14 +40,14 @@ def full_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in state.items()}
 
 
-def test_sharded_checkpoint_is_read_in_one_process(tiny_corpus: dict[str, Path], tmp_path: Path) -> None:
+def test_sharded_checkpoint_is_read_in_one_process(corpus: dict[str, Path], tmp_path: Path) -> None:
     train = ROOT / "recipes" / "train.py"
     common = {"eval_interval": "null", "max_duration": "4ba", "checkpoint.save_interval": "4ba"}
     # The same 2-process run twice: FSDP's sharded (DCP) checkpoint, and a full one as the reference.
-    launch(train, tiny_overrides(tiny_corpus, tmp_path, run_name="sharded", **common))
+    launch(train, tiny_overrides(corpus, tmp_path, run_name="sharded", **common))
     launch(
         train,
-        tiny_overrides(tiny_corpus, tmp_path, run_name="full", **{**common, "fsdp.state_dict_type": "full"}),
+        tiny_overrides(corpus, tmp_path, run_name="full", **{**common, "fsdp.state_dict_type": "full"}),
     )
     assert (tmp_path / "sharded" / "checkpoints" / "ep0-ba4" / ".metadata").is_file()
     sharded = read_weights(tmp_path / "sharded")  # the run folder: its latest (sharded) checkpoint
@@ -57,7 +58,7 @@ def test_sharded_checkpoint_is_read_in_one_process(tiny_corpus: dict[str, Path],
         assert torch.equal(sharded.state_dict[key], value), key
 
 
-def test_init_from_under_two_processes(tiny_corpus: dict[str, Path], tmp_path: Path) -> None:
+def test_init_from_under_two_processes(corpus: dict[str, Path], tmp_path: Path) -> None:
     """An HF checkpoint as init_from of a 2-process FSDP2 run, loaded by every rank (CPU), and by rank 0
     alone into a meta-device model (the GPU path). At a negligible lr one step barely moves the
     weights, so the first saved checkpoint must still equal the source (a fresh init would not)."""
@@ -77,12 +78,8 @@ def test_init_from_under_two_processes(tiny_corpus: dict[str, Path], tmp_path: P
         "scheduler.t_decay": "1ba",
         "init_from.path": tmp_path / "released",
     }
-    launch(
-        ROOT / "recipes" / "train.py", tiny_overrides(tiny_corpus, tmp_path, run_name="every-rank", **start)
-    )
-    launch(
-        ROOT / "tests/dist/train_on_meta.py", tiny_overrides(tiny_corpus, tmp_path, run_name="meta", **start)
-    )
+    launch(ROOT / "recipes" / "train.py", tiny_overrides(corpus, tmp_path, run_name="every-rank", **start))
+    launch(ROOT / "tests/dist/train_on_meta.py", tiny_overrides(corpus, tmp_path, run_name="meta", **start))
     for run in ("every-rank", "meta"):
         started = full_weights(tmp_path / run / "checkpoints" / "ep0-ba1-rank0.pt")
         for key, value in source.state_dict().items():

@@ -15,7 +15,8 @@ from models.hf_interop import export_mamba_ssm
 from models.mamba_lm import MambaLMHeadModel
 from recipes.inheritune import grown_state, load_optimizer_state_by_name, optimizer_state_by_name, run
 from recipes.init_from import inherited_config
-from tests.test_train import ROOT, tiny_overrides
+from tests.conftest import tiny_overrides
+from tests.test_train import ROOT
 
 REFERENCES = {
     "mamba1": MambaConfig(d_model=32, n_layer=4, vocab_size=300, ssm=SSMConfig(d_state=8)),
@@ -70,12 +71,12 @@ def test_growth_keeps_old_blocks_and_their_adamw_state() -> None:
 
 @pytest.mark.parametrize("kind", list(REFERENCES))
 def test_inheritune_loop_grows_until_parity_or_the_limit(
-    kind: str, tiny_corpus: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kind: str, corpus: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     torch.manual_seed(0)
     export_mamba_ssm(MambaLMHeadModel(REFERENCES[kind]), tmp_path / "ref")
     overrides = tiny_overrides(
-        tiny_corpus,
+        corpus,
         tmp_path,
         run_name="it",
         max_duration="2ba",
@@ -115,9 +116,9 @@ def test_inheritune_loop_grows_until_parity_or_the_limit(
     )
 
 
-def test_bad_depths_fail_clearly(tiny_corpus: dict[str, Path], tmp_path: Path) -> None:
+def test_bad_depths_fail_clearly(corpus: dict[str, Path], tmp_path: Path) -> None:
     export_mamba_ssm(MambaLMHeadModel(REFERENCES["mamba1"]), tmp_path / "ref")
-    overrides = tiny_overrides(tiny_corpus, tmp_path, run_name="bad", max_duration="2ba")
+    overrides = tiny_overrides(corpus, tmp_path, run_name="bad", max_duration="2ba")
     with pytest.raises(cli.UserError, match="--max-depth"):
         run([str(ROOT / "yamls/tiny/wsd.yaml")], overrides, str(tmp_path / "ref"), start_depth=5)
     with pytest.raises(cli.UserError, match="in batches"):

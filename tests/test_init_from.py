@@ -20,7 +20,8 @@ from models.mamba_lm import MambaLMHeadModel
 from recipes.config import load_train_config
 from recipes.init_from import InitFromConfig, inherited_config, select_weights
 from recipes.train import build_trainer
-from tests.test_train import ROOT, tiny_overrides
+from tests.conftest import tiny_overrides
+from tests.test_train import ROOT
 
 HYBRID = MambaConfig(
     d_model=32,
@@ -150,10 +151,10 @@ class FixedBatchLoss(Callback):
         self._probe(state)
 
 
-def probe_batch(tiny_corpus: dict[str, Path]) -> dict[str, torch.Tensor]:
+def probe_batch(corpus: dict[str, Path]) -> dict[str, torch.Tensor]:
     from data.loader import build_dataloader
 
-    cfg = load_train_config([ROOT / "yamls/tiny/wsd.yaml"], tiny_overrides(tiny_corpus, Path("/nonexistent")))
+    cfg = load_train_config([ROOT / "yamls/tiny/wsd.yaml"], tiny_overrides(corpus, Path("/nonexistent")))
     return next(iter(build_dataloader(cfg.data, cfg.tokenizer, 8, split="val").dataloader))
 
 
@@ -166,7 +167,7 @@ def fit(overrides: list[str], recipe: str, probe: FixedBatchLoss | None = None):
     return cfg, initial
 
 
-def test_continue_a_released_hf_model_at_its_peak_lr(tiny_corpus: dict[str, Path], tmp_path: Path) -> None:
+def test_continue_a_released_hf_model_at_its_peak_lr(corpus: dict[str, Path], tmp_path: Path) -> None:
     """An HF MambaForCausalLM (its own init and save_pretrained) as init_from; WSD without warmup."""
     hf = MambaForCausalLM(
         HFMambaConfig(
@@ -175,7 +176,7 @@ def test_continue_a_released_hf_model_at_its_peak_lr(tiny_corpus: dict[str, Path
     )
     hf.save_pretrained(tmp_path / "released")
     overrides = tiny_overrides(
-        tiny_corpus,
+        corpus,
         tmp_path,
         run_name="continue",
         max_duration="6ba",
@@ -200,9 +201,7 @@ def test_continue_a_released_hf_model_at_its_peak_lr(tiny_corpus: dict[str, Path
     assert lrs == pytest.approx([peak / 3, 2 * peak / 3, peak, peak, peak, 0.55 * peak], rel=1e-6)
 
 
-def test_export_init_from_roundtrip_through_mamba_ssm_format(
-    tiny_corpus: dict[str, Path], tmp_path: Path
-) -> None:
+def test_export_init_from_roundtrip_through_mamba_ssm_format(corpus: dict[str, Path], tmp_path: Path) -> None:
     """A hybrid written in mamba_ssm's format starts a run with exactly its weights."""
     cfg_hybrid = MambaConfig(
         d_model=32,
@@ -216,7 +215,7 @@ def test_export_init_from_roundtrip_through_mamba_ssm_format(
     source = MambaLMHeadModel(cfg_hybrid)
     export_mamba_ssm(source, tmp_path / "ms")
     overrides = tiny_overrides(
-        tiny_corpus,
+        corpus,
         tmp_path,
         run_name="hybrid",
         max_duration="2ba",
@@ -240,13 +239,13 @@ def test_export_init_from_roundtrip_through_mamba_ssm_format(
 
 @pytest.mark.slow
 def test_decay_without_optimizer_state_does_not_spike_with_rewarmup(
-    tiny_corpus: dict[str, Path], tmp_path: Path
+    corpus: dict[str, Path], tmp_path: Path
 ) -> None:
     """A decay (scheduler decay_phase) from a pre-decay checkpoint: with its AdamW state, and from its
     weights released in HF format (fresh moments) with and without the lr re-warmup. The loss on
     one fixed batch after each of the first steps."""
     stable = tiny_overrides(
-        tiny_corpus,
+        corpus,
         tmp_path,
         run_name="stable",
         max_duration="24ba",
@@ -259,7 +258,7 @@ def test_decay_without_optimizer_state_does_not_spike_with_rewarmup(
     # The "released" pre-decay checkpoint: its weights in HF format, no optimizer state.
     released = tmp_path / "released-hf"
     export_hf(read_weights(pre_decay).build(), released)
-    batch = probe_batch(tiny_corpus)
+    batch = probe_batch(corpus)
     decay = ["max_duration=8ba", "eval_interval=null", "scheduler.alpha_f=0.1"]
     runs = {
         "state": [f"checkpoint.load_path={pre_decay}"],
@@ -269,7 +268,7 @@ def test_decay_without_optimizer_state_does_not_spike_with_rewarmup(
     probes = {}
     for name, extra in runs.items():
         probes[name] = FixedBatchLoss(batch)
-        overrides = tiny_overrides(tiny_corpus, tmp_path, run_name=name, **{"scheduler.t_decay": 0.25})
+        overrides = tiny_overrides(corpus, tmp_path, run_name=name, **{"scheduler.t_decay": 0.25})
         fit([*overrides, *decay, *extra], "yamls/tiny/decay.yaml", probes[name])
     start = {name: p.losses[0] for name, p in probes.items()}
     assert start["state"] == start["fresh"] == start["rewarm"]  # the same pre-decay weights

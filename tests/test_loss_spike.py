@@ -13,10 +13,10 @@ import torch
 from composer import Algorithm, Callback, Event, Trainer
 from composer.core import State
 from composer.loggers import Logger
+from composer.optim import LinearWithWarmupScheduler
 from torch.utils.data import DataLoader, Dataset
 
 from callbacks.loss_spike import LossSpikeRollback, SpikeDetector
-from callbacks.schedulers import LinearDecayToZeroScheduler
 from models.composer_model import ComposerMambaLM
 from models.config import preset
 
@@ -137,7 +137,7 @@ def fit(tmp_path: Path, poison: PoisonLoss, rollback: LossSpikeRollback, record:
         model=model,
         train_dataloader=DataLoader(RandomTokens(), batch_size=2, shuffle=False),
         optimizers=torch.optim.AdamW(model.parameters(), lr=PEAK_LR),
-        schedulers=LinearDecayToZeroScheduler(t_warmup="0ba"),
+        schedulers=LinearWithWarmupScheduler(t_warmup="0ba", alpha_f=0.0),
         max_duration=f"{N_BATCHES}ba",
         algorithms=[poison],
         callbacks=[rollback, record],  # the recorder runs after the rollback at each event

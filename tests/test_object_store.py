@@ -107,7 +107,9 @@ def test_convert_train_resume_init_from_and_export_on_s3(
     trainer.close()
     keys = list_keys("runs/remote/")
     assert "runs/remote/checkpoints/ep0-ba8-rank0.pt" in keys
-    assert "runs/remote/checkpoints/pre-decay-ba3.pt" in keys  # uploaded by UploadPreDecay
+    assert (
+        "runs/remote/checkpoints/pre-decay/pre-decay-ba3.pt" in keys
+    )  # the pre-decay CheckpointSaver uploads it
     steps = [r["step"] for r in read_jsonl(run_cfg.run_dir / "metrics.jsonl") if "loss/train/total" in r]
     assert steps == [4, 5, 6, 7]
     assert stats["splits"]["train"]["documents"] > 0
@@ -119,7 +121,7 @@ def test_convert_train_resume_init_from_and_export_on_s3(
     assert latest.config.d_model == 32
 
     # 4. init_from the pre-decay checkpoint on s3:// (weights only).
-    pre_decay = f"{s3_bucket}/runs/remote/checkpoints/pre-decay-ba3.pt"
+    pre_decay = f"{s3_bucket}/runs/remote/checkpoints/pre-decay/pre-decay-ba3.pt"
     expected = read_weights(pre_decay).state_dict
     decay = load_train_config(
         [ROOT / "yamls/tiny/decay.yaml"],

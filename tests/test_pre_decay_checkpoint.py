@@ -60,13 +60,19 @@ def make_trainer(
 ) -> Trainer:
     torch.manual_seed(0)
     model = ComposerMambaLM(preset("debug"))
+    scheduler = kwargs.pop("schedulers", WarmupStableDecayScheduler("2ba", 0.25, "linear", alpha_f=0.0))
+    pre_decay = (
+        [PreDecayCheckpoint(scheduler, str(pre_decay_folder))]
+        if isinstance(scheduler, WarmupStableDecayScheduler)
+        else []
+    )
     return Trainer(
         model=model,
         train_dataloader=DataLoader(RandomTokens(), batch_size=2, shuffle=False),
         optimizers=torch.optim.AdamW(model.parameters(), lr=PEAK_LR),
-        schedulers=kwargs.pop("schedulers", WarmupStableDecayScheduler("2ba", 0.25, "linear", alpha_f=0.0)),
+        schedulers=scheduler,
         max_duration=kwargs.pop("max_duration", "20ba"),
-        callbacks=[PreDecayCheckpoint(save_folder=str(pre_decay_folder)), *(callbacks or [])],
+        callbacks=[*pre_decay, *(callbacks or [])],
         save_folder=str(save_folder),
         save_interval=kwargs.pop("save_interval", "4ba"),
         device="cpu",
@@ -78,7 +84,7 @@ def make_trainer(
 
 
 def pre_decay_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if "pre-decay" in p.name)
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +92,7 @@ def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     """20 batches of WSD with a 0.25 decay: the stable phase ends at 15ba."""
     folder = tmp_path_factory.mktemp("run")
     snapshot = SnapshotAt(15)
-    trainer = make_trainer(folder, folder, [snapshot])
+    trainer = make_trainer(folder, folder / "pre-decay", [snapshot])
     trainer.fit()
     trainer.close()
     assert snapshot.weights is not None
@@ -95,8 +101,8 @@ def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 
 def test_saved_once_at_the_end_of_the_stable_phase(first_run: tuple[Path, dict[str, torch.Tensor]]) -> None:
     folder, weights_at_15 = first_run
-    assert pre_decay_files(folder) == ["pre-decay-ba15.pt"]  # once, and no temporary file left behind
-    ckpt = torch.load(folder / "pre-decay-ba15.pt", map_location="cpu", weights_only=False)
+    assert pre_decay_files(folder / "pre-decay") == ["pre-decay-ba15.pt"]  # once, nothing else left behind
+    ckpt = torch.load(folder / "pre-decay" / "pre-decay-ba15.pt", map_location="cpu", weights_only=False)
     assert int(ckpt["state"]["timestamp"]["Timestamp"]["batch"]) == 15
     for name, tensor in weights_at_15.items():
         assert torch.equal(ckpt["state"]["model"][name], tensor), name
@@ -113,32 +119,28 @@ def test_saved_once_at_the_end_of_the_stable_phase(first_run: tuple[Path, dict[s
 def test_stable_end_in_tokens_saves_at_the_first_boundary_past_it(tmp_path: Path) -> None:
     """32 tokens a batch; the decay starts at 544 - 54 = 490 tokens, inside batch 15 (480 -> 512)."""
     wsd = WarmupStableDecayScheduler("2ba", "54tok", "linear", alpha_f=0.0)
-    trainer = make_trainer(tmp_path, tmp_path, schedulers=wsd, max_duration="544tok", save_interval="100ba")
+    trainer = make_trainer(
+        tmp_path, tmp_path / "pre", schedulers=wsd, max_duration="544tok", save_interval="100ba"
+    )
     trainer.fit()
     trainer.close()
-    assert pre_decay_files(tmp_path) == ["pre-decay-ba16.pt"]
-    ckpt = torch.load(tmp_path / "pre-decay-ba16.pt", map_location="cpu", weights_only=False)
+    assert pre_decay_files(tmp_path / "pre") == ["pre-decay-ba16.pt"]
+    ckpt = torch.load(tmp_path / "pre" / "pre-decay-ba16.pt", map_location="cpu", weights_only=False)
     assert int(ckpt["state"]["timestamp"]["Timestamp"]["token"]) == 512
 
 
-@pytest.mark.filterwarnings("ignore:PreDecayCheckpoint is not in the state_dict")
-@pytest.mark.parametrize("keep_callback_state", [True, False])
 def test_resumed_after_the_boundary_does_not_save_again(
-    first_run: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path, keep_callback_state: bool
+    first_run: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
 ) -> None:
     folder, _ = first_run
-    before = (folder / "pre-decay-ba15.pt").stat()
-    ignore = None if keep_callback_state else ["state/callbacks/PreDecayCheckpoint"]
-    trainer = make_trainer(
-        tmp_path, folder, load_path=str(folder / "ep0-ba16-rank0.pt"), load_ignore_keys=ignore
-    )
+    before = (folder / "pre-decay" / "pre-decay-ba15.pt").stat()
+    trainer = make_trainer(tmp_path, folder / "pre-decay", load_path=str(folder / "ep0-ba16-rank0.pt"))
     assert int(trainer.state.timestamp.batch) == 16
     trainer.fit()
     trainer.close()
-    after = (folder / "pre-decay-ba15.pt").stat()
-    assert pre_decay_files(folder) == ["pre-decay-ba15.pt"]
+    after = (folder / "pre-decay" / "pre-decay-ba15.pt").stat()
+    assert pre_decay_files(folder / "pre-decay") == ["pre-decay-ba15.pt"]
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    assert pre_decay_files(tmp_path) == []
 
 
 def test_resumed_before_the_boundary_saves_it(
@@ -160,11 +162,11 @@ def test_decay_phase_starts_from_the_pre_decay_weights_and_optimizer(
 ) -> None:
     """The decay-phase workflow: weights and AdamW state from the checkpoint, a fresh timestamp and data."""
     folder, _ = first_run
-    path = folder / "pre-decay-ba15.pt"
+    path = folder / "pre-decay" / "pre-decay-ba15.pt"
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     trainer = make_trainer(
         tmp_path,
-        tmp_path,
+        tmp_path / "pre",
         load_path=str(path),
         load_ignore_keys=["state/timestamp", "state/dataset_state", "state/schedulers", "state/callbacks"],
         schedulers=DecayPhaseScheduler(t_start="0ba", decay_shape="linear", alpha_f=0.0),
@@ -186,7 +188,7 @@ def test_decay_phase_starts_from_the_pre_decay_weights_and_optimizer(
         assert float(slots["step"]) == 15.0
     trainer.fit()  # the decay phase trains from there: 5 batches, lr from the peak down
     trainer.close()
-    assert pre_decay_files(tmp_path) == []  # no stable phase in a decay-phase run: nothing to save
+    assert pre_decay_files(tmp_path / "pre") == []  # no stable phase in a decay-phase run: nothing to save
     assert int(state.timestamp.batch) == 5
     assert all(float(slots["step"]) == 20.0 for slots in optimizer.state.values())
 
@@ -231,7 +233,7 @@ def _fsdp_trainer(state_dict_type: str, **kwargs) -> Trainer:
             dataset, batch_size=4 // world, sampler=dist.get_sampler(dataset, shuffle=False)
         ),
         optimizers=torch.optim.AdamW(model.parameters(), lr=PEAK_LR),
-        schedulers=WarmupStableDecayScheduler("1ba", 0.25, "linear", alpha_f=0.0),
+        schedulers=kwargs.pop("schedulers", WarmupStableDecayScheduler("1ba", 0.25, "linear", alpha_f=0.0)),
         max_duration="8ba",
         device="cpu",
         precision="fp32",
@@ -248,10 +250,12 @@ def _fsdp_main(out_dir: str, state_dict_type: str) -> None:
     folder = os.path.join(out_dir, "ckpt")
     snapshots = FullSnapshots()
     rollback = LossSpikeRollback(window=4, warmup_batches=3)
+    wsd = WarmupStableDecayScheduler("1ba", 0.25, "linear", alpha_f=0.0)
     trainer = _fsdp_trainer(
         state_dict_type,
+        schedulers=wsd,
         algorithms=[GlooFSDP2GradAverage(), PoisonLoss(6)],
-        callbacks=[PreDecayCheckpoint(save_folder=folder), rollback, snapshots],
+        callbacks=[PreDecayCheckpoint(wsd, os.path.join(folder, "pre-decay")), rollback, snapshots],
         save_folder=folder,
         save_interval="2ba",
     )
@@ -259,7 +263,7 @@ def _fsdp_main(out_dir: str, state_dict_type: str) -> None:
     trainer.close()
     reloaded = {}
     sharded = state_dict_type == "sharded"
-    paths = {"pre-decay": "pre-decay-ba6" if sharded else "pre-decay-ba6.pt"}
+    paths = {"pre-decay": "pre-decay/ep0-ba6" if sharded else "pre-decay/pre-decay-ba6.pt"}
     paths["restored"] = "ep0-ba4" if sharded else "ep0-ba4-rank0.pt"
     for key, name in paths.items():
         other = _fsdp_trainer(state_dict_type, load_path=os.path.join(folder, name))
@@ -283,13 +287,15 @@ def test_fsdp2_pre_decay_and_rollback(tmp_path: Path, state_dict_type: str) -> N
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folder = tmp_path / "ckpt"
     if state_dict_type == "sharded":
-        # A sharded checkpoint is a directory: one file per rank plus the metadata; no temporary left.
-        assert pre_decay_files(folder) == ["pre-decay-ba6"]
-        shards = sorted(p.name for p in (folder / "pre-decay-ba6").iterdir())
+        # A sharded checkpoint is a directory: one file per rank plus the metadata; nothing else left.
+        assert pre_decay_files(folder / "pre-decay") == ["ep0-ba6"]
+        shards = sorted(p.name for p in (folder / "pre-decay" / "ep0-ba6").iterdir())
         assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
         restored = folder / "ep0-ba4"
     else:
-        assert pre_decay_files(folder) == ["pre-decay-ba6.pt"]  # rank 0 wrote the gathered state
+        assert pre_decay_files(folder / "pre-decay") == [
+            "pre-decay-ba6.pt"
+        ]  # rank 0 wrote the gathered state
         restored = folder / "ep0-ba4-rank0.pt"
     result = torch.load(tmp_path / "result.pt", weights_only=False)
     snapshots, reloaded = result["snapshots"], result["reloaded"]

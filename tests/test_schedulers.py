@@ -10,16 +10,11 @@ from composer import Callback, Trainer
 from composer.core import State, Time, Timestamp
 from composer.devices import DeviceCPU
 from composer.models import ComposerModel
-from composer.optim import CosineAnnealingWithWarmupScheduler
+from composer.optim import CosineAnnealingWithWarmupScheduler, LinearWithWarmupScheduler
 
-from callbacks.schedulers import (
-    SCHEDULERS,
-    CosineWithWarmupScheduler,
-    DecayPhaseScheduler,
-    LinearDecayToZeroScheduler,
-    WarmupStableDecayScheduler,
-    build_scheduler,
-)
+from callbacks.registry import schedulers
+from callbacks.schedulers import CosineWithWarmupScheduler, DecayPhaseScheduler, WarmupStableDecayScheduler
+from common.config import ConfigError
 
 
 def make_state(max_duration: str, dataloader: list | None = None) -> State:
@@ -136,10 +131,10 @@ def test_cosine_equals_composer_cosine_with_warmup() -> None:
 
 
 def test_d2z_decays_linearly_to_zero_after_warmup() -> None:
+    """D2Z is Composer's linear schedule with alpha_f 0: equal to our WSD with a whole-run decay."""
     state = make_state("1000ba")
-    d2z = build_scheduler("d2z", t_warmup="200ba")
-    assert isinstance(d2z, LinearDecayToZeroScheduler)
-    assert d2z.stable_end(state) == Time(200, "ba")
+    d2z = schedulers.build("linear_with_warmup", {"t_warmup": "200ba", "alpha_f": 0.0})
+    assert isinstance(d2z, LinearWithWarmupScheduler)
     assert d2z(at(state, batch=100)) == pytest.approx(0.5)
     assert d2z(at(state, batch=200)) == 1.0
     assert d2z(at(state, batch=600)) == pytest.approx(0.5)
@@ -163,7 +158,7 @@ def test_decay_phase_continues_from_the_pre_decay_checkpoint() -> None:
         assert resumed(at(full, batch=batch)) == pytest.approx(wsd(at(full, batch=batch)), abs=1e-12)
     # Weights only (the timestamp restarts at 0), a 200-batch decay run.
     fresh = make_state("200ba")
-    restarted = build_scheduler("decay_phase", decay_shape="1-sqrt", alpha_f=0.05)
+    restarted = schedulers.build("decay_phase", {"decay_shape": "1-sqrt", "alpha_f": 0.05})
     assert restarted(at(fresh, batch=0)) == 1.0
     assert restarted(at(fresh, batch=50)) == pytest.approx(0.05 + 0.95 * (1 - 0.5))
     assert restarted(at(fresh, batch=200)) == pytest.approx(0.05)
@@ -215,7 +210,7 @@ def _fit(max_duration: str, scheduler: object, n_batches: int = 20) -> list[floa
 def test_trainer_lr_follows_wsd_each_batch() -> None:
     """A real Trainer: Composer steps the scheduler before advancing the timestamp, so batch n
     trains with f(n - 1) (batch 0 with f(0))."""
-    lrs = _fit("20ba", build_scheduler("wsd", t_warmup="4ba", t_decay=0.5, alpha_f=0.1))
+    lrs = _fit("20ba", schedulers.build("wsd", {"t_warmup": "4ba", "t_decay": 0.5, "alpha_f": 0.1}))
     assert len(lrs) == 20
     for n, lr in enumerate(lrs):
         assert lr == pytest.approx(2e-3 * reference(max(n - 1, 0), 4, 10, 20, "linear", 0.1), abs=1e-15), n
@@ -252,21 +247,29 @@ def test_config_errors_name_the_key_and_the_fix() -> None:
     with pytest.raises(ValueError, match=r"t_start .* is not before t_max"):
         DecayPhaseScheduler(t_start="1000ba")(at(state, batch=0))
     with pytest.raises(ValueError, match="must use one unit"):
-        LinearDecayToZeroScheduler("10ba")(at(make_state("1000tok"), batch=0))
+        CosineWithWarmupScheduler("10ba")(at(make_state("1000tok"), batch=0))
 
 
-def test_registry_names_and_kwargs() -> None:
-    assert set(SCHEDULERS) == {"wsd", "cosine", "d2z", "decay_phase"}
+def test_registry_names_and_arguments() -> None:
+    assert schedulers.names() == [
+        "wsd",
+        "cosine",
+        "decay_phase",
+        "linear_with_warmup",
+        "constant_with_warmup",
+    ]
     with pytest.raises(
-        ValueError, match=r"unknown scheduler name 'wds' \(did you mean 'wsd'\?\); valid names: wsd"
+        ConfigError, match=r"unknown scheduler 'wds' \(did you mean 'wsd'\?\); registered schedulers: wsd"
     ):
-        build_scheduler("wds", t_warmup="1ba", t_decay=0.1)
+        schedulers.build("wds", {"t_warmup": "1ba", "t_decay": 0.1})
     with pytest.raises(
-        ValueError,
-        match=r"no setting 't_decy' \(did you mean 't_decay'\?\); its settings are: t_warmup, t_decay",
+        ConfigError,
+        match=r"unknown config key 'scheduler.t_decy' \(from scheduler 'wsd'\) \(did you mean 'scheduler.t_decay'\?\)",
     ):
-        build_scheduler("wsd", t_warmup="1ba", t_decy=0.1)
-    with pytest.raises(ValueError, match="needs 't_decay'"):
-        build_scheduler("wsd", t_warmup="1ba")
-    cosine = build_scheduler("cosine", t_warmup="480ba")
+        schedulers.build("wsd", {"t_warmup": "1ba", "t_decy": 0.1}, where="scheduler")
+    with pytest.raises(ConfigError, match=r"scheduler: scheduler 'linear_with_warmup' needs t_warmup"):
+        schedulers.build("linear_with_warmup", {}, where="scheduler")
+    with pytest.raises(ConfigError, match=r"bad value for config key 'scheduler.decay_shape'.*'cos'.*1-sqrt"):
+        schedulers.build("wsd", {"decay_shape": "cos"}, where="scheduler")
+    cosine = schedulers.build("cosine", {"t_warmup": "480ba", "alpha_f": 0.1})
     assert cosine(at(make_state("1000ba"), batch=1000)) == pytest.approx(0.1)  # the paper's 2e-4 / 2e-3

@@ -13,18 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.sources import SourceSpec
 from models.mamba_lm import MambaLMHeadModel
 from recipes.config import load_train_config
 from recipes.train import build_trainer
-from tests.data_helpers import (
-    convert_sources,
-    make_chats,
-    make_docs,
-    make_tokenizer,
-    write_jsonl,
-    write_mixture,
-)
+from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(glob.glob(str(ROOT / "yamls" / "**" / "*.yaml"), recursive=True))
@@ -45,52 +37,7 @@ def test_every_recipe_loads_and_builds(recipe: str) -> None:
     assert cfg.data.phase in mixture.phases
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tokenizer, a pre-training stream and a chat stream (seq 32), and a two-phase mixture."""
-    root = tmp_path_factory.mktemp("corpus")
-    tok = make_tokenizer(root / "tok", vocab_size=300)
-    docs = write_jsonl(root / "docs.jsonl", [{"text": t} for t in make_docs(400, seed=1)])
-    chats = write_jsonl(root / "chat.jsonl", [{"messages": m} for m in make_chats(60, seed=2)])
-    convert_sources(root / "mds" / "docs", tok, [SourceSpec(path=str(docs))], val_fraction=0.1)
-    convert_sources(
-        root / "mds" / "chat", tok, [SourceSpec(path=str(chats), format="chat")], val_fraction=0.1
-    )
-    mixture = write_mixture(
-        root / "mix.yaml",
-        {
-            "stable": {"docs": {"local": str(root / "mds" / "docs"), "proportion": 1.0}},
-            "decay": {
-                "docs": {"local": str(root / "mds" / "docs"), "repeat": 0.5},
-                "chat": {"local": str(root / "mds" / "chat"), "repeat": 1.0},
-            },
-        },
-    )
-    return {"tokenizer": tok, "mixture": mixture, "root": root}
-
-
-def tiny_overrides(corpus: dict[str, Path], run_root: Path, **extra: object) -> list[str]:
-    settings = {
-        "run_root": run_root,
-        "tokenizer": corpus["tokenizer"],
-        "data.mixture": corpus["mixture"],
-        "model.d_model": 32,
-        "model.n_layer": 2,
-        "model.vocab_size": 300,
-        "model.ssm.d_state": 8,
-        "global_train_batch_size": 8,
-        "device_train_microbatch_size": 4,
-        "device_eval_batch_size": 8,
-        "max_duration": "8ba",
-        "eval_interval": "4ba",
-        "eval_subset_num_batches": 2,
-        "scheduler.t_warmup": "2ba",
-        "scheduler.t_decay": 0.25,
-        "checkpoint.save_interval": "2ba",
-        "logging.progress_bar": False,
-        **extra,
-    }
-    return [f"{k}={v}" for k, v in settings.items()]
+WSD = ["scheduler.t_warmup=2ba", "scheduler.t_decay=0.25"]  # the tiny recipes' WSD, shortened to 8 batches
 
 
 def train(overrides: list[str], recipe: str = "yamls/tiny/wsd_posweight.yaml", duration: str | None = None):
@@ -104,12 +51,12 @@ def train(overrides: list[str], recipe: str = "yamls/tiny/wsd_posweight.yaml", d
 
 
 def test_resume_is_exact(corpus: dict[str, Path], tmp_path: Path) -> None:
-    straight, steps, _ = train(tiny_overrides(corpus, tmp_path / "a"))
+    straight, steps, _ = train([*tiny_overrides(corpus, tmp_path / "a"), *WSD])
     assert steps == 8
     # Same run, stopped after 4 batches (the schedule still spans 8), then autoresumed.
-    _, stopped_at, _ = train(tiny_overrides(corpus, tmp_path / "b"), duration="4ba")
+    _, stopped_at, _ = train([*tiny_overrides(corpus, tmp_path / "b"), *WSD], duration="4ba")
     assert stopped_at == 4
-    resumed, steps, cfg = train(tiny_overrides(corpus, tmp_path / "b"))
+    resumed, steps, cfg = train([*tiny_overrides(corpus, tmp_path / "b"), *WSD])
     assert steps == 8
     for key, value in straight.items():
         assert torch.equal(value, resumed[key]), key
@@ -149,6 +96,7 @@ def test_fsdp2_train_and_resume_across_world_sizes(
     overrides = tiny_overrides(
         corpus, tmp_path, **{"fsdp.state_dict_type": "full", "eval_interval": "null", "run_name": "x"}
     )
+    overrides += WSD
     launch(first, [*overrides, "max_duration=4ba"])
     assert last_batch(tmp_path / "x") == 4
     launch(second, [*overrides, "max_duration=6ba"])
@@ -168,9 +116,9 @@ def test_decay_phase_from_pre_decay_checkpoint(corpus: dict[str, Path], tmp_path
 
     # Stable run: WSD over 8 batches, decay 0.25 -> the stable phase ends after batch 6.
     _, _, stable_cfg = train(
-        tiny_overrides(corpus, tmp_path, run_name="stable"), recipe="yamls/tiny/wsd.yaml"
+        [*tiny_overrides(corpus, tmp_path, run_name="stable"), *WSD], recipe="yamls/tiny/wsd.yaml"
     )
-    pre_decay = stable_cfg.run_dir / "checkpoints" / "pre-decay-ba6.pt"
+    pre_decay = stable_cfg.run_dir / "checkpoints" / "pre-decay" / "pre-decay-ba6.pt"
     assert pre_decay.is_file()
     saved = torch.load(pre_decay, map_location="cpu", weights_only=False)["state"]
     assert saved["timestamp"]["Timestamp"]["batch"] == 6

@@ -1,0 +1,657 @@
+"""Fault injection: kill, corrupt, fill the disk, poison with NaN; then run the same command again.
+
+    python -m tests.fault_injection [--seed 0] [--workdir DIR]        (make test-faults)
+
+On a tiny corpus and a shrunk ``yamls/tiny/wsd.yaml`` (12 batches of 8 x 32 tokens, checkpoints
+every 2 batches, the pre-decay checkpoint at batch 9, evaluation every 4), each fault is a real
+process killed with SIGKILL, or a file broken on purpose, and recovery is the very command that
+was running, started again. What a recovered run must show, against an uninterrupted reference
+run of the same command:
+
+- its final weights equal the reference's bit for bit (CPU, fp32, same seed);
+- every training sample trained exactly once: the per-batch sample ids (``callbacks.sample_audit``)
+  equal the reference's, so no sample is lost or duplicated;
+- every checkpoint left beside it loads (broken ones moved to ``quarantine/``).
+
+A bad input (a corrupt shard, a token outside the vocabulary, a broken config) must be rejected
+with one clear message, before anything is written where that is possible; a run must never hang
+(every process has a time limit). Kill points are seeded: ``--seed`` draws other batches and
+delays. The table at the end has one line per kind of fault; the exit status is 1 unless every
+line reads all recovered or rejected, zero lost, zero duplicated, zero hangs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from callbacks.checkpoint_safety import checkpoint_problem  # noqa: E402
+from callbacks.sample_audit import read_audit  # noqa: E402
+from data.sources import SourceSpec  # noqa: E402
+from tests.data_helpers import convert_sources, make_docs, make_tokenizer, write_jsonl, write_mixture  # noqa: E402
+
+TIMEOUT = 240  # seconds for one process: past it, the run counts as a hang
+BATCHES = 12
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    faults: int = 0
+    recovered: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    rejected: int = 0
+    hangs: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def ok(self) -> bool:
+        return not (self.failures or self.lost or self.duplicated or self.hangs)
+
+
+@dataclass
+class Outcome:
+    returncode: int | None  # None: it hung past TIMEOUT
+    output: str
+
+
+class Suite:
+    def __init__(self, work: Path, seed: int) -> None:
+        self.work = work
+        self.rng = random.Random(seed)
+        self.rows: dict[str, Row] = {}
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        self.env.pop("MAMBA_FAILPOINT", None)
+        self.references: dict[int, tuple[dict[str, torch.Tensor], dict[int, dict[int, list[int]]]]] = {}
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def corpus(self) -> None:
+        self.tok = make_tokenizer(self.work / "tok", vocab_size=300)
+        self.docs = write_jsonl(self.work / "docs.jsonl", [{"text": t} for t in make_docs(600, seed=3)])
+        convert_sources(self.work / "mds", self.tok, [SourceSpec(path=str(self.docs))], val_fraction=0.1)
+        self.mixture = write_mixture(
+            self.work / "mix.yaml", {"stable": {"docs": {"local": str(self.work / "mds"), "proportion": 1.0}}}
+        )
+
+    def overrides(
+        self, run_root: Path, nproc: int, mixture: Path | None = None, **extra: object
+    ) -> list[str]:
+        settings: dict[str, object] = {
+            "run_root": run_root,
+            "run_name": "run",
+            "tokenizer": self.tok,
+            "data.mixture": mixture or self.mixture,
+            "model.d_model": 32,
+            "model.n_layer": 2,
+            "model.ssm.d_state": 8,
+            "global_train_batch_size": 8,
+            "device_train_microbatch_size": 4,
+            "device_eval_batch_size": 8,
+            "max_duration": f"{BATCHES}ba",
+            "eval_interval": "4ba",
+            "eval_subset_num_batches": 2,
+            "scheduler.t_warmup": "2ba",
+            "scheduler.t_decay": 0.25,
+            "checkpoint.save_interval": "2ba",
+            "callbacks.sample_audit": "{}",
+            "logging.progress_bar": False,
+            "fsdp.state_dict_type": "full",
+            **extra,
+        }
+        return [f"{k}={v}" for k, v in settings.items()]
+
+    def command(self, run_root: Path, nproc: int, **extra: object) -> list[str]:
+        script, recipe = str(ROOT / "recipes" / "train.py"), str(ROOT / "yamls" / "tiny" / "wsd.yaml")
+        args = [script, recipe, *self.overrides(run_root, nproc, **extra)]
+        if nproc == 1:
+            return [sys.executable, *args]
+        port = str(self.rng.randrange(20000, 60000))
+        return [str(Path(sys.executable).parent / "composer"), "-n", str(nproc), "--master_port", port, *args]
+
+    # -- running --------------------------------------------------------------------------------
+
+    def run(
+        self, cmd: list[str], failpoint: str | None = None, kill_when: Callable[[], bool] | None = None
+    ) -> Outcome:
+        """Run ``cmd`` to its end, or SIGKILL its whole process group once ``kill_when()`` holds."""
+        env = dict(self.env)
+        if failpoint:
+            env["MAMBA_FAILPOINT"] = failpoint
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        start = time.monotonic()
+        while proc.poll() is None:
+            if time.monotonic() - start > TIMEOUT:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return Outcome(None, proc.stdout.read().decode(errors="replace"))
+            if kill_when is not None and kill_when():
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        proc.wait()
+        return Outcome(proc.returncode, proc.stdout.read().decode(errors="replace"))
+
+    def reference(self, nproc: int) -> None:
+        root = self.work / f"reference-{nproc}"
+        out = self.run(self.command(root, nproc))
+        if out.returncode != 0:
+            raise SystemExit(f"the uninterrupted reference run failed:\n{out.output[-3000:]}")
+        self.references[nproc] = (
+            model_weights(root / "run" / "checkpoints" / "latest-rank0.pt"),
+            audits(root),
+        )
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def check_recovered(
+        self, row: Row, name: str, root: Path, nproc: int, out: Outcome, ckpt_dir: Path | None = None
+    ) -> None:
+        if out.returncode is None:
+            row.hangs += 1
+            row.failures.append(f"{name}: the recovery run hung")
+            return
+        if out.returncode != 0:
+            row.failures.append(
+                f"{name}: the recovery run failed (exit {out.returncode}):\n{out.output[-2000:]}"
+            )
+            return
+        failures = len(row.failures)
+        weights, audit = self.references[nproc]
+        lost, duplicated, same_order = compare_audits(audit, audits(root))
+        row.lost += lost
+        row.duplicated += duplicated
+        if not same_order:
+            row.failures.append(f"{name}: the batches hold other samples than the uninterrupted run's")
+        folder = ckpt_dir or root / "run" / "checkpoints"
+        mine = model_weights(folder / "latest-rank0.pt")
+        if mine.keys() != weights.keys() or not all(torch.equal(mine[k], weights[k]) for k in weights):
+            row.failures.append(f"{name}: final weights differ from the uninterrupted run's")
+        broken = [str(p) for p in checkpoints(folder) if checkpoint_problem(p)]
+        if broken:
+            row.failures.append(f"{name}: broken checkpoints left outside quarantine: {broken}")
+        if not (folder / "pre-decay" / "pre-decay-ba9.pt").is_file():
+            row.failures.append(f"{name}: no pre-decay checkpoint")
+        if len(row.failures) == failures:
+            row.recovered += 1
+
+    def kill_and_recover(
+        self,
+        row: Row,
+        name: str,
+        nproc: int,
+        failpoint: str | None = None,
+        kill_when: Callable[[Path], Callable[[], bool]] | None = None,
+        before_recovery: Callable[[Path], None] | None = None,
+    ) -> None:
+        root = self.work / name
+        cmd = self.command(root, nproc)
+        out = self.run(cmd, failpoint=failpoint, kill_when=kill_when(root) if kill_when else None)
+        row.faults += 1
+        if out.returncode is None:
+            row.hangs += 1
+            row.failures.append(f"{name}: hung before the kill")
+            return
+        if out.returncode == 0:
+            row.failures.append(f"{name}: the fault did not happen (the run finished first)")
+            return
+        if before_recovery is not None:
+            before_recovery(root)
+        self.check_recovered(row, name, root, nproc, self.run(cmd))
+
+    def reject(
+        self,
+        row: Row,
+        name: str,
+        cmd: list[str],
+        expect: str,
+        code: int,
+        nothing_written: Path | None = None,
+        env: dict | None = None,
+    ) -> None:
+        """A bad input: the command must exit ``code`` with ``expect`` in its output, without a traceback."""
+        row.faults += 1
+        out = self.run(cmd)
+        if out.returncode is None:
+            row.hangs += 1
+            row.failures.append(f"{name}: hung instead of failing")
+        elif out.returncode != code or expect not in out.output or "Traceback" in out.output:
+            row.failures.append(
+                f"{name}: expected exit {code} with {expect!r}, got exit {out.returncode}:\n{out.output[-2000:]}"
+            )
+        elif nothing_written is not None and nothing_written.exists():
+            row.failures.append(f"{name}: {nothing_written} was written")
+        else:
+            row.rejected += 1
+
+    # -- the faults -----------------------------------------------------------------------------
+
+    def kills(self, nproc: int, count: int) -> None:
+        row = self.rows.setdefault(f"kill mid-step ({nproc} process{'es' if nproc > 1 else ''})", Row())
+        for i in range(count):
+            batch, delay = self.rng.randrange(1, BATCHES - 1), self.rng.uniform(0.0, 0.3)
+            self.kill_and_recover(
+                row,
+                f"kill-{nproc}-{i}",
+                nproc,
+                kill_when=lambda root, b=batch, d=delay: after_batch(root, b, d),
+            )
+
+    def failpoint_kills(self) -> None:
+        points = [
+            (
+                "kill mid-checkpoint write",
+                1,
+                ["checkpoint_write@1", "checkpoint_write@3", "checkpoint_write@6"],
+            ),
+            ("kill mid-pre-decay write", 1, ["checkpoint_write@5", "batch_checkpoint@9"]),
+            ("kill mid-evaluation", 1, ["eval_batch_end@1", "eval_batch_end@4"]),
+            ("kill mid-checkpoint write", 2, ["checkpoint_write@2:rank=0"]),
+            ("one rank killed", 2, ["batch_end@5:rank=1", "eval_batch_end@2:rank=0"]),
+        ]
+        for label, nproc, specs in points:
+            row = self.rows.setdefault(f"{label} ({nproc} process{'es' if nproc > 1 else ''})", Row())
+            for spec in specs:
+                self.kill_and_recover(
+                    row,
+                    f"fp-{nproc}-{spec.replace('@', '-').replace(':', '-').replace('=', '')}",
+                    nproc,
+                    failpoint=spec,
+                )
+
+    def conversion_kills(self) -> None:
+        row = self.rows.setdefault("kill mid-conversion", Row())
+        reference = self.work / "conv-reference"
+        convert = [
+            sys.executable,
+            "-m",
+            "data.convert",
+            "--tokenizer",
+            str(self.tok),
+            "--seq-len",
+            "32",
+            "--batch-bytes",
+            "2000",
+            "--source",
+            str(self.docs),
+        ]
+        if self.run([*convert, "--out", str(reference)]).returncode != 0:
+            raise SystemExit("the reference conversion failed")
+        for i, spec in enumerate(["convert_chunk@2", "convert_chunk@9"]):
+            out_dir = self.work / f"conv-{i}"
+            row.faults += 1
+            killed = self.run([*convert, "--out", str(out_dir)], failpoint=spec)
+            if killed.returncode != -signal.SIGKILL:
+                row.failures.append(f"conversion {spec}: not killed (exit {killed.returncode})")
+                continue
+            if out_dir.exists():
+                row.failures.append(f"conversion {spec}: {out_dir} exists after the kill: it looks complete")
+                continue
+            again = self.run([*convert, "--out", str(out_dir)])
+            if again.returncode != 0:
+                row.failures.append(f"conversion {spec}: the rerun failed:\n{again.output[-2000:]}")
+                continue
+            lost, dup = compare_shards(reference, out_dir)
+            row.lost, row.duplicated = row.lost + lost, row.duplicated + dup
+            if not (lost or dup):
+                row.recovered += 1
+
+    def broken_checkpoints(self) -> None:
+        row = self.rows.setdefault("corrupt checkpoint (1 process)", Row())
+        breakers = {
+            "truncated": lambda p: os.truncate(p, p.stat().st_size // 3),
+            "emptied": lambda p: os.truncate(p, 0),
+            "flipped byte": flip_middle_byte,
+        }
+        for name, breaker in breakers.items():
+
+            def before(root: Path, breaker=breaker) -> None:
+                newest = max(
+                    root.glob("run/checkpoints/ep*-ba*-rank0.pt"),
+                    key=lambda p: int(p.name.split("ba")[1].split("-")[0]),
+                )
+                breaker(newest)
+
+            # Killed after batch 7 (checkpoints up to 6); the newest one is then broken on purpose.
+            self.kill_and_recover(
+                row, f"ckpt-{name.replace(' ', '-')}", 1, failpoint="batch_end@7", before_recovery=before
+            )
+
+    def bad_data(self) -> None:
+        row = self.rows.setdefault("corrupt or foreign data", Row())
+        cases: list[tuple[str, Callable[[Path], None], str]] = [
+            (
+                "zstd byte flipped",
+                lambda mds: flip_middle_byte(mds / "train" / "shard.00000.mds.zstd"),
+                "is corrupt or unreadable",
+            ),
+            ("shard byte flipped after unpacking", flip_unpacked, "checksum does not match"),
+            ("token outside the vocabulary", write_out_of_vocab, "outside the tokenizer's 300 ids"),
+        ]
+        for name, breaker, expect in cases:
+            mds = self.work / f"data-{name.replace(' ', '-')}"
+            shutil.copytree(self.work / "mds", mds)
+            breaker(mds)
+            mixture = write_mixture(
+                mds.with_suffix(".yaml"), {"stable": {"docs": {"local": str(mds), "proportion": 1.0}}}
+            )
+            root = self.work / f"run-{mds.name}"
+            self.reject(row, name, self.command(root, 1, mixture=mixture), expect, 3)
+
+    def bad_config(self) -> None:
+        row = self.rows.setdefault("bad configuration", Row())
+        root = self.work / "bad-config"
+        cases = [
+            (
+                "vocabulary smaller than the tokenizer's",
+                {"model.vocab_size": 200},
+                "smaller than the tokenizer's 300 tokens",
+            ),
+            ("unknown key and wrong type", {"optimzer.lr": 1, "model.d_model": "wide"}, "2 problems"),
+            ("schedule longer than the run", {"scheduler.t_warmup": "20ba"}, "exceed t_max"),
+        ]
+        for name, extra, expect in cases:
+            self.reject(row, name, self.command(root, 1, **extra), expect, 2, nothing_written=root / "run")
+        # A finished run re-run with another model width: refused before anything is touched.
+        done = self.work / "reference-1"
+        before = (done / "run" / "run.json").read_bytes()
+        self.reject(
+            row,
+            "checkpoint of another shape",
+            self.command(done, 1, **{"model.d_model": 48}),
+            "in the checkpoint but",
+            2,
+        )
+        if (done / "run" / "run.json").read_bytes() != before:
+            row.failures.append("checkpoint of another shape: the finished run's run.json was overwritten")
+        again = self.run(self.command(done, 1))
+        if again.returncode != 0 or "already complete" not in again.output:
+            row.failures.append(
+                f"re-running a finished run: expected 'already complete', got:\n{again.output[-1500:]}"
+            )
+
+    def nan(self) -> None:
+        row = self.rows.setdefault("NaN loss", Row())
+        # Policy stop: exit 3, nothing saved past the last good checkpoint, the same command then finishes.
+        root = self.work / "nan-stop"
+        cmd = self.command(root, 1)
+        row.faults += 1
+        out = self.run(cmd, failpoint="nan_loss@5")
+        if out.returncode != 3 or "not finite at batch 4" not in out.output:
+            row.failures.append(
+                f"nan (stop): expected exit 3 naming batch 4, got {out.returncode}:\n{out.output[-1500:]}"
+            )
+        else:
+            row.rejected += 1
+            if any(checkpoint_batch(p) > 4 for p in checkpoints(root / "run" / "checkpoints")):
+                row.failures.append("nan (stop): a checkpoint after the NaN batch was written")
+            self.check_recovered(row, "nan-stop", root, 1, self.run(cmd))
+        # Policy rollback: the loss-spike callback restores the last good checkpoint and skips the data.
+        root = self.work / "nan-rollback"
+        row.faults += 1
+        spike = {"callbacks.loss_spike.warmup_batches": 2, "callbacks.loss_spike.window": 4}
+        out = self.run(self.command(root, 1, **spike), failpoint="nan_loss@5")
+        if out.returncode != 0:
+            row.failures.append(f"nan (rollback): the run failed:\n{out.output[-1500:]}")
+            return
+        folder = root / "run" / "checkpoints"
+        bad = [
+            str(p)
+            for p in checkpoints(folder)
+            if any(not torch.isfinite(t).all() for t in model_weights(p).values())
+        ]
+        events = [json.loads(line) for line in (folder / "loss_spikes.jsonl").read_text().splitlines()]
+        skipped = {b for e in events if e["event"] == "rollback" for b in range(*e["skipped"]["batch"])}
+        # The rollback does not replay data: every batch keeps its samples; the skipped ones are audited.
+        lost, duplicated, same_order = compare_audits(self.references[1][1], audits(root))
+        row.lost, row.duplicated = row.lost + lost, row.duplicated + duplicated
+        if bad or 4 not in skipped or not same_order:
+            row.failures.append(f"nan (rollback): non-finite checkpoints {bad}, rollbacks {events}")
+        else:
+            row.recovered += 1
+
+    def disk_full(self) -> None:
+        row = self.rows.setdefault("disk full", Row())
+        mount = self.work / "small-disk"
+        mount.mkdir()
+        if subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+        ).returncode:
+            row.failures.append("cannot mount a size-limited tmpfs (needs root): disk-full faults not run")
+            return
+        try:
+            # Conversion onto a full disk: a clear error and no output that looks complete.
+            out_dir = mount / "mds"
+            cmd = [
+                sys.executable,
+                "-m",
+                "data.convert",
+                "--tokenizer",
+                str(self.tok),
+                "--seq-len",
+                "32",
+                "--source",
+                str(self.docs),
+                "--out",
+                str(out_dir),
+            ]
+            self.reject(row, "conversion", cmd, "No space left on device", 3)
+            if out_dir.exists() or list(mount.glob(".mds.*")):
+                row.failures.append("disk full (conversion): output or temporary folder left behind")
+            # Checkpoints onto a full disk: the run stops, nothing half-written is left, and once space
+            # is freed (a larger disk) the same command continues from the last good checkpoint.
+            subprocess.run(["mount", "-o", "remount,size=600k", str(mount)], check=True)
+            root = self.work / "disk-full"
+            cmd = self.command(root, 1, **{"checkpoint.save_folder": mount / "ckpt"})
+            row.faults += 1
+            out = self.run(cmd)
+            if out.returncode in (0, None) or "No space left on device" not in out.output:
+                row.failures.append(
+                    f"disk full (checkpoint): expected a failure on ENOSPC, got {out.returncode}:\n{out.output[-1500:]}"
+                )
+                return
+            leftovers = [p.name for p in (mount / "ckpt").glob(".tmp-*")] + [
+                str(p) for p in checkpoints_in(mount / "ckpt") if checkpoint_problem(p)
+            ]
+            if leftovers:
+                row.failures.append(f"disk full (checkpoint): partial files left: {leftovers}")
+            subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
+            self.check_recovered(row, "disk-full", root, 1, self.run(cmd), ckpt_dir=mount / "ckpt")
+        finally:
+            subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def after_batch(root: Path, batch: int, delay: float) -> Callable[[], bool]:
+    """A trigger: true ``delay`` seconds after the run logged the start of ``batch``."""
+    metrics = root / "run" / "metrics.jsonl"
+    seen: list[float] = []
+
+    def trigger() -> bool:
+        if not seen:
+            if metrics.exists() and f'"time/batch": {batch},' in metrics.read_text(errors="replace"):
+                seen.append(time.monotonic())
+            return False
+        return time.monotonic() - seen[0] >= delay
+
+    return trigger
+
+
+def checkpoints_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("ep*-ba*") if not p.is_symlink()) if folder.is_dir() else []
+
+
+def checkpoints(root: Path) -> list[Path]:
+    folder = root / "run" / "checkpoints"
+    return (
+        checkpoints_in(folder)
+        + checkpoints_in(folder / "pre-decay")
+        + list((folder / "pre-decay").glob("pre-decay-*.pt"))
+    )
+
+
+def checkpoint_batch(path: Path) -> int:
+    return int(path.name.split("ba")[1].split("-")[0].split(".")[0])
+
+
+def model_weights(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return {k: v for k, v in state["state"]["model"].items()}
+
+
+def audits(root: Path) -> dict[int, dict[int, list[int]]]:
+    return {int(p.stem.split("rank")[1]): read_audit(p) for p in (root / "run").glob("samples-rank*.jsonl")}
+
+
+def compare_audits(
+    reference: dict[int, dict[int, list[int]]], got: dict[int, dict[int, list[int]]]
+) -> tuple[int, int]:
+    """(samples lost, samples duplicated) of a recovered run against the reference, over all ranks."""
+    lost = duplicated = 0
+    for rank, batches in reference.items():
+        want = [s for b in sorted(batches) for s in batches[b]]
+        have = [s for b in sorted(got.get(rank, {})) for s in got[rank][b]]
+        lost += len(set(want) - set(have))
+        duplicated += len(have) - len(set(have)) + len(set(have) - set(want))
+        if lost == duplicated == 0 and {b: got[rank][b] for b in got[rank]} != batches:
+            duplicated += 1  # same samples, other batches: the data order moved
+    return lost, duplicated
+
+
+def compare_shards(reference: Path, other: Path) -> tuple[int, int]:
+    """(samples lost, extra samples) of a converted stream against a reference conversion, byte-wise."""
+    lost = extra = 0
+    for split in ("train", "val"):
+        for name in sorted(p.name for p in (reference / split).iterdir()):
+            a, b = reference / split / name, other / split / name
+            if not b.exists() or a.read_bytes() != b.read_bytes():
+                lost += 1
+        extra += len(
+            {p.name for p in (other / split).iterdir()} - {p.name for p in (reference / split).iterdir()}
+        )
+    return lost, extra
+
+
+def flip_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def flip_unpacked(mds: Path) -> None:
+    """Unpack the first shard as Streaming would, then flip a low bit inside its token bytes."""
+    import zstandard
+
+    packed = mds / "train" / "shard.00000.mds.zstd"
+    raw = zstandard.ZstdDecompressor().decompress(packed.read_bytes())
+    data = bytearray(raw)
+    data[len(data) // 2] ^= 0x01
+    (mds / "train" / "shard.00000.mds").write_bytes(bytes(data))
+
+
+def write_out_of_vocab(mds: Path) -> None:
+    """Rewrite the training split with one sample holding id 4000 (vocabulary 300), checksum intact."""
+    from data.convert import _SplitWriter
+    from data.loader import read_shard_meta
+
+    index = json.loads((mds / "train" / "index.json").read_text())
+    meta = index["mamba_recipes"]
+    info = read_shard_meta(mds / "train" / "index.json", "docs").tokenizer
+    shutil.rmtree(mds / "train")
+    writer = _SplitWriter(mds / "train", 32, "uint16", info.eot_id, info.pad_id, "64mb")
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(4, 300, size=33 * 64).astype(np.uint16)
+    tokens[33 * 5 + 7] = 4000
+    tokens[-1] = info.eot_id
+    writer.add(tokens, 1)
+    writer.finish(meta)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.fault_injection",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--seed", type=int, default=0, help="draws the kill points (default 0)")
+    parser.add_argument("--workdir", type=Path, help="keep everything here (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    start = time.monotonic()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="faults-"))
+    work.mkdir(parents=True, exist_ok=True)
+    suite = Suite(work, args.seed)
+    suite.corpus()
+    suite.reference(1)
+    suite.reference(2)
+    suite.kills(1, 5)
+    suite.kills(2, 3)
+    suite.failpoint_kills()
+    suite.conversion_kills()
+    suite.broken_checkpoints()
+    suite.bad_data()
+    suite.bad_config()
+    suite.nan()
+    suite.disk_full()
+    print_table(suite.rows, time.monotonic() - start, args.seed)
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    sys.exit(0 if all(row.ok() for row in suite.rows.values()) else 1)
+
+
+def print_table(rows: dict[str, Row], seconds: float, seed: int) -> None:
+    head = [
+        "fault",
+        "injected",
+        "recovered by the same command",
+        "rejected with a clear error",
+        "samples lost",
+        "samples duplicated",
+        "hangs",
+    ]
+    lines = [
+        [name, r.faults, r.recovered, r.rejected, r.lost, r.duplicated, r.hangs] for name, r in rows.items()
+    ]
+    total = [sum(line[i] for line in lines) for i in range(1, len(head))]
+    lines.append(["total", *total])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    fmt = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
+    print(f"\nfault injection (seed {seed}), {seconds / 60:.1f} min")
+    print(fmt.format(*head))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for line in lines:
+        print(fmt.format(*line))
+    for name, row in rows.items():
+        for failure in row.failures:
+            print(f"\nFAILED [{name}] {failure}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""The recipe config: registries of parts, one default per setting, and the command-line tools."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from composer.callbacks import MemoryMonitor, SpeedMonitor
+from composer.core import Algorithm, Callback
+from composer.loggers import LoggerDestination, WandBLogger
+from composer.optim import ComposerScheduler
+from omegaconf import OmegaConf
+
+from callbacks.batch_rampup import BatchRampupConfig
+from callbacks.registry import REGISTRIES
+from common.config import ConfigError
+from common.registry import signature_schema
+from recipes.config import OptimizerConfig, TrainConfig, load_train_config, resolved_dict
+from recipes.train import build_trainer
+from tests.conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+WSD_RECIPE = ROOT / "yamls" / "tiny" / "wsd.yaml"
+
+
+def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_yaml_adds_composer_callbacks_and_a_logger_with_arguments(
+    corpus: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    recipe = write(
+        tmp_path,
+        f"base: {WSD_RECIPE}\n"
+        "callbacks:\n"
+        "  memory_monitor: {}\n"
+        "  speed_monitor: {window_size: 3}\n"
+        "loggers:\n"
+        "  wandb: {project: mamba-tests, entity: lab, tags: [tiny, wsd], init_kwargs: {mode: offline}}\n",
+    )
+    overrides = tiny_overrides(corpus, tmp_path, max_duration="5ba", eval_interval="null")
+    cfg = load_train_config([recipe], [*overrides, "scheduler.t_warmup=1ba"])
+    trainer = build_trainer(cfg)
+    callbacks = trainer.state.callbacks
+    assert any(isinstance(cb, MemoryMonitor) for cb in callbacks)
+    (speed,) = [cb for cb in callbacks if isinstance(cb, SpeedMonitor)]
+    assert speed.history_samples.maxlen == 3 + 1  # Composer keeps window_size + 1 timestamps
+    (wandb,) = [d for d in trainer.logger.destinations if isinstance(d, WandBLogger)]
+    assert wandb._init_kwargs["project"] == "mamba-tests"
+    assert wandb._init_kwargs["entity"] == "lab"
+    assert wandb._init_kwargs["tags"] == ["tiny", "wsd"]
+    trainer.fit()
+    trainer.close()
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "the offline W&B run was written"
+
+
+def test_an_inherited_part_is_switched_off_with_null(tmp_path: Path, corpus: dict[str, Path]) -> None:
+    recipe = write(tmp_path, f"base: {WSD_RECIPE}\nalgorithms:\n  gradient_clipping: null\n")
+    cfg = load_train_config([recipe], tiny_overrides(corpus, tmp_path))
+    assert "gradient_clipping" not in cfg.parts("algorithms")
+    assert cfg.parts("callbacks").keys() == {"speed_monitor", "lr_monitor"}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "callbacks.memory_monitr={}",
+            r"callbacks: unknown callback 'memory_monitr' \(did you mean 'memory_monitor'\?\); "
+            r"registered callbacks: loss_spike, sample_audit, speed_monitor, lr_monitor, memory_monitor",
+        ),
+        (
+            "loggers.wandbb={}",
+            r"unknown logger 'wandbb' \(did you mean 'wandb'\?\); registered loggers: wandb",
+        ),
+        ("scheduler.name=wds", r"unknown scheduler 'wds' \(did you mean 'wsd'\?\)"),
+        (
+            "callbacks.loss_spike.windw=3",
+            r"unknown config key 'callbacks.loss_spike.windw' .*did you mean 'callbacks.loss_spike.window'",
+        ),
+        (
+            "algorithms.positional_weighting.fn=cosh",
+            r"bad value for config key 'algorithms.positional_weighting.fn'.*'cosh'.*\['tanh', 'linear'\]",
+        ),
+        ("precision=bf16", r"bad value for config key 'precision'.*'bf16'.*\['auto', 'fp32', 'amp_bf16'\]"),
+        ("fsdp.version=3", r"fsdp.version.*expected one of \[1, 2\]"),
+        ("data.shuffle_algo=py1x", r"data.shuffle_algo.*'py1x'.*py1e"),
+    ],
+)
+def test_unknown_names_and_bad_choices_fail_listing_the_valid_ones(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_train_config([WSD_RECIPE], [override])
+
+
+def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
+    recipe = write(tmp_path, f"base: {WSD_RECIPE}\noptimzer: {{lr: 1.0}}\nmodel: {{n_layer: 0}}\n")
+    overrides = ["optimizer.lr=-1", "callbacks.loss_spike.max_retries=many", "global_train_batch_size=0"]
+    with pytest.raises(ConfigError) as info:
+        load_train_config([recipe], overrides)
+    text = str(info.value)
+    assert text.startswith("5 problems in the configuration:")
+    for part in (
+        "unknown config key 'optimzer'",
+        "did you mean 'optimizer'",
+        "optimizer.lr=-1.0 must be > 0",
+        "model.n_layer=0 must be >= 1",
+        "global_train_batch_size and device_train_microbatch_size must be >= 1",
+        "bad value for config key 'callbacks.loss_spike.max_retries'",
+    ):
+        assert part in text, part
+
+
+def test_a_recipe_naming_another_schedule_starts_its_section_afresh(tmp_path: Path) -> None:
+    # tiny/cosine.yaml extends tiny/wsd.yaml, whose t_decay and decay_shape mean nothing to cosine.
+    cfg = load_train_config([ROOT / "yamls" / "tiny" / "cosine.yaml"])
+    assert cfg.scheduler == {"name": "cosine", "t_warmup": "15ba", "alpha_f": 0.1}
+    cfg = load_train_config([WSD_RECIPE], ["scheduler.name=decay_phase", "scheduler.t_start=0ba"])
+    assert cfg.scheduler == {"name": "decay_phase", "t_start": "0ba"}
+    cfg = load_train_config([WSD_RECIPE], ["scheduler.alpha_f=0.3"])  # the same schedule: merged
+    assert cfg.scheduler["t_decay"] == 0.2 and cfg.scheduler["alpha_f"] == 0.3
+
+
+def test_print_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_train_config([ROOT / "yamls" / "tiny" / "wsd_posweight.yaml"], ["optimizer.lr=0.01"])
+    printed = write(tmp_path, OmegaConf.to_yaml({**resolved_dict(cfg), "base": ""}), "printed.yaml")
+    again = load_train_config([printed])
+    assert resolved_dict(again) == {**resolved_dict(cfg), "base": ""}
+    assert again.parts("algorithms")["positional_weighting"] == {
+        "scale": 10.0,
+        "per_document": True,
+        "fn": "tanh",
+    }
+
+
+def test_the_model_vocabulary_follows_the_tokenizer(corpus: dict[str, Path]) -> None:
+    cfg = load_train_config([WSD_RECIPE], [f"tokenizer={corpus['tokenizer']}"])
+    assert cfg.model.vocab_size == 300  # the corpus tokenizer's, not the debug preset's 512
+    cfg = load_train_config([WSD_RECIPE], [f"tokenizer={corpus['tokenizer']}", "model.vocab_size=320"])
+    assert cfg.model.vocab_size == 320
+
+
+# ----------------------------------------------------------------------------------------------
+# One default per setting
+
+
+@pytest.mark.parametrize(
+    ("registry", "name"), [(key, entry.name) for key, reg in REGISTRIES.items() for entry in reg]
+)
+def test_a_registered_part_has_its_constructor_defaults_and_no_others(
+    registry: str, name: str, tmp_path: Path
+) -> None:
+    """The recipe section of a part is derived from its constructor: same arguments, same defaults."""
+    reg = REGISTRIES[registry]
+    schema = reg.schema(name)
+    params = inspect.signature(reg.entry(name).builder).parameters
+    for field in dataclasses.fields(schema):
+        default = params[field.name].default
+        if default is inspect.Parameter.empty:
+            assert field.default is dataclasses.MISSING or OmegaConf.is_missing(
+                OmegaConf.structured(schema), field.name
+            )
+        else:
+            got = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            assert got == (list(default) if isinstance(default, tuple) else default), (name, field.name)
+    required = {
+        f.name: _example(f.name)
+        for f in dataclasses.fields(schema)
+        if params[f.name].default is inspect.Parameter.empty
+    }
+    missing = reg.entry(name).missing()
+    if missing:  # an optional package that is not installed: a clear error before anything is built
+        with pytest.raises(
+            ConfigError, match=f"the .* {name!r} needs packages that are not installed: pip install"
+        ):
+            reg.resolve(name, required)
+        return
+    assert set(reg.resolve(name, required)) == {f.name for f in dataclasses.fields(schema)}
+    built = reg.build(name, required, run_dir=str(tmp_path))
+    expected = {
+        "scheduler": ComposerScheduler,
+        "algorithms": Algorithm,
+        "callbacks": Callback,
+        "loggers": LoggerDestination,
+    }
+    assert isinstance(built, expected[registry]) if registry != "scheduler" else callable(built)
+
+
+def _example(field_name: str) -> object:
+    """A valid value for a required argument of a registered part (their types are plain)."""
+    examples = {
+        "t_warmup": "10ba",
+        "clipping_type": "norm",
+        "clipping_threshold": 1.0,
+        "monitor": "loss",
+        "dataloader_label": "eval",
+        "threshold": 1.0,
+    }
+    return examples[field_name]
+
+
+@pytest.mark.parametrize(
+    ("section", "builder"),
+    [
+        (OptimizerConfig, OptimizerConfig.build),
+        (BatchRampupConfig, BatchRampupConfig.schedule),
+        (TrainConfig, build_trainer),
+    ],
+)
+def test_builders_take_no_default_of_their_own(section: type, builder: object) -> None:
+    """What builds a section's component takes its settings from the section, never a default of its own."""
+    fields = {f.name for f in dataclasses.fields(section)}
+    defaulted = [
+        p.name
+        for p in inspect.signature(builder).parameters.values()
+        if p.name in fields and p.default is not inspect.Parameter.empty
+    ]
+    assert defaulted == []
+
+
+def test_signature_schema_types_plain_values() -> None:
+    def part(
+        a: int, b: str | None = None, c: float | int = 1.5, d: list[str] | None = None, e: object = print
+    ) -> None:
+        """A part."""
+
+    schema = signature_schema(part, "part")
+    assert [f.name for f in dataclasses.fields(schema)] == ["a", "b", "c", "d"]  # e's default is an object
+    with pytest.raises(Exception, match="a"):
+        OmegaConf.merge(OmegaConf.structured(schema), {"a": "x"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line tools
+
+
+ENTRY_POINTS = {
+    "recipes/train.py": ["--print-config", "--debug"],
+    "recipes.evaluate": ["--max-batches"],
+    "recipes.plot": ["--out"],
+    "recipes.doctor": ["--debug"],
+    "data.convert": ["--source", "--tokenizer", "--seq-len", "--val-fraction", "--workers", "--skip-bad"],
+    "data.train_tokenizer": ["--source", "--vocab-size", "--min-frequency", "--max-bytes"],
+    "data.demo_corpus": ["--out", "--code-mb", "--chats"],
+}
+
+
+def _run(entry: str, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, entry, *args] if entry.endswith(".py") else [sys.executable, "-m", entry, *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_help_names_every_option(entry: str) -> None:
+    proc = _run(entry, "--help")
+    assert proc.returncode == 0, proc.stderr
+    for option in ENTRY_POINTS[entry]:
+        assert option in proc.stdout, option
+
+
+@pytest.mark.parametrize(
+    ("entry", "args", "message"),
+    [
+        ("recipes/train.py", ["yamls/tiny/wsd.yaml", "optimzer.lr=1"], "did you mean 'optimizer'"),
+        ("recipes/train.py", ["missing.yaml"], "recipe file not found: missing.yaml"),
+        (
+            "data.convert",
+            ["--source", "nope.jsonl", "--tokenizer", "nope", "--out", "x"],
+            "no tokenizer at nope",
+        ),
+        ("data.train_tokenizer", ["--source", "path=x.txt,weight=-1", "--out", "x"], "weight=-1.0"),
+        ("recipes.evaluate", ["no-such-run"], "no-such-run"),
+    ],
+)
+def test_a_user_mistake_is_one_message_and_exit_2(entry: str, args: list[str], message: str) -> None:
+    proc = _run(entry, *args)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    debug = _run(entry, *args, "--debug")
+    assert "Traceback" in debug.stderr
