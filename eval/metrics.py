@@ -89,6 +89,8 @@ class PositionMetrics:
         selections.update({name: valid & (bucket == i) for i, name in enumerate(self.names)})
         for name, mask in selections.items():
             rows = mask.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
             self.tokens[name] += int(rows.numel())
             # torchmetrics' top-k path builds (rows, vocab) one-hot tensors: bound them.
             for chunk in rows.split(max(1, TOPK_SCORES_PER_UPDATE // self.vocab_size)):
