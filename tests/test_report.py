@@ -122,5 +122,5 @@ def test_report_writes_valid_pngs_and_a_summary(runs: dict[str, dict[int, float]
 
 
 def test_missing_run_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="metrics.jsonl not found"):
+    with pytest.raises(FileNotFoundError, match=r"metrics\.jsonl not found"):
         report.load_runs([tmp_path / "nope"])
