@@ -165,9 +165,10 @@ $(NEEDLE)/%/needle/trials.json: | $(STAMP) $(DEMO_STREAMS) $(NEEDLE)/mds/passkey
 needle-tiny: install demo-data
 	$(MAKE) -j2 $(foreach m,$(NEEDLE_MODELS),$(NEEDLE)/$(m)/needle/trials.json)
 
-# lm-eval on a run folder, checkpoint or HF folder: make lm-eval CKPT=runs/demo/stable [TASKS=...].
+# lm-eval on a run folder, checkpoint or HF folder: make lm-eval CKPT=runs/demo/stable [TASKS=...]
+# [FEWSHOT=n] [ONLINE=1: let lm-eval download task data; offline, it reads the local HF cache only].
 TASKS ?= mamba_recipes_tiny_mc
 lm-eval: install
-	@test -n "$(CKPT)" || { echo "usage: make lm-eval CKPT=run-folder|checkpoint|hf-folder [TASKS=task,...] [FEWSHOT=n]"; exit 2; }
-	$(PY) -m eval.harness $(CKPT) --tasks $(TASKS) $(if $(FEWSHOT),--num-fewshot $(FEWSHOT),) \
+	@test -n "$(CKPT)" || { echo "usage: make lm-eval CKPT=run-folder|checkpoint|hf-folder [TASKS=task,...] [FEWSHOT=n] [ONLINE=1]"; exit 2; }
+	$(PY) -m eval.harness $(CKPT) --tasks $(TASKS) $(if $(FEWSHOT),--num-fewshot $(FEWSHOT),) $(if $(ONLINE),--online,) \
 		--out $(if $(LM_EVAL_OUT),$(LM_EVAL_OUT),runs/lm-eval/$(notdir $(CKPT)).json)
