@@ -6,7 +6,7 @@ Reads each run's ``metrics.jsonl`` (and ``evaluation.json`` when ``recipes.evalu
 and writes into ``--out``:
 
 - ``train_loss.png``: the training cross-entropy against tokens, raw (faint) and smoothed
-  (bold); the unweighted cross-entropy, so runs with positional weighting compare with the
+  (bold, a centred moving average); the unweighted cross-entropy, so runs with positional weighting compare with the
   others (their weighted loss is on another scale);
 - ``decay.png``: the same, zoomed on the decay phase (from where the first WSD schedule leaves
   its peak learning rate; the last 20% of training when no run has a stable phase);
@@ -47,7 +47,7 @@ EVAL_CE = "metrics/eval/LanguageCrossEntropy"
 EVAL_TOPK = {k: f"metrics/eval/Top{k}Accuracy" for k in (1, 3, 10)}
 LR = "lr-AdamW/group0"
 LINESTYLES = ("-", "--", "-.", ":")
-DEFAULT_SMOOTHING = 0.1
+DEFAULT_SMOOTHING = 0.05  # the smoothing window, as a fraction of a run's logged points
 DEFAULT_ZOOM = 0.7
 DECAY_FALLBACK = 0.2  # the decay window when no run has a WSD stable phase: the last 20%
 
@@ -135,13 +135,18 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
     return runs
 
 
-def ema(values: Sequence[float], alpha: float) -> list[float]:
-    """Exponential moving average, ``alpha`` the weight of the newest value."""
-    if not 0 < alpha <= 1:
-        raise ValueError(f"smoothing {alpha} must be in (0, 1]")
-    out: list[float] = []
-    for v in values:
-        out.append(v if not out else alpha * v + (1 - alpha) * out[-1])
+def smooth(values: Sequence[float], fraction: float) -> list[float]:
+    """Centred moving average over a window of ``fraction`` of the points (shrunk at the ends).
+
+    Centred, unlike an exponential average, so the smoothed curve does not lag the raw one.
+    """
+    if not 0 <= fraction <= 1:
+        raise cli.UserError(f"--smoothing {fraction} must be in [0, 1]: a fraction of the run's points")
+    half = int(fraction * len(values)) // 2
+    out = []
+    for i in range(len(values)):
+        window = values[max(0, i - half) : i + half + 1]
+        out.append(sum(window) / len(window))
     return out
 
 
@@ -187,10 +192,10 @@ def _loss_axes(ax: Any, runs: Sequence[Run], smoothing: float, x_from: float, x_
     curves = []
     for i, run in enumerate(runs):
         ce = run.train_ce()
-        smooth = Series(ce.tokens, ema(ce.values, smoothing))
+        smoothed = Series(ce.tokens, smooth(ce.values, smoothing))
         ax.plot(ce.tokens, ce.values, lw=0.8, alpha=0.25, label="_nolegend_", **style(i))
-        ax.plot(smooth.tokens, smooth.values, lw=2.0, label=run.name, **style(i))
-        curves += [ce, smooth]
+        ax.plot(smoothed.tokens, smoothed.values, lw=2.0, label=run.name, **style(i))
+        curves += [ce, smoothed]
     ylim = zoomed_ylim(curves, x_from)
     if ylim is not None:
         ax.set_ylim(*ylim)
@@ -308,7 +313,7 @@ def summary_markdown(runs: Sequence[Run], smoothing: float = DEFAULT_SMOOTHING) 
     ]
     for run in runs:
         ce = run.train_ce()
-        smooth = ema(ce.values, smoothing)[-1]
+        final = smooth(ce.values, smoothing)[-1]
         if run.evaluation is not None:
             m = run.evaluation["metrics"]["all"]
             val = [m["cross_entropy"], m["perplexity"], m["top1"], m["top3"], m["top10"]]
@@ -318,7 +323,7 @@ def summary_markdown(runs: Sequence[Run], smoothing: float = DEFAULT_SMOOTHING) 
             val = [v[0] if v else None for v in last]
             where = "last eval in metrics.jsonl"
         lines.append(
-            f"| {run.name} | {ce.tokens[-1]:.4g} | {smooth:.4f} | {_fmt(val[0])} | {_fmt(val[1], 2)} | "
+            f"| {run.name} | {ce.tokens[-1]:.4g} | {final:.4f} | {_fmt(val[0])} | {_fmt(val[1], 2)} | "
             f"{_fmt(val[2])} | {_fmt(val[3])} | {_fmt(val[4])} | {where} |"
         )
     evaluated = [run for run in runs if run.evaluation is not None]
@@ -361,7 +366,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", help="run folders (with metrics.jsonl)")
     parser.add_argument("--out", required=True, help="output folder for the PNGs and summary.md")
     parser.add_argument(
-        "--smoothing", type=float, default=DEFAULT_SMOOTHING, help="EMA weight of the newest point"
+        "--smoothing",
+        type=float,
+        default=DEFAULT_SMOOTHING,
+        help="smoothing window, as a fraction of each run's logged points",
     )
     parser.add_argument("--zoom", type=float, default=DEFAULT_ZOOM,
                         help="fraction of training, from its end, that sets the loss figures' y-range")  # fmt: skip

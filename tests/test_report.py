@@ -79,7 +79,9 @@ def test_plotted_series_equal_the_logged_values(runs: dict[str, dict[int, float]
             and raw.get_alpha() == 0.25
             and smooth.get_linewidth() > raw.get_linewidth()
         )
-        assert smooth.get_ydata()[-1] == pytest.approx(report.ema([ce[s] for s in range(STEPS)], 0.1)[-1])
+        # Centred mean over 5% of 40 points = 2 -> half-window 1: the last point averages 38 and 39.
+        assert smooth.get_ydata()[-1] == pytest.approx((ce[38] + ce[39]) / 2)
+        assert smooth.get_ydata()[10] == pytest.approx((ce[9] + ce[10] + ce[11]) / 3)
     # Distinct colour and line style for every run.
     styles = {(str(lines[2 * i + 1].get_color()), lines[2 * i + 1].get_linestyle()) for i in range(len(runs))}
     assert len(styles) == len(runs) and len({s[1] for s in styles}) == len(runs)
