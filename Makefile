@@ -108,13 +108,18 @@ ABLATION := runs/ablation-tiny
 ABLATION_VARIANTS := wsd cosine wsd-posweight
 ABLATION_EVALS := $(foreach s,$(SEEDS),$(foreach v,$(ABLATION_VARIANTS),$(ABLATION)/$(v)-s$(s)/evaluation.json))
 
+# Streaming picks a dataset's shared-memory prefix racily: runs starting at the same moment on one
+# machine can collide (FileExistsError: '/000272_locals'). Such a start is retried; a run that
+# fails later resumes from its last checkpoint (checkpoint.autoresume).
+retry3 = for attempt in 1 2 3; do $(1) && break; test $$attempt -lt 3 || exit 1; sleep $$((attempt * 7)); done
+
 # $* is <variant>-s<seed>; the recipe of variant a-b is yamls/tiny/a_b.yaml. The seed sets the
 # initialisation and the data order (the same for every variant of one seed: paired runs).
 $(ABLATION)/%/evaluation.json: | $(STAMP) $(DEMO_STREAMS)
 	stem=$*; variant=$${stem%-s*}; seed=$${stem##*-s}; \
-	OMP_NUM_THREADS=$(if $(filter 1,$(ABLATION_JOBS)),2,1) $(PY) recipes/train.py yamls/tiny/$${variant//-/_}.yaml \
-		run_root=$(ABLATION) run_name=$$stem seed=$$seed data.shuffle_seed=$$seed logging.console_interval=50ba \
-	&& $(PY) -m recipes.evaluate $(ABLATION)/$$stem --no-progress
+	$(call retry3,OMP_NUM_THREADS=$(if $(filter 1,$(ABLATION_JOBS)),2,1) $(PY) recipes/train.py yamls/tiny/$${variant//-/_}.yaml \
+		run_root=$(ABLATION) run_name=$$stem seed=$$seed data.shuffle_seed=$$seed logging.console_interval=50ba); \
+	$(PY) -m recipes.evaluate $(ABLATION)/$$stem --no-progress
 
 ablation-tiny: install demo-data
 	$(MAKE) -j$(ABLATION_JOBS) $(ABLATION_EVALS)
@@ -158,7 +163,7 @@ $(NEEDLE)/mds/passkey/stats.json: $(NEEDLE)/src/passkey.jsonl $(DEMO)/tokenizer/
 		--overwrite --source path=$(NEEDLE)/src/passkey.jsonl
 
 $(NEEDLE)/%/needle/trials.json: | $(STAMP) $(DEMO_STREAMS) $(NEEDLE)/mds/passkey/stats.json
-	OMP_NUM_THREADS=1 $(PY) recipes/train.py yamls/tiny/needle_$*.yaml logging.console_interval=50ba
+	$(call retry3,OMP_NUM_THREADS=1 $(PY) recipes/train.py yamls/tiny/needle_$*.yaml logging.console_interval=50ba)
 	OMP_NUM_THREADS=1 $(PY) -m eval.needle $(NEEDLE)/$* --haystack $(DEMO)/src/prose.jsonl --lengths $(NEEDLE_LENGTHS) \
 		--trials $(NEEDLE_TRIALS) --train-length 256 --title "needle in a haystack: tiny $*" --out $(NEEDLE)/$*/needle
 
