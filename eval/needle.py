@@ -56,14 +56,18 @@ class GreedyLM(Protocol):
 class RecurrentGreedy:
     """Our ``MambaLMHeadModel``: one prefill through the inference cache, then a step per token."""
 
-    def __init__(self, model: MambaLMHeadModel, eos_token_id: int | None) -> None:
+    def __init__(
+        self, model: MambaLMHeadModel, eos_token_id: int | None, vocab_size: int | None = None
+    ) -> None:
         self.model = model.eval()
         self.eos = eos_token_id
         self.device = model.lm_head.weight.device
+        # The tokenizer's vocabulary: an HF export records the padded size, whose extra rows are no token.
+        self.vocab = min(vocab_size or model.config.vocab_size, model.config.vocab_size)
 
     @torch.no_grad()
     def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
-        model, vocab = self.model, self.model.config.vocab_size
+        model, vocab = self.model, self.vocab
         ids = torch.tensor([prompt], device=self.device)
         cache = model.allocate_inference_cache(1, len(prompt) + max_new_tokens)
         autocast = (
@@ -278,7 +282,7 @@ def load_lm(
     if tokenizer is None:
         raise cli.UserError(f"{source} holds no tokenizer: pass --tokenizer")
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    return RecurrentGreedy(loaded.model.to(device), tok.eos_token_id), tok
+    return RecurrentGreedy(loaded.model.to(device), tok.eos_token_id, vocab_size=len(tok)), tok
 
 
 def parse_ints(text: str, flag: str) -> list[int]:

@@ -15,6 +15,7 @@ RUN/evaluation.json). On a GPU the forward runs under bf16 autocast; on CPU in f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from collections.abc import Sequence
@@ -57,8 +58,8 @@ def data_config(loaded: LoadedModel, data: str | None, phase: str | None, workdi
                 f"{loaded.checkpoint} is not a training run: name the data with --data "
                 "(a mixture YAML, or a folder written by data.convert)"
             )
-        base = loaded.run_config.data
-        return DataConfig(mixture=base.mixture, phase=phase or base.phase, root=base.root, shuffle=False)
+        base = loaded.run_config.data  # the run's streams and settings (cache, hashes, remote)
+        return dataclasses.replace(base, phase=phase or base.phase)
     path = Path(data)
     if path.is_dir():
         if phase is not None:
