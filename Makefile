@@ -104,6 +104,8 @@ ablation-wsd-posweight: install
 # ABLATION_JOBS at a time, one thread each; a finished run (its evaluation.json) is skipped.
 SEEDS ?= 0 1 2
 ABLATION_JOBS ?= 2
+# Extra key=value overrides for every run, e.g. ABLATION_ARGS="max_duration=60ba eval_interval=30ba".
+ABLATION_ARGS ?=
 ABLATION := runs/ablation-tiny
 ABLATION_VARIANTS := wsd cosine wsd-posweight
 ABLATION_EVALS := $(foreach s,$(SEEDS),$(foreach v,$(ABLATION_VARIANTS),$(ABLATION)/$(v)-s$(s)/evaluation.json))
@@ -118,7 +120,7 @@ retry3 = for attempt in 1 2 3; do $(1) && break; test $$attempt -lt 3 || exit 1;
 $(ABLATION)/%/evaluation.json: | $(STAMP) $(DEMO_STREAMS)
 	stem=$*; variant=$${stem%-s*}; seed=$${stem##*-s}; \
 	$(call retry3,OMP_NUM_THREADS=$(if $(filter 1,$(ABLATION_JOBS)),2,1) $(PY) recipes/train.py yamls/tiny/$${variant//-/_}.yaml \
-		run_root=$(ABLATION) run_name=$$stem seed=$$seed data.shuffle_seed=$$seed logging.console_interval=50ba); \
+		run_root=$(ABLATION) run_name=$$stem seed=$$seed data.shuffle_seed=$$seed logging.console_interval=50ba $(ABLATION_ARGS)); \
 	$(PY) -m recipes.evaluate $(ABLATION)/$$stem --no-progress
 
 ablation-tiny: install demo-data
