@@ -229,10 +229,8 @@ def plot_heatmap(
         # A dashed line between the last length within training and the first beyond it.
         inside = [j for j, n in enumerate(lengths) if n <= train_length]
         if inside and inside[-1] < len(lengths) - 1:
-            ax.axvline(
-                inside[-1] + 0.5, color="black", ls="--", lw=1.2, label=f"training length {train_length}"
-            )
-            ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
+            ax.axvline(inside[-1] + 0.5, color="black", ls="--", lw=1.2)
+            title += f"\n(dashed: training length {train_length})"
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label="exact-match accuracy")
     fig.tight_layout()
