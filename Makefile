@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: install install-gpu test test-gpu test-dist test-faults lint format doctor bench-model bench-convert demo demo-data clean-demo \
-	ablation-wsd ablation-cosine ablation-wsd-posweight ablation-tiny decay inheritune-tiny export
+	ablation-wsd ablation-cosine ablation-wsd-posweight ablation-tiny decay inheritune-tiny export report needle-tiny lm-eval
 
 install: $(STAMP)
 
@@ -77,15 +77,15 @@ comma := ,
 demo-data: $(DEMO_STREAMS)
 
 # Stable phase (WSD + positional weighting, pre-decay checkpoint), a custom decay from that
-# checkpoint on the decay mix, then evaluation, a sample and the loss curves. Re-running
-# resumes (or skips) finished runs; `make clean-demo` starts over.
+# checkpoint on the decay mix, then evaluation (by position, a sample) and the report's figures.
+# Re-running resumes (or skips) finished runs; `make clean-demo` starts over.
 demo: install demo-data
 	$(PY) recipes/train.py yamls/tiny/demo.yaml
 	$(PY) recipes/train.py yamls/tiny/demo_decay.yaml \
 		checkpoint.load_path=$$(ls $(DEMO)/stable/checkpoints/pre-decay/pre-decay-*.pt | head -n 1)
 	$(PY) -m recipes.evaluate $(DEMO)/stable --prompt "def read_config(path):"
 	$(PY) -m recipes.evaluate $(DEMO)/decay --prompt "<|im_start|>user"$$'\n'"What does the with statement do?<|im_end|>"$$'\n'"<|im_start|>assistant"$$'\n'
-	$(PY) -m recipes.plot $(DEMO)/stable $(DEMO)/decay --out $(DEMO)/loss.png
+	$(PY) -m eval.report $(DEMO)/stable $(DEMO)/decay --out $(DEMO)/report
 
 clean-demo:
 	rm -rf $(DEMO)
@@ -102,12 +102,30 @@ ablation-cosine: install
 ablation-wsd-posweight: install
 	$(COMPOSER) -n $(NPROC) recipes/train.py yamls/ablation_wsd_posweight.yaml
 
-# The three ablations' tiny twins on CPU (demo data), then their loss curves in one PNG.
+# The three ablations' tiny twins on CPU (demo data), once per seed in SEEDS, each evaluated by
+# position on the whole validation split; then the table (mean ± std over seeds, the paper's
+# directions: runs/ablation-tiny/ablation.md) and the figures of the first seed's runs. Runs go
+# ABLATION_JOBS at a time, one thread each; a finished run (its evaluation.json) is skipped.
+SEEDS ?= 0 1 2
+ABLATION_JOBS ?= 2
+# Extra key=value overrides for every run, e.g. ABLATION_ARGS="max_duration=60ba eval_interval=30ba".
+ABLATION_ARGS ?=
+ABLATION := runs/ablation-tiny
+ABLATION_VARIANTS := wsd cosine wsd-posweight
+ABLATION_EVALS := $(foreach s,$(SEEDS),$(foreach v,$(ABLATION_VARIANTS),$(ABLATION)/$(v)-s$(s)/evaluation.json))
+
+# $* is <variant>-s<seed>; the recipe of variant a-b is yamls/tiny/a_b.yaml. The seed sets the
+# initialisation and the data order (the same for every variant of one seed: paired runs).
+$(ABLATION)/%/evaluation.json: | $(STAMP) $(DEMO_STREAMS)
+	stem=$*; variant=$${stem%-s*}; seed=$${stem##*-s}; \
+	OMP_NUM_THREADS=$(if $(filter 1,$(ABLATION_JOBS)),2,1) $(PY) recipes/train.py yamls/tiny/$${variant//-/_}.yaml \
+		run_root=$(ABLATION) run_name=$$stem seed=$$seed data.shuffle_seed=$$seed logging.console_interval=50ba $(ABLATION_ARGS); \
+	$(PY) -m recipes.evaluate $(ABLATION)/$$stem --no-progress
+
 ablation-tiny: install demo-data
-	$(PY) recipes/train.py yamls/tiny/wsd.yaml run_root=runs/tiny run_name=wsd
-	$(PY) recipes/train.py yamls/tiny/cosine.yaml run_root=runs/tiny run_name=cosine
-	$(PY) recipes/train.py yamls/tiny/wsd_posweight.yaml run_root=runs/tiny run_name=wsd-posweight
-	$(PY) -m recipes.plot runs/tiny/wsd runs/tiny/cosine runs/tiny/wsd-posweight --out runs/tiny/ablation.png
+	$(MAKE) -j$(ABLATION_JOBS) $(ABLATION_EVALS)
+	$(PY) -m eval.ablation $(ABLATION) --variants $(ABLATION_VARIANTS) --seeds $(SEEDS)
+	$(PY) -m eval.report $(foreach v,$(ABLATION_VARIANTS),$(ABLATION)/$(v)-s$(firstword $(SEEDS))) --out $(ABLATION)/report
 
 # Your own decay from a pre-decay checkpoint: make decay CKPT=path/pre-decay/pre-decay-ba....pt RECIPE=yamls/decay/....yaml
 decay: install
@@ -126,3 +144,48 @@ inheritune-tiny: install demo-data
 export: install
 	@test -n "$(RUN)" -a -n "$(OUT)" || { echo "usage: make export RUN=run-or-checkpoint OUT=dir [TO=hf|mamba_ssm] [TOKENIZER=dir]"; exit 2; }
 	$(PY) -m recipes.export $(RUN) --to $(or $(TO),hf) --out $(OUT) $(if $(TOKENIZER),--tokenizer $(TOKENIZER),)
+# ---------------------------------------------------------------------------------------------
+# Evaluation and evidence (README "Evaluate").
+
+# The paper's figures for any runs: make report RUNS="runs/a runs/b" [REPORT_OUT=runs/report].
+# A run whose evaluation.json is missing or older than its latest checkpoint is evaluated first.
+REPORT_OUT ?= runs/report
+report: install
+	@test -n "$(RUNS)" || { echo 'usage: make report RUNS="run-folder ..." [REPORT_OUT=runs/report]'; exit 2; }
+	for run in $(RUNS); do \
+		if [ -e $$run/checkpoints/latest-rank0.pt ] && ! [ $$run/evaluation.json -nt $$run/checkpoints/latest-rank0.pt ]; then \
+			$(PY) -m recipes.evaluate $$run --no-progress || exit $$?; fi; \
+	done
+	$(PY) -m eval.report $(RUNS) --out $(REPORT_OUT)
+
+# Needle in a haystack at CPU scale: a tiny Mamba and its attention-only twin (rotary positions)
+# trained alike at sequence 256 on the demo corpus plus passkey documents, then asked for the pass
+# key at NEEDLE_LENGTHS tokens, 10 depths, NEEDLE_TRIALS numbers per cell, in the demo's prose.
+# The two models train side by side, one thread each.
+NEEDLE := runs/needle
+NEEDLE_LENGTHS ?= 256,512,1024,2048,4096
+NEEDLE_TRIALS ?= 2
+NEEDLE_MODELS := mamba attention
+
+$(NEEDLE)/src/passkey.jsonl: | $(STAMP) $(DEMO)/src/chat.jsonl
+	$(PY) -m data.passkey --haystack $(DEMO)/src/prose.jsonl --out $(NEEDLE)/src --count 6000 --overwrite
+
+$(NEEDLE)/mds/passkey/stats.json: $(NEEDLE)/src/passkey.jsonl $(DEMO)/tokenizer/tokenizer.json
+	$(PY) -m data.convert --tokenizer $(DEMO)/tokenizer --out $(NEEDLE)/mds/passkey --seq-len 256 --val-fraction 0.03 \
+		--overwrite --source path=$(NEEDLE)/src/passkey.jsonl
+
+$(NEEDLE)/%/needle/trials.json: | $(STAMP) $(DEMO_STREAMS) $(NEEDLE)/mds/passkey/stats.json
+	OMP_NUM_THREADS=1 $(PY) recipes/train.py yamls/tiny/needle_$*.yaml logging.console_interval=50ba
+	OMP_NUM_THREADS=1 $(PY) -m eval.needle $(NEEDLE)/$* --haystack $(DEMO)/src/prose.jsonl --lengths $(NEEDLE_LENGTHS) \
+		--trials $(NEEDLE_TRIALS) --train-length 256 --title "needle in a haystack: tiny $*" --out $(NEEDLE)/$*/needle
+
+needle-tiny: install demo-data
+	$(MAKE) -j2 $(foreach m,$(NEEDLE_MODELS),$(NEEDLE)/$(m)/needle/trials.json)
+
+# lm-eval on a run folder, checkpoint or HF folder: make lm-eval CKPT=runs/demo/stable [TASKS=...]
+# [FEWSHOT=n] [ONLINE=1: let lm-eval download task data; offline, it reads the local HF cache only].
+TASKS ?= mamba_recipes_tiny_mc
+lm-eval: install
+	@test -n "$(CKPT)" || { echo "usage: make lm-eval CKPT=run-folder|checkpoint|hf-folder [TASKS=task,...] [FEWSHOT=n] [ONLINE=1]"; exit 2; }
+	$(PY) -m eval.harness $(CKPT) --tasks $(TASKS) $(if $(FEWSHOT),--num-fewshot $(FEWSHOT),) $(if $(ONLINE),--online,) \
+		--out $(if $(LM_EVAL_OUT),$(LM_EVAL_OUT),runs/lm-eval/$(notdir $(CKPT)).json)

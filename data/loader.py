@@ -71,7 +71,7 @@ class DataConfig:
     validate_hash: Literal["xxh64", "sha1"] | None = "xxh64"  # checked when a shard is unpacked; None = off
     download_timeout: float = 60.0
     num_workers: int = 0  # DataLoader worker processes (decoding is cheap; 0 serves from the trainer)
-    drop_last: bool = True
+    drop_last: bool = True  # training split only: evaluation always scores every sample
 
     def __post_init__(self) -> None:
         problems = []
@@ -404,7 +404,7 @@ def build_dataloader(
         dataset,
         batch_size=device_batch_size,
         num_workers=cfg.num_workers,
-        drop_last=cfg.drop_last,
+        drop_last=cfg.drop_last and split == "train",
         persistent_workers=cfg.num_workers > 0,
     )
     return DataSpec(loader, get_num_tokens_in_batch=lambda batch: int(batch["input_ids"].numel()))

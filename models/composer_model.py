@@ -17,12 +17,14 @@ from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy
 
 from models.config import MambaConfig
 from models.flops import training_flops_per_token
 from models.mamba_lm import MambaLMHeadModel
 
 IGNORE_INDEX = -100
+TOPK_SCORES_PER_UPDATE = 1 << 24  # bounds torchmetrics' one-hot top-k tensors (rows x vocab)
 
 
 def lm_cross_entropy(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -51,35 +53,18 @@ def lm_cross_entropy(logits: Tensor, labels: Tensor, weights: Tensor | None = No
     return (w * ce).sum() / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
-class TokenTopKAccuracy(Metric):
-    """Fraction of valid tokens whose label is among the k most likely predictions."""
+def _metrics(vocab_size: int) -> dict[str, Metric]:
+    # torchmetrics' micro-averaged top-k accuracy over the real vocabulary (padding rows of the
+    # head are never a label): the fraction of valid tokens whose label is among the k best.
+    def top_k(k: int) -> Metric:
+        return MulticlassAccuracy(num_classes=vocab_size, top_k=k, ignore_index=IGNORE_INDEX, average="micro")
 
-    full_state_update = False
-
-    def __init__(self, k: int, dist_sync_on_step: bool = False) -> None:
-        super().__init__(dist_sync_on_step=dist_sync_on_step)
-        self.k = k
-        self.add_state("correct", default=torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
-
-    def update(self, logits: Tensor, labels: Tensor) -> None:
-        valid = labels != IGNORE_INDEX
-        topk = logits.topk(self.k, dim=-1).indices  # (b, l, k)
-        hit = (topk == labels.unsqueeze(-1)).any(-1) & valid
-        self.correct += hit.sum()
-        self.total += valid.sum()
-
-    def compute(self) -> Tensor:
-        return self.correct / self.total.clamp_min(1)
-
-
-def _metrics() -> dict[str, Metric]:
     return {
         "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
         "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
-        "Top1Accuracy": TokenTopKAccuracy(1),
-        "Top3Accuracy": TokenTopKAccuracy(3),
-        "Top10Accuracy": TokenTopKAccuracy(10),
+        "Top1Accuracy": top_k(1),
+        "Top3Accuracy": top_k(3),
+        "Top10Accuracy": top_k(10),
     }
 
 
@@ -106,7 +91,7 @@ class ComposerMambaLM(ComposerModel):
         # wrap a child container without a forward. Training logs the unweighted cross-entropy
         # (beside a positionally weighted loss); evaluation adds perplexity and top-k accuracy.
         self.train_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX)}
-        self.val_metrics = _metrics()
+        self.val_metrics = _metrics(cfg.vocab_size)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         if not isinstance(batch, dict) or "input_ids" not in batch:
@@ -131,8 +116,17 @@ class ComposerMambaLM(ComposerModel):
 
     def update_metric(self, batch: dict[str, Tensor], outputs: Tensor, metric: Metric) -> None:
         # Evaluation is always unweighted: loss_weights only shape the training loss.
-        logits = outputs[..., : self.config.vocab_size] if isinstance(metric, TokenTopKAccuracy) else outputs
-        metric.update(logits, batch["labels"].contiguous())
+        labels = batch["labels"].contiguous()
+        if isinstance(metric, MulticlassAccuracy):
+            # torchmetrics wants (N, C) scores: flatten (b, l) and drop the padded vocabulary. Its
+            # top-k path builds (N, C) one-hot tensors, so rows go in chunks of ~2^24 scores.
+            vocab = self.config.vocab_size
+            logits, labels = outputs[..., :vocab].reshape(-1, vocab), labels.reshape(-1)
+            rows = max(1, TOPK_SCORES_PER_UPDATE // vocab)
+            for start in range(0, labels.numel(), rows):
+                metric.update(logits[start : start + rows], labels[start : start + rows])
+        else:
+            metric.update(outputs, labels)
 
     def flops_per_batch(self, batch: dict[str, Tensor]) -> int:
         b, seq_len = batch["input_ids"].shape

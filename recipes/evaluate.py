@@ -1,105 +1,216 @@
-"""Evaluate a training run's checkpoint: validation perplexity, top-k accuracy, a generated sample.
+"""Evaluate a model on a validation split: cross-entropy, perplexity, top-1/3/10, by position.
 
-    python -m recipes.evaluate runs/demo-decay --prompt "def fibonacci(n):"
+    python -m recipes.evaluate runs/demo/stable                                   # a run folder
+    python -m recipes.evaluate runs/demo/stable/checkpoints/ep0-ba100-rank0.pt    # one checkpoint
+    python -m recipes.evaluate out/hf --data runs/demo/mds/prose --tokenizer runs/demo/tokenizer
 
-Reads the run's resolved config (``run.json``) for the model, tokenizer and data mixture,
-loads ``--checkpoint`` (default: the run's latest monolithic checkpoint), evaluates on the
-validation split of the run's data phase (unweighted metrics) and decodes a sample
-recurrently from ``--prompt``.
+The source is a run folder (its latest checkpoint, or --checkpoint), a monolithic Composer
+checkpoint inside a run folder, or an HF transformers / mamba_ssm folder (eval/sources.py).
+The data is the run's own mixture phase, or --data: a mixture YAML (with --phase) or one
+converted stream folder. Every sample of the split is scored (no batch is dropped), unweighted.
+Metrics are given for all tokens and per bucket of position in the document (positions restart
+after each end-of-text, as in training), as a table and as JSON (default for a run folder:
+RUN/evaluation.json). On a GPU the forward runs under bf16 autocast; on CPU in fp32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import tempfile
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from common import cli
-from common.config import config_from_dict
-from data.loader import build_dataloader
+from common.io import atomic_write_text
+from data.loader import DataConfig, build_dataloader
+from data.tokenizer import load_tokenizer, tokenizer_info
+from eval.metrics import DEFAULT_BUCKETS, PositionMetrics, bucket_names, format_table, parse_buckets
+from eval.sources import LoadedModel, load_run_config, load_source
 from models.composer_model import ComposerMambaLM
 from models.mamba_lm import MambaLMHeadModel
-from recipes.config import TrainConfig
+
+__all__ = ["evaluate", "load_run_config", "main"]
+
+DEFAULT_BATCH_SIZE = 8  # sequences per forward when neither --batch-size nor the run sets one
 
 
-def load_run_config(run_dir: Path) -> TrainConfig:
-    path = run_dir / "run.json"
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise cli.UserError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise cli.UserError(f"--device {name!r} must be auto, cpu or cuda")
+    return torch.device(name)
+
+
+def data_config(loaded: LoadedModel, data: str | None, phase: str | None, workdir: Path) -> DataConfig:
+    """What to score: --data (a mixture YAML or a converted stream folder), else the run's own data."""
+    if data is None:
+        if loaded.run_config is None:
+            raise cli.UserError(
+                f"{loaded.checkpoint} is not a training run: name the data with --data "
+                "(a mixture YAML, or a folder written by data.convert)"
+            )
+        base = loaded.run_config.data  # the run's streams and settings (cache, hashes, remote)
+        return dataclasses.replace(base, phase=phase or base.phase)
+    path = Path(data)
+    if path.is_dir():
+        if phase is not None:
+            raise cli.UserError(f"--phase applies to a mixture YAML; {path} is a stream folder")
+        # One converted stream: a one-stream mixture, written where the dataset can read it.
+        mixture = workdir / "mixture.yaml"
+        stream = {"local": str(path.resolve())}
+        atomic_write_text(mixture, json.dumps({"phases": {"eval": {"streams": {path.name: stream}}}}))
+        return DataConfig(mixture=str(mixture), phase="eval", shuffle=False)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a training run directory?")
-    return config_from_dict(TrainConfig, json.loads(path.read_text())["config"], source=str(path))
-
-
-def load_model(cfg: TrainConfig, checkpoint: Path) -> MambaLMHeadModel:
-    """The ``MambaLMHeadModel`` weights of a monolithic Composer checkpoint (``*-rank0.pt``)."""
-    if not checkpoint.is_file():
         raise FileNotFoundError(
-            f"{checkpoint} not found (sharded FSDP checkpoints are folders: train with "
-            "fsdp.state_dict_type=full, or pass --checkpoint)"
+            f"--data {path} not found: pass a mixture YAML or a data.convert output folder"
         )
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    weights = {k.removeprefix("model."): v for k, v in state["state"]["model"].items()}
-    model = MambaLMHeadModel(cfg.model)
-    model.load_state_dict(weights)
-    return model.eval()
+    return DataConfig(mixture=str(path), phase=phase or "stable", shuffle=False)
 
 
 @torch.no_grad()
-def evaluate(cfg: TrainConfig, model: MambaLMHeadModel, max_batches: int | None) -> dict[str, float]:
-    composer_model = ComposerMambaLM(cfg.model, model)
-    metrics = composer_model.get_metrics(is_train=False)
-    spec = build_dataloader(cfg.data, cfg.tokenizer, cfg.device_eval_batch_size, split="val")
-    for i, batch in enumerate(spec.dataloader):
-        if max_batches is not None and i >= max_batches:
+def evaluate(
+    model: MambaLMHeadModel,
+    dataloader: Any,
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    max_batches: int | None = None,
+    device: torch.device | str = "cpu",
+    reset_state_at_doc_boundaries: bool = False,
+    progress: bool = True,
+    vocab_size: int | None = None,
+) -> dict[str, Any]:
+    """Score every batch of ``dataloader`` (at most ``max_batches``): {samples, batches, metrics}.
+
+    Top-k ranks the first ``vocab_size`` logits (default: the model's vocabulary).
+    """
+    if max_batches is not None and max_batches < 1:
+        raise cli.UserError(f"--max-batches {max_batches} must be >= 1 (omit it to score every batch)")
+    device = torch.device(device)
+    model = model.to(device).eval()
+    wrapper = ComposerMambaLM(
+        model.config, model, reset_state_at_doc_boundaries=reset_state_at_doc_boundaries
+    )
+    metrics = PositionMetrics(vocab_size or model.config.vocab_size, buckets, device=device)
+    # bf16 autocast on GPU (the training precision there); fp32 on CPU, where bf16 is ~40x slower.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    total = len(dataloader) if max_batches is None else min(max_batches, len(dataloader))
+    samples = batches = 0
+    for batch in tqdm(dataloader, total=total, desc="evaluate", unit="batch", disable=not progress):
+        if batches == total:
             break
-        logits = composer_model.eval_forward(batch)
-        for metric in metrics.values():
-            composer_model.update_metric(batch, logits, metric)
-    return {name: float(metric.compute()) for name, metric in metrics.items()}
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast:
+            logits = wrapper(batch)
+        metrics.update(logits, batch["labels"], batch["position_ids"])
+        samples += int(batch["input_ids"].shape[0])
+        batches += 1
+    return {"samples": samples, "batches": batches, "metrics": metrics.compute()}
 
 
 def generate_text(
-    cfg: TrainConfig, model: MambaLMHeadModel, prompt: str, max_new_tokens: int, seed: int
+    model: MambaLMHeadModel, tokenizer: str, prompt: str, max_new_tokens: int, seed: int
 ) -> str:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
-    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    device = model.lm_head.weight.device
+    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]], device=device)
     out = model.generate(
         ids,
         max_new_tokens,
         temperature=0.8,
         top_k=40,
         eos_token_id=tok.eos_token_id,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator(device=device).manual_seed(seed),
     )
     return tok.decode(out[0], skip_special_tokens=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = cli.parser("python -m recipes.evaluate", __doc__)
-    parser.add_argument("run", type=Path, help="run directory (with run.json and checkpoints/)")
-    parser.add_argument("--checkpoint", type=Path, help="default: RUN/checkpoints/latest-rank0.pt")
-    parser.add_argument("--max-batches", type=int, default=None, help="validation batches (default: all)")
-    parser.add_argument("--prompt", default="def ", help="text to continue for the sample")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate for the sample")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--json", type=Path, help="also write the metrics here")
+    parser.add_argument(
+        "source", help="a run folder, a Composer checkpoint (*-rank0.pt), or an HF / mamba_ssm folder"
+    )
+    parser.add_argument("--checkpoint", help="a checkpoint file of the run folder (default: its latest)")
+    parser.add_argument(
+        "--data", help="a mixture YAML or a data.convert stream folder (default: the run's data)"
+    )
+    parser.add_argument("--phase", help="the mixture phase to score (default: the run's phase, or 'stable')")
+    parser.add_argument("--split", default="val", choices=["val", "train"], help="the split to score")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the run's, or the HF folder's own)")
+    parser.add_argument(
+        "--batch-size", type=int, help="sequences per forward (default: the run's eval batch, else 8)"
+    )
+    parser.add_argument(
+        "--max-batches", type=int, help="score at most this many batches (default: every batch)"
+    )
+    parser.add_argument("--buckets", default=",".join(map(str, DEFAULT_BUCKETS)),
+                        help="starts of the position buckets (positions within each document)")  # fmt: skip
+    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
+    parser.add_argument(
+        "--json", help="write the results here (default for a run folder: RUN/evaluation.json)"
+    )
+    parser.add_argument("--prompt", help="also decode a sample from this prompt (temperature 0.8, top-k 40)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="length of the sample")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed of the sample")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    cfg = load_run_config(args.run)
-    model = load_model(cfg, args.checkpoint or args.run / "checkpoints" / "latest-rank0.pt")
-    results: dict[str, Any] = evaluate(cfg, model, args.max_batches)
-    print(f"validation ({cfg.data.mixture}, phase {cfg.data.phase}):")
-    for name, value in results.items():
-        print(f"  {name:22s} {value:.4f}")
-    sample = generate_text(cfg, model, args.prompt, args.max_new_tokens, args.seed)
-    print(f"sample (temperature 0.8, top-k 40):\n{sample}")
-    if args.json:
-        from common.io import atomic_write_text
 
-        atomic_write_text(args.json, json.dumps({**results, "sample": sample}, indent=2) + "\n")
+    buckets = parse_buckets(args.buckets)
+    device = resolve_device(args.device)
+    loaded = load_source(args.source, args.checkpoint)
+    tokenizer = args.tokenizer or loaded.tokenizer
+    if tokenizer is None:
+        raise cli.UserError(
+            f"{args.source} holds no tokenizer: pass --tokenizer (the one the data was converted with)"
+        )
+    run = loaded.run_config
+    # An HF export records the padded vocabulary as its vocab_size; the tokenizer knows the real one,
+    # and top-k must not rank the padding rows of the head.
+    vocab_size = min(loaded.model.config.vocab_size, tokenizer_info(load_tokenizer(tokenizer)).vocab_size)
+    batch_size = args.batch_size or (run.device_eval_batch_size if run else DEFAULT_BATCH_SIZE)
+    with tempfile.TemporaryDirectory() as workdir:
+        cfg = data_config(loaded, args.data, args.phase, Path(workdir))
+        spec = build_dataloader(cfg, tokenizer, batch_size, split=args.split)
+        result = evaluate(
+            loaded.model,
+            spec.dataloader,
+            buckets,
+            args.max_batches,
+            device,
+            reset_state_at_doc_boundaries=bool(run and run.reset_state_at_doc_boundaries),
+            progress=not args.no_progress,
+            vocab_size=vocab_size,
+        )
+        del spec  # release the dataset's shared memory before its mixture file goes
+    print(f"{loaded.checkpoint}: {cfg.mixture if args.data is None else args.data} (phase {cfg.phase}, "
+          f"split {args.split}), {result['samples']} samples in {result['batches']} batches")  # fmt: skip
+    print(format_table(result["metrics"]))
+    report: dict[str, Any] = {
+        "source": str(args.source),
+        "checkpoint": loaded.checkpoint,
+        "tokens_trained": loaded.tokens_trained,
+        "data": args.data or cfg.mixture,
+        "phase": cfg.phase,
+        "split": args.split,
+        "buckets": bucket_names(buckets),
+        **result,
+    }
+    if args.prompt is not None:
+        report["sample"] = generate_text(loaded.model, tokenizer, args.prompt, args.max_new_tokens, args.seed)
+        print(f"sample (temperature 0.8, top-k 40):\n{report['sample']}")
+    out = args.json or (Path(args.source) / "evaluation.json" if run and Path(args.source).is_dir() else None)
+    if out is not None:
+        atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

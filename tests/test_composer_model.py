@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.composer_model import ComposerMambaLM, TokenTopKAccuracy, lm_cross_entropy
+from models.composer_model import ComposerMambaLM, lm_cross_entropy
 from models.config import preset
 from models.flops import forward_flops_per_token
 
@@ -55,24 +55,40 @@ def test_model_loss_reads_loss_weights() -> None:
     )
 
 
+def hand_topk(logits: torch.Tensor, labels: torch.Tensor, k: int, vocab: int) -> float:
+    """Fraction of valid labels ranked among the k best of the first ``vocab`` logits (a loop)."""
+    hits = total = 0
+    for row, label in zip(logits.reshape(-1, logits.shape[-1]).tolist(), labels.reshape(-1).tolist()):
+        if label == -100:
+            continue
+        better = sum(score > row[label] for score in row[:vocab])
+        hits += better < k
+        total += 1
+    return hits / total
+
+
 def test_topk_accuracy_and_perplexity_metrics() -> None:
-    logits = torch.tensor([[[0.1, 0.5, 0.2, 0.9], [0.9, 0.1, 0.3, 0.2], [0.0, 0.0, 1.0, 0.5]]])
-    labels = torch.tensor([[1, 1, -100]])  # ranks: 2nd of row 0, 4th of row 1; row 2 ignored
-    top1, top3 = TokenTopKAccuracy(1), TokenTopKAccuracy(3)
-    top1.update(logits, labels)
-    top3.update(logits, labels)
-    assert top1.compute().item() == 0.0  # argmaxes are 3 and 0
-    assert top3.compute().item() == 0.5  # row 0 hits, row 1 misses
-    model = ComposerMambaLM(preset("debug"))
+    # vocab 500 is padded to 504: the padding logits must never count as predictions.
+    model = ComposerMambaLM(preset("debug", vocab_size=500))
     ids = torch.randint(0, 500, (2, 9))
-    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
-    out = model.eval_forward(batch)
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:].clone()}
+    batch["labels"][0, :3] = -100
+    assert model.eval_forward(batch).shape == (2, 8, 504)
+    # Scores where the labels rank anywhere from 1st to far below 10th, so every k is tested.
+    out = torch.randn(2, 8, 504)
+    rows, cols = (batch["labels"] != -100).nonzero(as_tuple=True)
+    out[rows, cols, batch["labels"][rows, cols]] += torch.linspace(0.0, 4.0, len(rows))
+    out[0, 5, 500] = out[0, 5, :500].max() + 1.0  # a padded entry above every real one: ignored by top-k
     metrics = model.get_metrics(is_train=False)
     for m in metrics.values():
         model.update_metric(batch, out, m)
     ce = hand_ce(out.detach(), batch["labels"])
     assert metrics["LanguageCrossEntropy"].compute().item() == pytest.approx(ce, rel=1e-5)
     assert metrics["LanguagePerplexity"].compute().item() == pytest.approx(math.exp(ce), rel=1e-5)
+    for k in (1, 3, 10):
+        expected = hand_topk(out, batch["labels"], k, 500)
+        assert 0 < expected < 1, k
+        assert metrics[f"Top{k}Accuracy"].compute().item() == pytest.approx(expected, abs=1e-6), k
 
 
 def test_flops_mambaoutai_reference() -> None:

@@ -1,0 +1,104 @@
+"""Passkey documents: a number hidden in filler text, asked for at the end (training data for
+the needle-in-a-haystack experiment).
+
+    python -m data.passkey --haystack runs/demo/src/prose.jsonl --out runs/needle/src --count 6000
+
+Each document is a window of filler text (consecutive words of the haystack source) with the
+needle sentence at a random sentence boundary, then the question and its answer::
+
+    ... filler. The pass key is 31415. Remember it. 31415 is the pass key. More filler ...
+    What is the pass key? The pass key is 31415.
+
+This is the passkey-retrieval format of Mohtashami & Jaggi (2023, "Landmark Attention"), with
+the number drawn from 1 to 50000 as in the paper's needle test (section 5.1). ``eval.needle``
+builds its prompts from the same ``NEEDLE`` and ``QUESTION``, so a model trained on these
+documents is asked in the form it learnt, at lengths it never saw.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from common import cli
+from common.io import atomic_dir
+from data.sources import BadRecords, document_text, iter_documents, parse_source
+
+NEEDLE = "The pass key is {number}. Remember it. {number} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+NUMBER_RANGE = (1, 50000)  # the paper: "a random number between 1 and 50000"
+_SENTENCE_END = re.compile(r"[.!?]$")
+
+
+def answer_text(number: int) -> str:
+    """What follows the question: " 31415." (the model is scored on the number alone)."""
+    return f" {number}."
+
+
+def read_words(haystack: str, max_words: int) -> list[str]:
+    """The first ``max_words`` whitespace-separated words of a source (any ``data.sources`` format)."""
+    words: list[str] = []
+    for doc in iter_documents(parse_source(haystack), BadRecords()):
+        words += document_text(doc).split()
+        if len(words) >= max_words:
+            break
+    if len(words) < 100:
+        raise ValueError(
+            f"--haystack {haystack} holds {len(words)} words; passkey documents need at least 100"
+        )
+    return words[:max_words]
+
+
+def passkey_document(words: Sequence[str], rng: random.Random, min_words: int, max_words: int) -> str:
+    """One document: a random window of ``words``, the needle at a sentence boundary, the question."""
+    if not 0 < min_words <= max_words < len(words):
+        raise ValueError(f"need 0 < min_words={min_words} <= max_words={max_words} < {len(words)} words")
+    length = rng.randint(min_words, max_words)
+    start = rng.randrange(len(words) - length)
+    window = list(words[start : start + length])
+    # Insert after a sentence end when the window has one (the needle then reads as a sentence).
+    ends = [i + 1 for i, w in enumerate(window) if _SENTENCE_END.search(w)]
+    where = rng.choice(ends) if ends else rng.randint(0, length)
+    number = rng.randint(*NUMBER_RANGE)
+    body = " ".join([*window[:where], NEEDLE.format(number=number), *window[where:]])
+    return f"{body}\n{QUESTION}{answer_text(number)}"
+
+
+def passkey_documents(
+    words: Sequence[str], count: int, seed: int, min_words: int, max_words: int
+) -> Iterator[str]:
+    rng = random.Random(seed)
+    for _ in range(count):
+        yield passkey_document(words, rng, min_words, max_words)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = cli.parser("python -m data.passkey", __doc__)
+    parser.add_argument(
+        "--haystack", required=True, help="filler text: a data.sources path (.txt, .jsonl, ...)"
+    )
+    parser.add_argument("--out", required=True, help="output folder; gets passkey.jsonl")
+    parser.add_argument("--count", type=int, default=6000, help="documents to write")
+    parser.add_argument("--min-words", type=int, default=30, help="fewest filler words per document")
+    parser.add_argument("--max-words", type=int, default=150, help="most filler words per document")
+    parser.add_argument(
+        "--haystack-words", type=int, default=200_000, help="words of --haystack to draw from"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (windows, positions, numbers)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    args = parser.parse_args(argv)
+    if args.count < 1:
+        raise ValueError(f"--count {args.count} must be >= 1")
+    words = read_words(args.haystack, args.haystack_words)
+    documents = passkey_documents(words, args.count, args.seed, args.min_words, args.max_words)
+    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+        lines = [json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in documents]
+        (tmp / "passkey.jsonl").write_text("".join(lines), encoding="utf-8")
+    print(f"{Path(args.out) / 'passkey.jsonl'}: {args.count} documents")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,99 @@
+"""Where evaluation gets a model from: one function, ``load_source``.
+
+A source is anything ``models.checkpoint_io.read_weights`` reads, local or on an object store:
+
+- a training run folder (``run.json`` + ``checkpoints/``): its latest checkpoint, or the one
+  ``checkpoint`` names, with the run's config, tokenizer and data;
+- a Composer checkpoint, monolithic (``RUN/checkpoints/ep0-ba150-rank0.pt``) or sharded (an FSDP
+  folder with ``.metadata``); the checkpoint records its model config and tokenizer;
+- an HF transformers (``MambaForCausalLM`` / ``Mamba2ForCausalLM``) or mamba_ssm folder; its
+  tokenizer is the folder itself when it holds ``tokenizer.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from callbacks.checkpoint_safety import checkpoint_problem
+from common.cli import UserError
+from common.config import config_from_dict
+from models.checkpoint_io import is_uri, read_weights, resolve
+from models.mamba_lm import MambaLMHeadModel
+from recipes.config import TrainConfig
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for evaluation (eval mode, fp32, CPU) and what came with it."""
+
+    model: MambaLMHeadModel
+    tokenizer: str | None  # a tokenizer folder, when the source names or holds one
+    run_config: TrainConfig | None  # the training config, for a run folder or a checkpoint inside one
+    checkpoint: str  # the file or folder the weights were read from
+    tokens_trained: int | None  # the token count of a local monolithic Composer checkpoint
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The resolved training config a run saved in ``run.json``."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a training run folder?")
+    return config_from_dict(TrainConfig, json.loads(path.read_text())["config"], source=str(path))
+
+
+def _run_dir_of(path: Path) -> Path | None:
+    """The run folder holding ``path`` (RUN, RUN/checkpoints/x, RUN/checkpoints/pre-decay/x), if any."""
+    for folder in (path, *path.parents[:3]):
+        if (folder / "run.json").is_file():
+            return folder
+    return None
+
+
+def _tokens_trained(checkpoint: Path) -> int | None:
+    """The token count in a local Composer checkpoint's timestamp, read without its tensors."""
+    if checkpoint.is_dir():
+        return None  # a sharded checkpoint keeps its timestamp inside the shards' pickled objects
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["state"]
+    except Exception:  # an HF or mamba_ssm file: no Composer timestamp
+        return None
+    tokens = state.get("timestamp", {}).get("Timestamp", {}).get("token")
+    return int(tokens) if tokens is not None else None
+
+
+def load_source(source: str | Path, checkpoint: str | Path | None = None) -> LoadedModel:
+    """A model from a run folder, a Composer checkpoint, or an HF / mamba_ssm folder (see module doc).
+
+    ``checkpoint`` picks a checkpoint of a run folder (default: its latest).
+    """
+    text = str(source)
+    if not is_uri(text) and not Path(text).exists():
+        raise FileNotFoundError(f"{text} does not exist: pass a run folder, a checkpoint, or an HF folder")
+    run_dir = None if is_uri(text) else _run_dir_of(Path(text))
+    if checkpoint is not None and (run_dir is None or Path(text) != run_dir):
+        raise UserError(f"--checkpoint applies to a run folder; {text} is not one (pass the checkpoint itself)")
+    target = str(checkpoint) if checkpoint is not None else text
+    if not is_uri(target):
+        resolved = Path(resolve(target))
+        composer = resolved.is_file() or (resolved / ".metadata").exists()
+        if composer and (broken := checkpoint_problem(resolved)):
+            raise UserError(f"{target}: the checkpoint {resolved} cannot be read: {broken}")
+    try:
+        weights = read_weights(target)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    except Exception as exc:  # an object store's errors (credentials, network, missing key) come in many types
+        if not is_uri(target):
+            raise
+        raise UserError(f"cannot read {target} ({type(exc).__name__}: {exc})") from exc
+    run_cfg = load_run_config(run_dir) if run_dir is not None else None
+    local = None if is_uri(target) else Path(resolve(target))
+    tokenizer = weights.tokenizer or (run_cfg.tokenizer if run_cfg else "")
+    if not tokenizer and local is not None and (local / "tokenizer.json").is_file():
+        tokenizer = str(local)
+    tokens = _tokens_trained(local) if local is not None and weights.format.startswith("composer") else None
+    return LoadedModel(weights.build().eval(), tokenizer or None, run_cfg, weights.source, tokens)

@@ -1,0 +1,165 @@
+"""Needle-in-a-haystack: prompts of exact length, the expected heatmap from a model of known reach,
+and real models (ours through the recurrent prefill, an HF transformer) end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.cli import UserError
+from data import passkey
+from eval import needle
+from models.config import preset
+from models.hf_interop import export_hf
+from models.mamba_lm import MambaLMHeadModel
+from tests.data_helpers import make_tokenizer
+
+WORDS = ["the", "river", "light", "city", "learns", "quietly", "builds", "strong", "morning", "data"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("needle")
+    rng = random.Random(0)
+    sentences = [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 9))).capitalize() + "." for _ in range(900)
+    ]
+    haystack = root / "haystack.txt"
+    haystack.write_text(" ".join(sentences), encoding="utf-8")
+    return {"tokenizer": make_tokenizer(root / "tok", vocab_size=400), "haystack": haystack}
+
+
+def hf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+class ReachStub:
+    """Answers with the pass key exactly when the whole needle lies in the last ``reach`` tokens."""
+
+    def __init__(self, tok, reach: int) -> None:
+        self.tok, self.reach = tok, reach
+
+    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        window = self.tok.decode(prompt[-self.reach :])
+        found = re.search(r"The pass key is (\d+)\. Remember it\. (\d+) is the pass key\.", window)
+        answer = f" {found.group(1)}." if found else " 0."
+        return self.tok(answer, add_special_tokens=False)["input_ids"][:max_new_tokens]
+
+
+def find(sequence: list[int], part: list[int]) -> int:
+    return next(i for i in range(len(sequence) - len(part) + 1) if sequence[i : i + len(part)] == part)
+
+
+def test_stub_of_known_reach_gives_the_expected_heatmap(files: dict[str, Path]) -> None:
+    tok = hf_tokenizer(files["tokenizer"])
+    prompts = needle.Prompts(tok, needle.haystack_tokens(tok, str(files["haystack"]), 1200))
+    depths = needle.depth_grid(5)
+    assert depths == [0.0, 0.25, 0.5, 0.75, 1.0]
+    trials = needle.run_needle(ReachStub(tok, 400), prompts, [300, 600, 1200], depths, progress=False)
+    for t in trials:
+        prompt, start = prompts.build(t.length, t.depth, t.number)
+        assert len(prompt) == t.length and start == t.needle_start
+        needle_ids = prompts.encode(" " + passkey.NEEDLE.format(number=t.number))
+        assert find(prompt, needle_ids) == t.needle_start
+        assert prompt[-len(prompts.question) :] == prompts.question
+        assert 1 <= t.number <= 50000
+    # By hand: the window is the last 400 tokens; ~25 tokens of needle and question leave a haystack
+    # of ~L - 25, with the needle near depth * (L - 25). At 300 it is always inside; at 600 from
+    # depth 0.5 (~290 >= 200); at 1200 from depth 0.75 (~880 >= 800).
+    _, lengths, grid = needle.accuracy_grid(trials)
+    assert lengths == [300, 600, 1200]
+    assert grid == [
+        [1.0, 0.0, 0.0],
+        [1.0, 0.0, 0.0],
+        [1.0, 1.0, 0.0],
+        [1.0, 1.0, 1.0],
+        [1.0, 1.0, 1.0],
+    ]
+
+
+def test_needle_goes_after_a_sentence_end(files: dict[str, Path]) -> None:
+    tok = hf_tokenizer(files["tokenizer"])
+    prompts = needle.Prompts(tok, needle.haystack_tokens(tok, str(files["haystack"]), 800))
+    prompt, start = prompts.build(800, 0.5, 123)
+    assert tok.decode(prompt[start - 1 : start]).rstrip().endswith(".")
+    assert abs(start - 0.5 * (800 - len(prompts.question) - 25)) < needle.SENTENCE_SEARCH + 10
+    with pytest.raises(UserError, match="shorter than the needle"):
+        prompts.build(20, 0.5, 1)
+
+
+def test_recurrent_prefill_decodes_like_the_full_forward(files: dict[str, Path]) -> None:
+    model = MambaLMHeadModel(preset("debug", vocab_size=400)).eval()
+    tok = hf_tokenizer(files["tokenizer"])
+    prompts = needle.Prompts(tok, needle.haystack_tokens(tok, str(files["haystack"]), 256))
+    prompt, _ = prompts.build(256, 0.3, 4242)
+    fast = needle.RecurrentGreedy(model, eos_token_id=None).greedy(prompt, 6)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):  # no cache: the whole sequence again for every token
+            ids.append(int(model(torch.tensor([ids]))[0, -1, :400].argmax()))
+    assert fast == ids[len(prompt) :]
+
+
+def test_tiny_mamba_end_to_end_up_to_4096(files: dict[str, Path], tmp_path: Path) -> None:
+    model = MambaLMHeadModel(preset("debug", vocab_size=400))
+    hf = export_hf(model, tmp_path / "hf", tokenizer_dir=files["tokenizer"])
+    out = tmp_path / "out"
+    needle.main([str(hf), "--haystack", str(files["haystack"]), "--out", str(out), "--lengths", "256,1024,4096",
+                 "--depths", "2", "--train-length", "512", "--no-progress"])  # fmt: skip
+    record = json.loads((out / "trials.json").read_text())
+    assert record["lengths"] == [256, 1024, 4096] and record["depths"] == [0.0, 1.0]
+    assert [(t["length"], t["depth"]) for t in record["trials"]] == [
+        (n, d) for n in (256, 1024, 4096) for d in (0.0, 1.0)
+    ]
+    for t in record["trials"]:
+        assert t["correct"] == (needle.first_number(t["answer"]) == t["number"])
+    grid = record["accuracy"]
+    assert record["overall"] == pytest.approx(sum(map(sum, grid)) / 6)
+    png = (out / "heatmap.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_any_hf_causal_lm_runs_through_its_own_generate(files: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = hf_tokenizer(files["tokenizer"])
+    config = GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=32, n_layer=2, n_head=2)
+    gpt2 = GPT2LMHeadModel(config).eval()
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    lm, loaded_tok = needle.load_lm(str(tmp_path / "gpt2"), None, None, torch.device("cpu"))
+    assert isinstance(lm, needle.HFGreedy)
+    prompts = needle.Prompts(loaded_tok, needle.haystack_tokens(loaded_tok, str(files["haystack"]), 300))
+    prompt, _ = prompts.build(300, 0.5, 777)
+    out = lm.greedy(prompt, 5)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(5):
+            next_id = int(gpt2(torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(next_id)
+            if next_id == tok.eos_token_id:
+                break
+    assert out == ids[len(prompt) :]
+
+
+def test_passkey_documents_carry_needle_question_and_answer(files: dict[str, Path], tmp_path: Path) -> None:
+    passkey.main(["--haystack", str(files["haystack"]), "--out", str(tmp_path / "pk"), "--count", "20",
+                  "--min-words", "20", "--max-words", "60"])  # fmt: skip
+    docs = [json.loads(line)["text"] for line in (tmp_path / "pk" / "passkey.jsonl").open()]
+    assert len(docs) == 20
+    for doc in docs:
+        body, question = doc.rsplit("\n", 1)
+        number = int(re.search(r"The pass key is (\d+)\.", body).group(1))
+        assert passkey.NEEDLE.format(number=number) in body
+        assert question == passkey.QUESTION + passkey.answer_text(number)
+    again = tmp_path / "pk2"
+    passkey.main(["--haystack", str(files["haystack"]), "--out", str(again), "--count", "20",
+                  "--min-words", "20", "--max-words", "60"])  # fmt: skip
+    assert (again / "passkey.jsonl").read_bytes() == (tmp_path / "pk" / "passkey.jsonl").read_bytes()

@@ -1,0 +1,128 @@
+"""eval/report.py: valid PNGs whose plotted series are the logged values, paired by step."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from eval import report
+
+STEPS = 40
+TOKENS_PER_STEP = 100
+
+
+def lr_at(step: int, wsd: bool) -> float:
+    """A WSD (stable to step 30, then linear) or a cosine schedule, peak 1e-3."""
+    if wsd:
+        return 1e-3 if step < 30 else 1e-3 * (1 - 0.9 * (step - 29) / 10)
+    return 1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * step / STEPS))
+
+
+def write_run(path: Path, loss_shift: float, wsd: bool, weighted: bool) -> dict[int, float]:
+    """A metrics.jsonl as Composer's JSON-lines logger writes it: one line per logged group, a
+    hyperparameter record, an epoch boundary at step 20 that logs the training CE a second time
+    (another value), and evaluations at steps 20 and 40. Returns {step: training CE}."""
+    path.mkdir(parents=True)
+    ce = {s: 5.0 - 2.0 * s / STEPS + loss_shift + 0.05 * math.sin(s) for s in range(STEPS)}
+    lines: list[dict] = [{"hyperparameters": {"config": {"run_name": path.name}}}]
+    for s in range(STEPS):
+        lines += [
+            {"step": s, LR: lr_at(s, wsd)},
+            {"step": s, "time/token": s * TOKENS_PER_STEP},
+            {"step": s, "loss/train/total": ce[s] * (0.9 if weighted else 1.0)},
+            {"step": s, "metrics/train/LanguageCrossEntropy": ce[s]},
+        ]
+        if s == 20:  # the epoch boundary: the same key logged again at the same step
+            lines.append({"step": s, "metrics/train/LanguageCrossEntropy": ce[s] + 1.0})
+        if s in (20, 39):
+            lines.append({"step": s, "metrics/eval/LanguagePerplexity": math.exp(ce[s]),
+                          "metrics/eval/Top3Accuracy": 0.1 + s / 400, "metrics/eval/Top10Accuracy": 0.2 + s / 400})  # fmt: skip
+    (path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return ce
+
+
+LR = "lr-AdamW/group0"
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> dict[str, dict[int, float]]:
+    logged = {
+        "wsd": write_run(tmp_path / "wsd", 0.0, wsd=True, weighted=False),
+        "cosine": write_run(tmp_path / "cosine", 0.001, wsd=False, weighted=False),  # nearly coincides
+        "wsd-posweight": write_run(tmp_path / "wsd-posweight", 0.05, wsd=True, weighted=True),
+    }
+    evaluation = {"buckets": ["0-15", "16+"], "samples": 10,
+                  "metrics": {"all": {"cross_entropy": 3.0, "perplexity": math.exp(3.0), "top1": 0.2, "top3": 0.3, "top10": 0.4},
+                              "0-15": {"top3": 0.25, "top10": 0.35}, "16+": {"top3": 0.32, "top10": 0.42}}}  # fmt: skip
+    (tmp_path / "wsd" / "evaluation.json").write_text(json.dumps(evaluation))
+    return logged
+
+
+def test_plotted_series_equal_the_logged_values(runs: dict[str, dict[int, float]], tmp_path: Path) -> None:
+    loaded = report.load_runs([tmp_path / name for name in runs])
+    figures = report.build_figures(loaded)
+    ax = figures["train_loss.png"].axes[0]
+    lines = ax.get_lines()
+    # One faint raw line and one bold smoothed line per run, in order; one legend entry per run.
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(runs)
+    for i, (name, ce) in enumerate(runs.items()):
+        raw, smooth = lines[2 * i], lines[2 * i + 1]
+        assert list(raw.get_xdata()) == [s * TOKENS_PER_STEP for s in range(STEPS)]
+        # Paired by step: the unweighted CE (even for the weighted run), the first value at step 20.
+        assert list(raw.get_ydata()) == [ce[s] for s in range(STEPS)], name
+        assert (
+            smooth.get_label() == name
+            and raw.get_alpha() == 0.25
+            and smooth.get_linewidth() > raw.get_linewidth()
+        )
+        # Centred mean over 5% of 40 points = 2 -> half-window 1: the last point averages 38 and 39.
+        assert smooth.get_ydata()[-1] == pytest.approx((ce[38] + ce[39]) / 2)
+        assert smooth.get_ydata()[10] == pytest.approx((ce[9] + ce[10] + ce[11]) / 3)
+    # Distinct colour and line style for every run.
+    styles = {(str(lines[2 * i + 1].get_color()), lines[2 * i + 1].get_linestyle()) for i in range(len(runs))}
+    assert len(styles) == len(runs) and len({s[1] for s in styles}) == len(runs)
+    # The y-range covers the last 70% of training, not the high start.
+    tail = [
+        v for ce in runs.values() for s, v in ce.items() if s * TOKENS_PER_STEP >= 0.3 * 39 * TOKENS_PER_STEP
+    ]
+    low, high = ax.get_ylim()
+    assert low < min(tail) and high > max(tail) and high < max(ce[0] for ce in runs.values())
+    # The decay figure starts where WSD leaves its peak (step 29).
+    assert figures["decay.png"].axes[0].get_xlim()[0] == pytest.approx(29 * TOKENS_PER_STEP)
+    ppl = figures["val_perplexity.png"].axes[0].get_lines()
+    assert [list(line.get_ydata()) for line in ppl] == [
+        [math.exp(ce[20]), math.exp(ce[39])] for ce in runs.values()
+    ]
+    bars = [p for p in figures["topk.png"].axes[2].patches]
+    assert [b.get_height() for b in bars] == [0.25, 0.32]  # only the evaluated run has bucket bars
+    lr = figures["lr.png"].axes[0].get_lines()
+    assert list(lr[1].get_ydata()) == [lr_at(s, wsd=False) for s in range(STEPS)]
+
+
+def test_report_writes_valid_pngs_and_a_summary(runs: dict[str, dict[int, float]], tmp_path: Path) -> None:
+    written = report.write_report([tmp_path / name for name in runs], tmp_path / "out")
+    pngs = [p for p in written if p.suffix == ".png"]
+    assert sorted(p.name for p in pngs) == [
+        "decay.png",
+        "lr.png",
+        "topk.png",
+        "train_loss.png",
+        "val_perplexity.png",
+    ]
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        image = matplotlib.image.imread(png)
+        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| wsd | 3900 |" in summary and "| cosine | 3900 |" in summary
+    assert "0.2500 / 0.3500" in summary  # the bucket table of the evaluated run
+    assert f"{math.exp(runs['cosine'][39]):.2f}" in summary  # the last logged perplexity otherwise
+
+
+def test_missing_run_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"metrics\.jsonl not found"):
+        report.load_runs([tmp_path / "nope"])
