@@ -4,11 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SCAN_STAMP := models/_build/.built
 
 .PHONY: install install-gpu test test-gpu test-dist lint format doctor bench-model bench-convert demo demo-data clean-demo \
 	ablation-wsd ablation-cosine ablation-wsd-posweight ablation-tiny decay
 
-install: $(STAMP)
+install: $(STAMP) $(SCAN_STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +17,12 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# The fused CPU selective scan (models/cpu_scan.c, about a second with gcc), built before any
+# training step; without a compiler it says why and the PyTorch loop runs.
+$(SCAN_STAMP): models/cpu_scan.c models/cpu_scan.py $(STAMP)
+	$(PY) -m models.cpu_scan
+	mkdir -p $(@D) && touch $@
 
 # The mamba-ssm / causal-conv1d CUDA kernels (GPU machines with nvcc). On a machine with
 # internet the packages fetch a prebuilt wheel; offline, set MAMBA_FORCE_BUILD=TRUE
