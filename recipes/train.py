@@ -38,6 +38,7 @@ from callbacks.pre_decay_checkpoint import PreDecayCheckpoint
 from callbacks.schedulers import SCHEDULERS, build_scheduler
 from common.config import ConfigError, to_dict
 from common.io import atomic_write_text
+from common.threads import configure_threads
 from data.loader import build_dataloader
 from models.composer_model import ComposerMambaLM, optimizer_param_groups
 from recipes.config import SchedulerConfig, TrainConfig, load_train_config
@@ -281,6 +282,7 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str]) -> None:
+    print(configure_threads(None), flush=True)
     try:
         cfg = load_train_config(*split_args(argv))
         trainer = build_trainer(cfg)
