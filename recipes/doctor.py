@@ -8,7 +8,8 @@ import sys
 
 import torch
 
-from models.kernels import kernel_status
+from common.threads import decide_threads
+from models.kernels import cpu_scan_status, kernel_status
 
 
 def version(dist_name: str) -> str:
@@ -26,6 +27,8 @@ def rows() -> list[tuple[str, str]]:
     else:
         gpu = "none visible"
     kernels, reason = kernel_status()
+    fused, cpu_scan_reason = cpu_scan_status()
+    threads, threads_why = decide_threads(None)
     path = "mamba_ssm / causal_conv1d kernels" if kernels else "PyTorch (models/ops.py)"
     return [
         ("python", f"{platform.python_version()} ({sys.executable})"),
@@ -40,6 +43,12 @@ def rows() -> list[tuple[str, str]]:
         ("causal_conv1d", version("causal-conv1d")),
         ("model path (model.impl=auto)", path),
         ("why", reason),
+        (
+            "CPU scan, Mamba-1",
+            cpu_scan_reason if fused else f"PyTorch loop (models/ops.py): {cpu_scan_reason}",
+        ),
+        ("CPU scan, Mamba-2", "PyTorch chunked SSD (models/ops.py; matrix products)"),
+        ("threads per rank (train.py)", f"{threads} ({threads_why})"),
     ]
 
 

@@ -160,3 +160,16 @@ def test_env_switch_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         monkeypatch.undo()
         cpu_scan._load.cache_clear()
+
+
+def test_doctor_says_which_scan_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from recipes import doctor
+
+    assert dict(doctor.rows())["CPU scan, Mamba-1"].startswith("fused C kernel (cpu_scan-")
+    monkeypatch.setenv(cpu_scan.ENV_SWITCH, "torch")
+    cpu_scan._load.cache_clear()
+    try:
+        assert dict(doctor.rows())["CPU scan, Mamba-1"].startswith("PyTorch loop (models/ops.py): ")
+    finally:
+        monkeypatch.undo()
+        cpu_scan._load.cache_clear()
