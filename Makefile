@@ -35,9 +35,10 @@ install-gpu: install
 test: install
 	$(PY) -m pytest -m "not gpu"
 
-# NO_VENV=1 PY=python3: a GPU machine's own PyTorch instead of .venv (benchmarks/gpu_check.sh).
+# NO_VENV=1 PY=python3: a GPU machine's own PyTorch instead of .venv (benchmarks/gpu_check.sh);
+# GPU_TESTS: only these test files (default: all).
 test-gpu: $(if $(NO_VENV),,install)
-	$(PY) -m pytest -m gpu
+	$(PY) -m pytest -m gpu $(GPU_TESTS)
 
 test-dist: install
 	$(PY) -m pytest -m dist
