@@ -74,15 +74,12 @@ def compiler() -> str | None:
 
 
 def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
+    """The CPU's feature flags (Linux), else the machine name: part of the library's key."""
     import platform
 
-    return platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return next((line for line in lines if line.startswith(("flags", "Features"))), platform.machine())
 
 
 def library_path(cc: str) -> Path:
@@ -99,10 +96,11 @@ def _build_dir() -> Path:
     local = SOURCE.parent / "_build"
     try:
         local.mkdir(exist_ok=True)
-        if os.access(local, os.W_OK):
-            return local
-    except OSError:
-        pass
+        writable = os.access(local, os.W_OK)
+    except OSError:  # a read-only install: the user's cache instead
+        writable = False
+    if writable:
+        return local
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mamba-recipes"
     cache.mkdir(parents=True, exist_ok=True)
     return cache
