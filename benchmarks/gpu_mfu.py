@@ -124,7 +124,8 @@ def timed_steps(
 ) -> tuple[list[float], float | None]:
     """Seconds of each timed training step, and the peak GPU memory (GB; None on CPU)."""
     torch.manual_seed(0)
-    model = MambaLMHeadModel(cfg).to(device)
+    with device:  # built and initialised on the GPU: a 1.6B model's CPU init would take longer than its steps
+        model = MambaLMHeadModel(cfg)
     set_checkpointing(model, mode)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), device=device)
