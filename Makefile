@@ -4,11 +4,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SCAN_STAMP := models/_build/.built
 
-.PHONY: install install-gpu test test-gpu test-dist test-faults lint format doctor bench-model bench-convert demo demo-data clean-demo \
-	ablation-wsd ablation-cosine ablation-wsd-posweight ablation-tiny decay inheritune-tiny export report needle-tiny lm-eval
+.PHONY: install install-gpu test test-gpu test-dist test-faults lint format doctor bench-model bench-block bench-data \
+	bench-threads bench-convert gpu-wheels gpu-check demo demo-data clean-demo ablation-wsd ablation-cosine \
+	ablation-wsd-posweight ablation-tiny decay inheritune-tiny export report needle-tiny lm-eval
 
-install: $(STAMP)
+install: $(STAMP) $(SCAN_STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +18,12 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# The fused CPU selective scan (models/cpu_scan.c, about a second with gcc), built before any
+# training step; without a compiler it says why and the PyTorch loop runs.
+$(SCAN_STAMP): models/cpu_scan.c models/cpu_scan.py $(STAMP)
+	$(PY) -m models.cpu_scan
+	mkdir -p $(@D) && touch $@
 
 # The mamba-ssm / causal-conv1d CUDA kernels (GPU machines with nvcc). On a machine with
 # internet the packages fetch a prebuilt wheel; offline, set MAMBA_FORCE_BUILD=TRUE
@@ -27,8 +35,10 @@ install-gpu: install
 test: install
 	$(PY) -m pytest -m "not gpu"
 
-test-gpu: install
-	$(PY) -m pytest -m gpu
+# NO_VENV=1 PY=python3: a GPU machine's own PyTorch instead of .venv (benchmarks/gpu_check.sh);
+# GPU_TESTS: only these test files (default: all).
+test-gpu: $(if $(NO_VENV),,install)
+	$(PY) -m pytest -m gpu $(GPU_TESTS)
 
 test-dist: install
 	$(PY) -m pytest -m dist
@@ -50,6 +60,40 @@ doctor: install
 
 bench-model: install
 	$(PY) benchmarks/bench_model.py
+
+# One 130m-width block (Mamba-1, Mamba-2) against HF's mixers and its own GEMM ceiling.
+bench-block: install
+	$(PY) benchmarks/bench_block.py
+
+# The StreamingDataset loader's tokens/s per rank beside what one GPU consumes.
+bench-data: install
+	$(PY) benchmarks/bench_data.py
+
+# The demo model's training step by thread count, with and without a competing load.
+bench-threads: install
+	$(PY) benchmarks/bench_threads.py
+
+# ---------------------------------------------------------------------------------------------
+# The GPU check for a bare GPU machine without internet (benchmarks/gpu_check.sh): first, here,
+# `make gpu-wheels` (source archives of the kernels, pure-Python wheels for Python 3.12), then
+# copy the checkout with gpu-wheels/ there and run `make gpu-check` (no .venv needed).
+GPU_WHEELS := gpu-wheels
+GPU_WHEEL_PLATFORMS := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+
+gpu-wheels: install
+	rm -rf $(GPU_WHEELS).tmp && mkdir -p $(GPU_WHEELS).tmp
+	$(PY) -m pip install --quiet wheel  # the kernels' setup.py needs it to report metadata
+	MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE $(PY) -m pip download --quiet --no-deps \
+		--no-binary :all: --no-build-isolation -d $(GPU_WHEELS).tmp mamba-ssm==2.3.2.post1 causal-conv1d==1.7.0
+	$(PY) -m pip download --quiet --no-deps --only-binary :all: $(GPU_WHEEL_PLATFORMS) -d $(GPU_WHEELS).tmp \
+		einops==0.8.1 pytest==8.4.2 pluggy==1.6.0 iniconfig==2.1.0 \
+		transformers==4.53.3 tokenizers==0.21.4 huggingface-hub==0.34.4
+	rm -rf $(GPU_WHEELS) && mv $(GPU_WHEELS).tmp $(GPU_WHEELS)
+	ls -l $(GPU_WHEELS)
+
+gpu-check:
+	bash benchmarks/gpu_check.sh $(RESULTS)
 
 bench-convert: install
 	$(PY) benchmarks/bench_convert.py

@@ -1,12 +1,13 @@
 """Training throughput on the CPU: our PyTorch path against HF transformers' Mamba, at equal shapes.
 
 One training step is forward + mean cross-entropy over the logits + backward (no optimizer
-step), fp32, batch 1. Each case runs in a fresh process: build the model, one warm-up step,
+step), fp32, batch 1 (``--batch``). Each case runs in a fresh process: build the model, one warm-up step,
 then up to ``--iters`` timed steps.
 
 Implementations (the ``impl`` column):
 
-- ``ours``        ``models.mamba_lm.MambaLMHeadModel`` with ``impl="torch"`` (models/ops.py).
+- ``ours``        ``models.mamba_lm.MambaLMHeadModel`` with ``impl="torch"`` (models/ops.py;
+                  Mamba-1 runs the fused C scan of models/cpu_scan.py when it is built).
 - ``hf-slow``     HF ``MambaForCausalLM``, default ``use_mambapy=False``: its sequential
                   ``slow_forward`` (a per-step indexed scan whose backward grows
                   quadratically with sequence length, ../shared/STACK.md).
@@ -17,7 +18,8 @@ Implementations (the ``impl`` column):
 Every HF model is loaded with ``AutoModelForCausalLM.from_pretrained`` from our own
 ``models.hf_interop.export_hf`` of the same seeded model, so its shapes and weights equal ours.
 
-Shapes (the ``shape`` column): ``debug`` and ``130m`` are our presets; ``debug-mamba2`` is
+Shapes (the ``shape`` column): ``debug`` and ``130m`` are our presets; ``tiny`` is the demo's
+model (yamls/tiny: d_model 128, 4 layers, vocab 4096); ``debug-mamba2`` is
 our preset; ``130m-mamba2`` is the 130m body with Mamba-2 mixers (d_state 128, headdim 64,
 chunk 256, vocab 50277, tied head). ``--layers N`` truncates every shape to N layers; the
 header then says TRUNCATED and ``layers`` shows ``N/full``.
@@ -34,6 +36,8 @@ Reading the table:
 - ``vs ours``: this row's tok/s over ``ours`` at the same shape and length (< 1: slower).
 - ``peak RSS Δ``: the process's peak resident memory during the steps above its resident
   memory after building the model (activations, gradients, temporaries), in MB.
+- ``peak RSS``: the process's whole peak resident memory (model, gradients, activations,
+  libraries), in GB.
 - ``skipped (> B s)``: the warm-up step had not finished after the per-case budget ``B``
   (``--budget-s``), so the process was stopped; the note gives the implied upper bound on
   tok/s. ``skipped (RSS)``: the process passed ``--max-rss-gb`` and was stopped.
@@ -46,6 +50,7 @@ Usage (from the repository root)::
     python benchmarks/bench_model.py --quick              # debug shapes, seq 512: about a minute
     python benchmarks/bench_model.py                      # the full table (tens of minutes on 2 cores)
     python benchmarks/bench_model.py --shapes 130m --layers 2 --seqlens 2048
+    python benchmarks/bench_model.py --shapes tiny --seqlens 256 --batch 4 --threads 1   # the demo's step
 """
 
 from __future__ import annotations
@@ -74,6 +79,8 @@ from models.mamba_lm import MambaLMHeadModel
 
 SHAPES: dict[str, MambaConfig] = {
     "debug": preset("debug", impl="torch"),
+    # The demo's model (yamls/tiny/wsd.yaml): d_model 128, 4 layers, d_state 16, 4096 tokens.
+    "tiny": preset("debug", d_model=128, n_layer=4, vocab_size=4096, ssm=SSMConfig(d_state=16), impl="torch"),
     "130m": preset("130m", impl="torch"),
     "debug-mamba2": preset("debug-mamba2", impl="torch"),
     "130m-mamba2": preset(
@@ -103,6 +110,7 @@ class Result:
     iters: str = "-"
     best_tok_s: float | None = None
     rss_delta_mb: float | None = None
+    peak_rss_gb: float | None = None
     status: str = ""  # empty when measured; else what stands in the tok/s column
     note: str = ""
 
@@ -160,7 +168,7 @@ def reset_peak_rss() -> bool:
 
 
 def case_worker(
-    conn: Connection, case: Case, hf_dir: Path | None, iters: int, budget_s: float, threads: int
+    conn: Connection, case: Case, hf_dir: Path | None, iters: int, budget_s: float, threads: int, batch: int
 ) -> None:
     """Child process: report ("setup", s), ("warmup", s), then ("done", dict) or ("error", text)."""
     try:
@@ -172,8 +180,8 @@ def case_worker(
         model.train()
         gen = torch.Generator().manual_seed(SEED)
         vocab = case.cfg.vocab_size
-        ids = torch.randint(0, vocab, (1, case.seqlen), generator=gen)
-        targets = torch.randint(0, vocab, (1, case.seqlen), generator=gen)
+        ids = torch.randint(0, vocab, (batch, case.seqlen), generator=gen)
+        targets = torch.randint(0, vocab, (batch, case.seqlen), generator=gen)
         conn.send(("setup", time.perf_counter() - start))
 
         gc.collect()
@@ -189,8 +197,11 @@ def case_worker(
                 break
             times.append(train_step(model, ids, targets))
             elapsed += times[-1]
-        rss_delta_kb = proc_status_kb("VmHWM") - base_kb if can_reset else None
-        conn.send(("done", {"warmup": warmup, "times": times, "rss_delta_kb": rss_delta_kb}))
+        peak_kb = proc_status_kb("VmHWM")
+        rss_delta_kb = peak_kb - base_kb if can_reset else None
+        conn.send(
+            ("done", {"warmup": warmup, "times": times, "rss_delta_kb": rss_delta_kb, "peak_kb": peak_kb})
+        )
     except Exception:
         conn.send(("error", traceback.format_exc()))
     finally:
@@ -226,7 +237,7 @@ def run_case(case: Case, hf_dir: Path | None, args: argparse.Namespace) -> Resul
     recv_end, send_end = ctx.Pipe(duplex=False)
     proc = ctx.Process(
         target=case_worker,
-        args=(send_end, case, hf_dir, args.iters, args.budget_s, args.threads),
+        args=(send_end, case, hf_dir, args.iters, args.budget_s, args.threads, args.batch),
         daemon=True,
     )
     proc.start()
@@ -254,12 +265,14 @@ def interpret(case: Case, kind: str, payload: object, args: argparse.Namespace) 
         times = payload["times"] or [payload["warmup"]]
         median = statistics.median(times)
         rss = payload["rss_delta_kb"]
+        tokens = case.seqlen * args.batch
         return Result(
-            tok_s=case.seqlen / median,
+            tok_s=tokens / median,
             s_iter=median,
             iters=str(len(payload["times"])) if payload["times"] else "1*",
-            best_tok_s=case.seqlen / min(times),
+            best_tok_s=tokens / min(times),
             rss_delta_mb=rss / 1024 if rss is not None else None,
+            peak_rss_gb=payload["peak_kb"] / 2**20,
             note="" if payload["times"] else "warm-up step only: a second step would pass the budget",
         )
     if kind == "timeout":
@@ -293,6 +306,7 @@ COLUMNS = (
     ("best", 9),
     ("vs ours", 8),
     ("peak RSS Δ", 11),
+    ("peak RSS", 9),
 )
 
 
@@ -318,6 +332,7 @@ def row(case: Case, full_layers: int, r: Result, ours_tok_s: float | None) -> st
             num(r.best_tok_s, ".1f"),
             num(ratio, ".2f"),
             "-" if r.rss_delta_mb is None else f"{r.rss_delta_mb:.0f} MB",
+            "-" if r.peak_rss_gb is None else f"{r.peak_rss_gb:.2f} GB",
             r.note,
         ]
     )
@@ -340,7 +355,7 @@ def header(args: argparse.Namespace, shapes: list[str]) -> list[str]:
 
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     lines = [
-        "# Training step (forward + mean CE + backward) throughput, CPU, fp32, batch 1",
+        f"# Training step (forward + mean CE + backward) throughput, CPU, fp32, batch {args.batch}",
         f"# torch {torch.__version__}, transformers {transformers.__version__}, threads {args.threads} "
         f"(of {os.cpu_count()} cores), CPU: {cpu_model()}",
         f"# budget {args.budget_s:g} s per case (warm-up + timed steps), 1 warm-up + up to {args.iters} "
@@ -368,6 +383,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seqlens", nargs="+", type=int, default=[512, 2048])
     p.add_argument("--impls", nargs="+", choices=sorted({i for v in IMPLS.values() for i in v}), default=None)
     p.add_argument("--layers", type=int, default=None, help="truncate every shape to this many layers")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step")
     p.add_argument("--iters", type=int, default=5, help="timed steps after the warm-up (at most)")
     p.add_argument("--budget-s", type=float, default=60.0, help="seconds of stepping per case")
     p.add_argument("--threads", type=int, default=cores, help=f"torch threads (default: {cores} cores)")
@@ -382,8 +398,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.shapes, args.seqlens = list(QUICK_SHAPES), list(QUICK_SEQLENS)
     if args.layers is not None and args.layers < 1:
         p.error(f"--layers {args.layers} must be >= 1")
-    if args.iters < 1 or args.budget_s <= 0:
-        p.error("--iters must be >= 1 and --budget-s > 0")
+    if args.iters < 1 or args.budget_s <= 0 or args.batch < 1:
+        p.error("--iters and --batch must be >= 1 and --budget-s > 0")
     return args
 
 

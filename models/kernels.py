@@ -3,7 +3,8 @@
 ``import mamba_ssm`` fails on a machine without its compiled CUDA extension and a GPU driver
 (../STACK.md), so nothing here imports it at module load. ``resolve_impl`` decides, per
 forward, whether the kernels or the PyTorch operators of ``models/ops.py`` run; both take the
-same parameters and compute the same function.
+same parameters and compute the same function. On the CPU, Mamba-1's selective scan runs a
+fused C kernel where it could be built (``cpu_scan_status`` says which scan runs and why).
 """
 
 from __future__ import annotations
@@ -63,3 +64,11 @@ def use_kernels(impl: str, x: torch.Tensor) -> bool:
             raise RuntimeError(f"model.impl=kernels but the kernels are unavailable: {reason}")
         return True
     return x.is_cuda and kernel_status()[0]
+
+
+def cpu_scan_status() -> tuple[bool, str]:
+    """(fused, reason): whether Mamba-1's CPU selective scan runs the fused C kernel
+    (models/cpu_scan.py, built on first call if missing) or the PyTorch loop, and why."""
+    from models import cpu_scan
+
+    return cpu_scan.status()

@@ -137,6 +137,9 @@ class TrainConfig:
     device_eval_batch_size: int = 8
     max_duration: str = "100ba"
     precision: Precision = "auto"  # auto: amp_bf16 on GPU, fp32 on CPU
+    # Intra-op threads per process; null = OMP_NUM_THREADS if set, else the cores this process may
+    # use / the processes on this node (common/threads.py). Set 1 on a machine shared with other jobs.
+    threads: int | None = None
     # Restart the recurrent state at each document boundary inside a packed sample (Mamba-2's
     # seq_idx; attention layers then stay inside documents too). Off, as in the paper: the state
     # flows from one document into the next. Mamba-1 has no such kernel option.
@@ -158,6 +161,8 @@ class TrainConfig:
         problems = []
         if self.device_train_microbatch_size < 1 or self.global_train_batch_size < 1:
             problems.append("global_train_batch_size and device_train_microbatch_size must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads={self.threads} must be >= 1, or null to size from the cores available")
         if self.reset_state_at_doc_boundaries and self.model.ssm.layer != "mamba2":
             problems.append(
                 "reset_state_at_doc_boundaries=true needs Mamba-2 layers (model.ssm.layer=mamba2): "

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 
 from common import cli
-from models.kernels import kernel_status
+from common.threads import decide_threads
+from models.kernels import cpu_scan_status, kernel_status
 
 
 def version(dist_name: str) -> str:
@@ -31,6 +32,8 @@ def rows() -> list[tuple[str, str]]:
     else:
         gpu = "none visible"
     kernels, reason = kernel_status()
+    fused, cpu_scan_reason = cpu_scan_status()
+    threads, threads_why = decide_threads(None)
     path = "mamba_ssm / causal_conv1d kernels" if kernels else "PyTorch (models/ops.py)"
     return [
         ("python", f"{platform.python_version()} ({sys.executable})"),
@@ -45,6 +48,12 @@ def rows() -> list[tuple[str, str]]:
         ("causal_conv1d", version("causal-conv1d")),
         ("model path (model.impl=auto)", path),
         ("why", reason),
+        (
+            "CPU scan, Mamba-1",
+            cpu_scan_reason if fused else f"PyTorch loop (models/ops.py): {cpu_scan_reason}",
+        ),
+        ("CPU scan, Mamba-2", "PyTorch chunked SSD (models/ops.py; matrix products)"),
+        ("threads per rank (train.py)", f"{threads} ({threads_why})"),
     ]
 
 

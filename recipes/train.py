@@ -52,6 +52,7 @@ from callbacks.schedulers import WarmupStableDecayScheduler
 from common import cli
 from common.config import ConfigError
 from common.io import atomic_write_text
+from common.threads import configure_threads
 from data.loader import build_dataloader, check_data
 from data.tokenizer import load_tokenizer
 from models.composer_model import ComposerMambaLM, optimizer_param_groups
@@ -425,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if print_config:
         print(OmegaConf.to_yaml(resolved_dict(cfg)), end="")
         return
+    print(f"[train] {configure_threads(cfg.threads)}", flush=True)
     trainer = build_trainer(cfg)
     if is_complete(trainer):
         print(

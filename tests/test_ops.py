@@ -66,7 +66,9 @@ def test_selective_scan_matches_recurrence(length: int) -> None:
     torch.testing.assert_close(last.double(), last_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("length", "chunk", "ngroups"), [(16, 4, 1), (13, 4, 2), (5, 8, 1), (21, 8, 4)])
+@pytest.mark.parametrize(
+    ("length", "chunk", "ngroups"), [(16, 4, 1), (13, 4, 2), (5, 8, 1), (21, 8, 4), (150, 256, 2)]
+)
 def test_ssd_chunked_matches_recurrence(length: int, chunk: int, ngroups: int) -> None:
     b, h, p, n = 2, 4, 3, 5
     x = torch.randn(b, length, h, p)
