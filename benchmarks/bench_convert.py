@@ -1,9 +1,9 @@
 """Conversion throughput (MB/s of text, tokens/s) beside the tokenizer's own ceiling.
 
-    python benchmarks/bench_convert.py [--corpora ../shared/corpora] [--tokenizer DIR] [--code-mb 8]
+    python benchmarks/bench_convert.py [--corpora DIR] [--tokenizer DIR] [--code-mb 8]
 
-Corpora: the English and French texts in ``--corpora`` (cut into documents of 20 lines) and
-the Python standard library's sources (one document per file). The ceiling is plain
+Corpora: the ``*.txt`` texts in ``--corpora`` if given (cut into documents of 20 lines; e.g. any
+English and French prose), and the Python standard library's sources (one document per file). The ceiling is plain
 ``tokenizers`` ``encode_batch`` over the same documents in one call (all cores, no I/O); the
 one-document-at-a-time lines are ``encode`` per document and, as llm-foundry's
 ``ConcatTokensDataset`` does, the transformers tokenizer called on each document. Conversion
@@ -30,9 +30,9 @@ from data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 
 
-def corpus_documents(corpora: Path, code_mb: float) -> dict[str, list[str]]:
+def corpus_documents(corpora: Path | None, code_mb: float) -> dict[str, list[str]]:
     docs: dict[str, list[str]] = {}
-    for path in sorted(corpora.glob("*.txt")):
+    for path in sorted(corpora.glob("*.txt")) if corpora is not None else []:
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
         docs[path.stem] = ["".join(lines[i : i + 20]) for i in range(0, len(lines), 20)]
     code, size = [], 0
@@ -71,7 +71,12 @@ def timed(fn: Callable[[], object], repeat: int = 2) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpora", type=Path, default=REPO.parent / "shared" / "corpora")
+    parser.add_argument(
+        "--corpora",
+        type=Path,
+        default=None,
+        help="a folder of *.txt prose to add to the standard library's sources",
+    )
     parser.add_argument("--tokenizer", type=Path, default=None)
     parser.add_argument("--vocab-size", type=int, default=32768)
     parser.add_argument("--code-mb", type=float, default=8.0)

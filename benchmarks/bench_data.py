@@ -8,11 +8,15 @@ workers: batches of ``--batch`` samples, tokens/s = input tokens served per seco
 time after the first batch (worker start-up excluded).
 
 Beside it: what one GPU consumes at the recipes' sizes. Mambaoutai (1.6B) trained at about
-11,000 tokens/s per A100 (the paper; ../shared/STACK.md); a 0.5B model is about 3x cheaper per
+11,000 tokens/s per A100 (the paper); a 0.5B model is about 3x cheaper per
 token, so about 33,000 tokens/s per GPU at the same MFU. ``headroom`` = loader / consumer: above
 1, the loader is never the bottleneck.
 
     python benchmarks/bench_data.py                          # seq 4096 and 256, 2 workers
+
+``checks us/sample``: what the loader's per-sample checks cost on their own (the CRC-32 written
+by ``data.convert`` and the vocabulary range, ``data/loader.py``), timed on one stored sample of
+each length; ``share`` is that time over the loader's time per sample (both included above).
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from common import cli
 from common.io import atomic_write_text
-from data.convert import ConvertConfig, convert
+from data.convert import ConvertConfig, convert, sample_checksum
 from data.loader import DataConfig, build_dataloader
 from data.sources import SourceSpec
 from data.tokenizer import save_tokenizer, train_tokenizer
@@ -83,6 +89,16 @@ def measure(mixture: Path, tokenizer: Path, batch: int, workers: int, max_batche
     return (tokens / elapsed if elapsed > 0 else 0.0), n
 
 
+def check_cost_us(seq_len: int, vocab: int = 2048, repeats: int = 2000) -> float:
+    """Microseconds per sample of the loader's checks (CRC-32 of the stored sample, its largest id)."""
+    tokens = np.random.default_rng(0).integers(0, vocab, size=seq_len + 1).astype(np.uint16)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        sample_checksum(tokens, 0)
+        int(tokens.max())
+    return (time.perf_counter() - start) / repeats * 1e6
+
+
 def main(argv: list[str] | None = None) -> None:
     p = cli.parser("python benchmarks/bench_data.py", __doc__)
     p.add_argument("--seqlens", nargs="+", type=int, default=[4096, 256], help="sample lengths")
@@ -104,14 +120,16 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = tmp / "tokenizer"
         save_tokenizer(train_tokenizer(docs[:200], vocab_size=2048), tokenizer)
         print(
-            f"{'seq':>6} {'tokens/s/rank':>14} {'batches':>8}  "
+            f"{'seq':>6} {'tokens/s/rank':>14} {'batches':>8} {'checks us/sample':>17} {'share':>6}  "
             + "  ".join(f"headroom vs {k}" for k in CONSUMERS)
         )
         for seq_len in args.seqlens:
             mixture = build_stream(tmp, seq_len, docs, tokenizer)
             tok_s, n = measure(mixture, tokenizer, args.batch, args.workers, args.max_batches)
+            checks = check_cost_us(seq_len)
+            share = checks * 1e-6 / (seq_len / tok_s) if tok_s else float("nan")
             ratios = "  ".join(f"{tok_s / c:>{len('headroom vs ' + k)}.0f}x" for k, c in CONSUMERS.items())
-            print(f"{seq_len:>6} {tok_s:>14,.0f} {n:>8}  {ratios}", flush=True)
+            print(f"{seq_len:>6} {tok_s:>14,.0f} {n:>8} {checks:>17.1f} {share:>6.1%}  {ratios}", flush=True)
     print(f"# load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

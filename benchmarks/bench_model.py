@@ -10,7 +10,7 @@ Implementations (the ``impl`` column):
                   Mamba-1 runs the fused C scan of models/cpu_scan.py when it is built).
 - ``hf-slow``     HF ``MambaForCausalLM``, default ``use_mambapy=False``: its sequential
                   ``slow_forward`` (a per-step indexed scan whose backward grows
-                  quadratically with sequence length, ../shared/STACK.md).
+                  quadratically with sequence length).
 - ``hf-mambapy``  HF ``MambaForCausalLM`` with ``use_mambapy=True`` (mamba.py's parallel scan;
                   needs the ``mambapy`` package, else the row says n/a).
 - ``hf-torch``    HF ``Mamba2ForCausalLM``'s ``torch_forward`` (Mamba-2 shapes).

@@ -8,8 +8,15 @@ Loading a checkpoint restores the optimizer's parameter groups, their ``lr`` inc
 * a run resumed whole with a changed ``optimizer.lr`` keeps scaling the checkpoint's peak forever.
 
 At fit start (after Composer's load) this callback sets each schedule's base lr to the recipe's
-peak, with a warning naming both values when they differ, and each group's ``lr`` to the schedule's
-value at the current time. Without a load it changes nothing: the values already agree.
+peak, with a warning naming both values when they differ, and each group's ``lr`` to the value its
+next batch must train with. Composer steps the schedule after a batch and before it advances the
+clock (batch ``n`` trains with ``f(n - 1)``), so:
+
+* on a fresh clock (a decay phase, whose timestamp was not loaded) that value is ``peak * f(0)``,
+  the schedule's first value;
+* on a resumed clock the loaded ``lr`` already is ``old peak * f(t - 1)``: it is rescaled by
+  ``peak / old peak`` (unchanged when the peak is), never recomputed at ``t``, which would run
+  the schedule one step ahead of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -42,7 +49,11 @@ class ScheduledLrAfterLoad(Callback):
                     ", ".join(f"{lr:g}" for lr in loaded),
                     self.peak_lr,
                 )
+            fresh_clock = int(state.timestamp.batch) == 0
             for i, group in enumerate(scheduler.optimizer.param_groups):
+                if fresh_clock:
+                    group["lr"] = self.peak_lr * scheduler.lr_lambdas[i](scheduler.last_epoch)
+                else:
+                    group["lr"] *= self.peak_lr / group.get("initial_lr", scheduler.base_lrs[i])
                 scheduler.base_lrs[i] = self.peak_lr
                 group["initial_lr"] = self.peak_lr
-                group["lr"] = self.peak_lr * scheduler.lr_lambdas[i](scheduler.last_epoch)

@@ -4,7 +4,7 @@ torch's default is every core of the machine, in every process. Two things go wr
 on a small shared machine: ``composer -n 2`` on 2 cores gives each rank both cores (4 threads
 on 2 cores), and with other jobs running, threads that wait for a descheduled sibling spin in
 OpenMP barriers (a tiny recipe trained 5 batches in 294 s that way, about 40x slower than with
-one thread: ../shared/STACK.md). So each rank takes the cores this process may actually run
+one thread, on this project's 2-core machines). So each rank takes the cores this process may actually run
 on (its CPU affinity, which ``taskset``, cgroups' cpusets and job schedulers narrow) divided
 by the ranks the launcher started on this node (``LOCAL_WORLD_SIZE``, set by the ``composer``
 launcher and by torchrun), at least one.

@@ -3,7 +3,7 @@
 - ``export_hf``: a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads
   offline (``MambaForCausalLM`` for Mamba-1, ``Mamba2ForCausalLM`` for Mamba-2): config.json,
   model.safetensors and, when given, the tokenizer files. HF's state-dict names equal ours
-  except ``backbone.embedding`` -> ``backbone.embeddings`` (../STACK.md).
+  except ``backbone.embedding`` -> ``backbone.embeddings``.
 - ``export_mamba_ssm``: config.json + pytorch_model.bin as ``mamba_ssm.MambaLMHeadModel``
   saves them; the only format that holds hybrids (attention layers, MLPs).
 - ``load_pretrained``: either format back into ``MambaLMHeadModel``.
@@ -118,7 +118,8 @@ def export_hf(
 
     With a tokenizer the directory is what ``transformers`` users expect: ``config.json`` carries
     the tokenizer's bos/eos/pad ids (HF's Mamba configs otherwise default them to 0, a real
-    token), ``generation_config.json`` stops at the end-of-text and, for chat, ``<|im_end|>``,
+    token), ``generation_config.json`` stops at the end-of-text and, for chat, ``<|im_end|>``, and
+    never emits the embedding's padding rows (``suppress_tokens``),
     and the tokenizer is saved with its chat template and without ``token_type_ids`` among its
     outputs, so ``model.generate(**tokenizer(text, return_tensors="pt"))`` works.
     """
@@ -130,7 +131,10 @@ def export_hf(
     dtypes = {t.dtype for t in sd.values()}
     config["torch_dtype"] = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
     tok = _load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
-    generation: dict[str, Any] = {}
+    # The embedding is padded past the vocabulary (pad_vocab_size_multiple); its extra rows are no
+    # tokens, so generation never picks them (ours restricts logits to vocab_size the same way).
+    padding = list(range(model.config.vocab_size, model.config.padded_vocab_size))
+    generation: dict[str, Any] = {"suppress_tokens": padding} if padding else {}
     if tok is not None:
         if len(tok) > model.config.padded_vocab_size:
             raise ValueError(
@@ -147,15 +151,16 @@ def export_hf(
         im_end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
         if im_end is not None and im_end not in stop:
             stop.append(im_end)  # a chat turn ends there
-        generation = {**ids, "eos_token_id": stop[0] if len(stop) == 1 else stop or None}
+        generation.update(ids, eos_token_id=stop[0] if len(stop) == 1 else stop or None)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tok is not None:
+        if generation:
             from transformers import GenerationConfig
 
             GenerationConfig(**generation).save_pretrained(str(tmp))
+        if tok is not None:
             # Mamba takes no token_type_ids: generate(**tokenizer(text)) would refuse them.
             tok.model_input_names = ["input_ids", "attention_mask"]
             tok.init_kwargs["model_input_names"] = tok.model_input_names  # saved in tokenizer_config.json

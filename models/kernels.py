@@ -1,7 +1,8 @@
 """The optional CUDA kernels (mamba_ssm, causal_conv1d) behind one lazy import.
 
 ``import mamba_ssm`` fails on a machine without its compiled CUDA extension and a GPU driver
-(../STACK.md), so nothing here imports it at module load. ``resolve_impl`` decides, per
+(its ``selective_scan_interface`` imports the compiled extension unconditionally), so nothing
+here imports it at module load. ``use_kernels`` decides, per
 forward, whether the kernels or the PyTorch operators of ``models/ops.py`` run; both take the
 same parameters and compute the same function. On the CPU, Mamba-1's selective scan runs a
 fused C kernel where it could be built (``cpu_scan_status`` says which scan runs and why).

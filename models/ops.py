@@ -11,7 +11,7 @@ arguments, same math) so that ``models/kernels.py`` can swap one for the other:
 
 Both scans are linear in sequence length in forward and backward. The selective scan walks
 the sequence with ``unbind`` (indexing ``x[:, :, t]`` step by step makes autograd allocate a
-full-size gradient per step, a quadratic backward: ../STACK.md); the SSD scan is chunked
+full-size gradient per step, a quadratic backward); the SSD scan is chunked
 (Dao & Gu 2024, section 6: quadratic "attention-like" form inside a chunk, a linear
 recurrence over chunk states between chunks) with the inter-chunk recurrence also sequential.
 All state arithmetic is float32, as in the kernels.

@@ -1,4 +1,4 @@
-"""Inheritune (Sanyal et al. 2024, ../shared/papers/inheritune.txt, Algorithm 1): inherit, train, grow.
+"""Inheritune (Sanyal et al. 2024, "Inheritune: Training Smaller Yet More Attentive Language Models", Algorithm 1): inherit, train, grow.
 
     python -m recipes.inheritune yamls/tiny/inheritune.yaml --reference runs/inheritune/reference
 
@@ -120,14 +120,15 @@ def _round_config(base: TrainConfig, name: str, model: MambaConfig, steps: int, 
 
 def validation_loss(cfg: TrainConfig, model: torch.nn.Module) -> float:
     """Cross-entropy on the validation split (``eval_subset_num_batches`` batches; -1 = all)."""
+    from data.loader import build_dataloader
     from recipes.evaluate import evaluate
 
     subset = cfg.eval_subset_num_batches if cfg.eval_subset_num_batches > 0 else None
     was_training = model.training
-    model.eval()
-    loss = evaluate(cfg, model, subset)["LanguageCrossEntropy"]
+    spec = build_dataloader(cfg.data, cfg.tokenizer, cfg.device_eval_batch_size, split="val")
+    result = evaluate(model, spec.dataloader, max_batches=subset, progress=False)
     model.train(was_training)
-    return loss
+    return result["metrics"]["all"]["cross_entropy"]
 
 
 def _train(

@@ -181,7 +181,10 @@ def test_run_folder_and_checkpoint_sources(corpus: dict[str, Path], tmp_path: Pa
     [
         (lambda p: p / "missing", "does not exist"),
         (lambda p: (p / "empty").mkdir() or p / "empty", "not a checkpoint"),
-        (lambda p: (p / "shard").mkdir() or (p / "shard" / ".metadata").touch() or p / "shard", ".metadata cannot be read"),
+        (
+            lambda p: (p / "shard").mkdir() or (p / "shard" / ".metadata").touch() or p / "shard",
+            ".metadata cannot be read",
+        ),
         (lambda p: "s3://no-such-bucket-here/ckpt.pt", "cannot read s3://no-such-bucket-here/ckpt.pt"),
     ],
 )

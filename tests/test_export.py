@@ -29,7 +29,7 @@ def trained_run(corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
         run_name="m1",
         max_duration="4ba",
         eval_interval="null",
-        **{"scheduler.t_decay": "1ba"},
+        **{"scheduler.t_warmup": "1ba", "scheduler.t_decay": "1ba"},
     )
     trainer = build_trainer(load_train_config([ROOT / "yamls/tiny/wsd.yaml"], overrides))
     trainer.fit()

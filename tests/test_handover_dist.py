@@ -42,7 +42,13 @@ def full_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_sharded_checkpoint_is_read_in_one_process(corpus: dict[str, Path], tmp_path: Path) -> None:
     train = ROOT / "recipes" / "train.py"
-    common = {"eval_interval": "null", "max_duration": "4ba", "checkpoint.save_interval": "4ba"}
+    common = {
+        "eval_interval": "null",
+        "max_duration": "4ba",
+        "checkpoint.save_interval": "4ba",
+        "scheduler.t_warmup": "1ba",
+        "scheduler.t_decay": "1ba",
+    }
     # The same 2-process run twice: FSDP's sharded (DCP) checkpoint, and a full one as the reference.
     launch(train, tiny_overrides(corpus, tmp_path, run_name="sharded", **common))
     launch(

@@ -250,10 +250,10 @@ def test_decay_without_optimizer_state_does_not_spike_with_rewarmup(
         run_name="stable",
         max_duration="24ba",
         eval_interval="null",
-        **{"scheduler.t_decay": 0.25},
+        **{"scheduler.t_warmup": "2ba", "scheduler.t_decay": 0.25},
     )
     fit(stable, "yamls/tiny/wsd.yaml")
-    pre_decay = tmp_path / "stable" / "checkpoints" / "pre-decay-ba18.pt"
+    pre_decay = tmp_path / "stable" / "checkpoints" / "pre-decay" / "pre-decay-ba18.pt"
     assert pre_decay.is_file()
     # The "released" pre-decay checkpoint: its weights in HF format, no optimizer state.
     released = tmp_path / "released-hf"
@@ -268,7 +268,7 @@ def test_decay_without_optimizer_state_does_not_spike_with_rewarmup(
     probes = {}
     for name, extra in runs.items():
         probes[name] = FixedBatchLoss(batch)
-        overrides = tiny_overrides(corpus, tmp_path, run_name=name, **{"scheduler.t_decay": 0.25})
+        overrides = tiny_overrides(corpus, tmp_path, run_name=name)
         fit([*overrides, *decay, *extra], "yamls/tiny/decay.yaml", probes[name])
     start = {name: p.losses[0] for name, p in probes.items()}
     assert start["state"] == start["fresh"] == start["rewarm"]  # the same pre-decay weights

@@ -38,8 +38,6 @@ def overrides(root: Path, tok: Path, mixture: Path, bucket: str, **extra: object
         "device_train_microbatch_size": 8,
         "max_duration": "8ba",
         "eval_interval": "null",
-        "scheduler.t_warmup": "2ba",
-        "scheduler.t_decay": 0.25,
         "checkpoint.save_interval": "2ba",
         "checkpoint.save_folder": f"{bucket}/runs/{{run_name}}/checkpoints",
         "logging.progress_bar": False,
@@ -91,7 +89,13 @@ def test_convert_train_resume_init_from_and_export_on_s3(
 
     # 2. A run with checkpoints on s3://: 4 batches (WSD over 4, its stable phase ends after batch 3:
     # the pre-decay checkpoint), then the same run extended to 8 batches, resumed from s3://.
-    settings = overrides(tmp_path / "runs", tok, mixture, s3_bucket, **{"scheduler.t_decay": "1ba"})
+    settings = overrides(
+        tmp_path / "runs",
+        tok,
+        mixture,
+        s3_bucket,
+        **{"scheduler.t_warmup": "2ba", "scheduler.t_decay": "1ba"},
+    )
     run_cfg = load_train_config([ROOT / "yamls/tiny/wsd.yaml"], [*settings, "max_duration=4ba"])
     trainer = build_trainer(run_cfg)
     trainer.fit()

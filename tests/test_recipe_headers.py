@@ -175,7 +175,7 @@ STATED: dict[str, dict[str, object]] = {
     "tiny/mamba2.yaml": {**TINY_WSD, "model.ssm.layer": "mamba2"},
     "tiny/hybrid.yaml": {**TINY_WSD, "model.ssm.layer": "mamba2", "model.attn_layer_idx": [2]},
     "tiny/decay.yaml": {**DECAY, "data.phase": "decay", "max_duration": "40ba", "scheduler.alpha_f": 0.1},
-    "tiny/demo.yaml": {**TINY_WSD, "algorithms.positional_weighting.scale": 10.0, "max_duration": "200ba"},
+    "tiny/demo.yaml": {**TINY_WSD, "algorithms.positional_weighting.scale": 10.0, "max_duration": "270ba"},
     "tiny/demo_decay.yaml": {**DECAY, "data.phase": "decay", "algorithms.positional_weighting.scale": 10.0},
 }
 

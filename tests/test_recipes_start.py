@@ -108,12 +108,17 @@ def test_every_shipped_recipe_starts(recipe: str, corpus: dict[str, Path], tmp_p
     peak = cfg.optimizer.lr
     name = cfg.scheduler["name"]
     if cfg.init_from is not None:
-        # Continuing or decaying a released model: the schedule starts at its peak (f = 1) and the
-        # re-warmup scales it by (n + 1) / T at the end of batch n (recipes/init_from.py).
+        # Continuing or decaying a released model: the schedule starts at its peak and the re-warmup
+        # scales it by (n + 1) / T at the end of batch n (recipes/init_from.py).
         rewarmup = Time.from_timestring(cfg.init_from.lr_rewarmup)
         assert rewarmup.unit.value == "ba"
-        expected = [peak * (n + 1) / rewarmup.value for n in range(2)]
-        assert lrs == pytest.approx(expected, rel=1e-3), (recipe, lrs, expected)
+        schedule = [1.0, 1.0]  # wsd without warmup: the stable peak
+        if name == "decay_phase":  # linear from t_start 0 to max_duration
+            end = Time.from_timestring(cfg.max_duration)
+            done = {"ba": [0, 1], "tok": _tokens_before_each_batch(records)[:2]}[end.unit.value]
+            schedule = [1 - (1 - cfg.scheduler["alpha_f"]) * t / end.value for t in done]
+        expected = [peak * f * (n + 1) / rewarmup.value for n, f in enumerate(schedule)]
+        assert lrs == pytest.approx(expected, rel=1e-6), (recipe, lrs, expected)
     elif name == "decay_phase":
         assert lrs[0] == pytest.approx(peak)  # the stable lr, not the checkpoint's, and no jump
     else:

@@ -16,7 +16,7 @@ import torch
 from models.mamba_lm import MambaLMHeadModel
 from recipes.config import load_train_config
 from recipes.train import build_trainer
-from tests.conftest import tiny_overrides
+from tests.conftest import StopAfter, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(glob.glob(str(ROOT / "yamls" / "**" / "*.yaml"), recursive=True))
@@ -40,23 +40,26 @@ def test_every_recipe_loads_and_builds(recipe: str) -> None:
 WSD = ["scheduler.t_warmup=2ba", "scheduler.t_decay=0.25"]  # the tiny recipes' WSD, shortened to 8 batches
 
 
-def train(overrides: list[str], recipe: str = "yamls/tiny/wsd_posweight.yaml", duration: str | None = None):
+def train(overrides: list[str], recipe: str = "yamls/tiny/wsd_posweight.yaml", stop: int | None = None):
     cfg = load_train_config([ROOT / recipe], overrides)
-    trainer = build_trainer(cfg)
-    trainer.fit(duration=duration)
+    trainer = build_trainer(cfg, extra_callbacks=[StopAfter(stop)] if stop else None)
+    trainer.fit()
     weights = {k: v.detach().clone() for k, v in trainer.state.model.model.state_dict().items()}
     batch = int(trainer.state.timestamp.batch)
     trainer.close()
     return weights, batch, cfg
 
 
-def test_resume_is_exact(corpus: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [4, 7])
+def test_resume_is_exact(corpus: dict[str, Path], tmp_path: Path, stop: int) -> None:
+    """Stopped in the stable phase (4) or inside the decay (7, where every batch has its own lr)."""
     straight, steps, _ = train([*tiny_overrides(corpus, tmp_path / "a"), *WSD])
     assert steps == 8
-    # Same run, stopped after 4 batches (the schedule still spans 8), then autoresumed.
-    _, stopped_at, _ = train([*tiny_overrides(corpus, tmp_path / "b"), *WSD], duration="4ba")
-    assert stopped_at == 4
-    resumed, steps, cfg = train([*tiny_overrides(corpus, tmp_path / "b"), *WSD])
+    # Same run, stopped after `stop` batches (the schedule still spans 8), then autoresumed.
+    overrides = [*tiny_overrides(corpus, tmp_path / "b", **{"checkpoint.save_interval": "1ba"}), *WSD]
+    _, stopped_at, _ = train(overrides, stop=stop)
+    assert stopped_at == stop
+    resumed, steps, cfg = train(overrides)
     assert steps == 8
     for key, value in straight.items():
         assert torch.equal(value, resumed[key]), key
