@@ -147,6 +147,11 @@ class MambaConfig:
                 f"model.attn.num_heads={self.attn.num_heads} must divide d_model={self.d_model} "
                 "(or set model.attn.head_dim)"
             )
+        elif self.attn_layer_idx and heads_ok and self.attn.rotary_emb_dim > self.attn_head_dim:
+            problems.append(
+                f"model.attn.rotary_emb_dim={self.attn.rotary_emb_dim} is larger than the head dimension "
+                f"{self.attn_head_dim}: set it to at most {self.attn_head_dim} (rotary acts within a head)"
+            )
         report(problems)
 
     @property

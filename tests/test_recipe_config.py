@@ -103,6 +103,12 @@ def test_unknown_names_and_bad_choices_fail_listing_the_valid_ones(override: str
         load_train_config([WSD_RECIPE], [override])
 
 
+def test_rotary_wider_than_a_head_is_refused_before_the_model_is_built() -> None:
+    overrides = ["model.attn_layer_idx=[1]", "model.attn.num_heads=8", "model.attn.rotary_emb_dim=32"]
+    with pytest.raises(ConfigError, match=r"rotary_emb_dim=32 is larger than the head dimension 16"):
+        load_train_config([WSD_RECIPE], overrides)  # d_model 128 / 8 heads = 16
+
+
 def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
     recipe = write(tmp_path, f"base: {WSD_RECIPE}\noptimzer: {{lr: 1.0}}\nmodel: {{n_layer: 0}}\n")
     overrides = ["optimizer.lr=-1", "callbacks.loss_spike.max_retries=many", "global_train_batch_size=0"]
@@ -247,7 +253,13 @@ def test_signature_schema_types_plain_values() -> None:
 ENTRY_POINTS = {
     "recipes/train.py": ["--print-config", "--debug"],
     "recipes.evaluate": ["--max-batches"],
-    "recipes.plot": ["--out"],
+    "recipes.export": ["--to", "--out", "--tokenizer", "--overwrite"],
+    "recipes.inheritune": ["--reference", "--start-depth", "--grow-by", "--max-depth", "--lr-rewarmup"],
+    "eval.report": ["--out", "--smoothing", "--zoom"],
+    "eval.needle": ["--checkpoint", "--tokenizer", "--lengths", "--depths", "--trials", "--out"],
+    "eval.harness": ["--checkpoint", "--tasks", "--num-fewshot", "--limit", "--out"],
+    "eval.ablation": ["--variants", "--seeds", "--out"],
+    "data.passkey": ["--out", "--count", "--haystack", "--seed"],
     "recipes.doctor": ["--debug"],
     "data.convert": ["--source", "--tokenizer", "--seq-len", "--val-fraction", "--workers", "--skip-bad"],
     "data.train_tokenizer": ["--source", "--vocab-size", "--min-frequency", "--max-bytes"],

@@ -176,6 +176,25 @@ STATED: dict[str, dict[str, object]] = {
     "tiny/hybrid.yaml": {**TINY_WSD, "model.ssm.layer": "mamba2", "model.attn_layer_idx": [2]},
     "tiny/decay.yaml": {**DECAY, "data.phase": "decay", "max_duration": "40ba", "scheduler.alpha_f": 0.1},
     "tiny/demo.yaml": {**TINY_WSD, "algorithms.positional_weighting.scale": 10.0, "max_duration": "270ba"},
+    "tiny/needle_mamba.yaml": {
+        **TINY_WSD,
+        "model.d_model": 128,
+        "model.n_layer": 4,
+        "model.attn_layer_idx": [],
+        "data.mixture": "yamls/data/needle.yaml",
+        "max_duration": "200ba",
+    },
+    "tiny/needle_attention.yaml": {  # "every layer attention, rotary positions on the whole head"
+        **TINY_WSD,
+        "model.d_model": 128,
+        "model.n_layer": 4,
+        "model.attn_layer_idx": [0, 1, 2, 3],
+        "model.attn.rotary_emb_dim": 32,  # d_model 128 / 4 heads
+        "model.attn.num_heads": 4,
+        "model.d_intermediate": 128,
+        "data.mixture": "yamls/data/needle.yaml",
+        "max_duration": "200ba",
+    },
     "tiny/demo_decay.yaml": {**DECAY, "data.phase": "decay", "algorithms.positional_weighting.scale": 10.0},
 }
 

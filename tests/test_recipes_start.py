@@ -50,6 +50,8 @@ def shrink(recipe: str, corpus: dict[str, Path], run_root: Path, **extra: object
         settings.update(
             {"model.attn_layer_idx": "[1]", "model.attn.num_heads": 4, "model.attn.num_heads_kv": 2}
         )
+        if model.attn.rotary_emb_dim:
+            settings["model.attn.rotary_emb_dim"] = 8  # the whole head at d_model 32, 4 heads
     if model.d_intermediate:
         settings["model.d_intermediate"] = 64
     if model.ssm.layer == "mamba2":
