@@ -75,7 +75,9 @@ def load_source(source: str | Path, checkpoint: str | Path | None = None) -> Loa
         raise FileNotFoundError(f"{text} does not exist: pass a run folder, a checkpoint, or an HF folder")
     run_dir = None if is_uri(text) else _run_dir_of(Path(text))
     if checkpoint is not None and (run_dir is None or Path(text) != run_dir):
-        raise UserError(f"--checkpoint applies to a run folder; {text} is not one (pass the checkpoint itself)")
+        raise UserError(
+            f"--checkpoint applies to a run folder; {text} is not one (pass the checkpoint itself)"
+        )
     target = str(checkpoint) if checkpoint is not None else text
     if not is_uri(target):
         resolved = Path(resolve(target))
@@ -86,7 +88,9 @@ def load_source(source: str | Path, checkpoint: str | Path | None = None) -> Loa
         weights = read_weights(target)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    except Exception as exc:  # an object store's errors (credentials, network, missing key) come in many types
+    except (
+        Exception
+    ) as exc:  # an object store's errors (credentials, network, missing key) come in many types
         if not is_uri(target):
             raise
         raise UserError(f"cannot read {target} ({type(exc).__name__}: {exc})") from exc
