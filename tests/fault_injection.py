@@ -538,17 +538,22 @@ def audits(root: Path) -> dict[int, dict[int, list[int]]]:
 
 def compare_audits(
     reference: dict[int, dict[int, list[int]]], got: dict[int, dict[int, list[int]]]
-) -> tuple[int, int]:
-    """(samples lost, samples duplicated) of a recovered run against the reference, over all ranks."""
+) -> tuple[int, int, bool]:
+    """(samples lost, samples duplicated, same batches) of a recovered run against the reference.
+
+    Over all ranks; "same batches" means every batch of every rank holds the reference's samples
+    in the reference's order (the data position resumed exactly).
+    """
     lost = duplicated = 0
+    same = set(got) == set(reference)
     for rank, batches in reference.items():
+        mine = got.get(rank, {})
         want = [s for b in sorted(batches) for s in batches[b]]
-        have = [s for b in sorted(got.get(rank, {})) for s in got[rank][b]]
+        have = [s for b in sorted(mine) for s in mine[b]]
         lost += len(set(want) - set(have))
         duplicated += len(have) - len(set(have)) + len(set(have) - set(want))
-        if lost == duplicated == 0 and {b: got[rank][b] for b in got[rank]} != batches:
-            duplicated += 1  # same samples, other batches: the data order moved
-    return lost, duplicated
+        same = same and mine == batches
+    return lost, duplicated, same
 
 
 def compare_shards(reference: Path, other: Path) -> tuple[int, int]:
