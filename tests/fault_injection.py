@@ -354,7 +354,12 @@ class Suite:
                 lambda mds: flip_middle_byte(mds / "train" / "shard.00000.mds.zstd"),
                 "is corrupt or unreadable",
             ),
-            ("shard byte flipped after unpacking", flip_unpacked, "checksum does not match"),
+            (
+                "shard byte flipped after unpacking",
+                # In the first sample the run trains (a flip in a sample never read is never trained on).
+                lambda mds: flip_unpacked(mds, self.references[1][1][0][0][0]),
+                "checksum does not match",
+            ),
             ("token outside the vocabulary", write_out_of_vocab, "outside the tokenizer's 300 ids"),
         ]
         for name, breaker, expect in cases:
@@ -576,14 +581,21 @@ def flip_middle_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def flip_unpacked(mds: Path) -> None:
-    """Unpack the first shard as Streaming would, then flip a low bit inside its token bytes."""
+def flip_unpacked(mds: Path, sample: int) -> None:
+    """Unpack the first shard as Streaming would, then flip a low bit inside ``sample``'s bytes.
+
+    An MDS shard is ``num_samples`` (uint32), ``num_samples + 1`` absolute byte offsets (uint32),
+    then the samples; the bit flipped is the middle byte of the sample's span.
+    """
     import zstandard
 
     packed = mds / "train" / "shard.00000.mds.zstd"
-    raw = zstandard.ZstdDecompressor().decompress(packed.read_bytes())
-    data = bytearray(raw)
-    data[len(data) // 2] ^= 0x01
+    data = bytearray(zstandard.ZstdDecompressor().decompress(packed.read_bytes()))
+    count = int(np.frombuffer(data, np.uint32, 1)[0])
+    assert sample < count, f"sample {sample} is not in the first shard ({count} samples)"
+    offsets = np.frombuffer(data, np.uint32, count + 1, offset=4)
+    begin, end = int(offsets[sample]), int(offsets[sample + 1])
+    data[(begin + end) // 2] ^= 0x01
     (mds / "train" / "shard.00000.mds").write_bytes(bytes(data))
 
 
