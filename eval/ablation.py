@@ -64,11 +64,19 @@ def _cell(values: Sequence[float | None], digits: int = 4) -> str:
 
 
 def direction(name: str, diffs: Sequence[float], want_negative: bool) -> dict[str, Any]:
-    """A paired comparison: mean difference ± std, in how many seeds it has the wanted sign, holds?"""
+    """A paired comparison: mean difference ± std, in how many seeds it has the wanted sign, and
+    whether it holds: "yes" when every seed agrees, "no" when the mean goes the other way (or is
+    zero), "mixed" when the mean agrees but some seed does not."""
     mean, std = mean_std(diffs)
     agree = sum((d < 0) if want_negative else (d > 0) for d in diffs)
+    if agree == len(diffs):
+        holds = "yes"
+    elif (mean < 0) if want_negative else (mean > 0):
+        holds = "mixed"
+    else:
+        holds = "no"
     return {"claim": name, "mean_diff": mean, "std_diff": std, "seeds_agreeing": agree, "seeds": len(diffs),
-            "holds": (mean < 0) if want_negative else (mean > 0)}  # fmt: skip
+            "holds": holds}  # fmt: skip
 
 
 def directions(evals: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -123,7 +131,9 @@ def ablation_markdown(evals: dict[str, list[dict[str, Any]]], seeds: Sequence[in
         lines.append("| --- | ---: | ---: | --- |")
         for d in found:
             lines.append(f"| {d['claim']} | {d['mean_diff']:+.4f} ± {d['std_diff']:.4f} | "
-                         f"{d['seeds_agreeing']}/{d['seeds']} | {'yes' if d['holds'] else 'no'} |")  # fmt: skip
+                         f"{d['seeds_agreeing']}/{d['seeds']} | {d['holds']} |")  # fmt: skip
+        lines += ["", "holds: yes = every seed agrees; mixed = the mean agrees, not every seed; "
+                  "no = the mean goes the other way."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
