@@ -91,15 +91,19 @@ class Suite:
     def corpus(self) -> None:
         self.tok = make_tokenizer(self.work / "tok", vocab_size=300)
         self.docs = write_jsonl(self.work / "docs.jsonl", [{"text": t} for t in make_docs(600, seed=3)])
-        convert = [sys.executable, "-m", "data.convert", "--tokenizer", str(self.tok), "--seq-len", "32"]
-        out = self.run(
-            [*convert, "--val-fraction", "0.1", "--source", str(self.docs), "--out", str(self.work / "mds")]
-        )
+        out = self.run(self.convert_command(self.work / "mds", "--val-fraction", "0.1"))
         if out.returncode != 0:
             raise SystemExit(f"converting the corpus failed:\n{out.output[-3000:]}")
         self.mixture = write_mixture(
             self.work / "mix.yaml", {"stable": {"docs": {"local": str(self.work / "mds"), "proportion": 1.0}}}
         )
+
+    def convert_command(self, out: Path, *extra: str) -> list[str]:
+        """``data.convert`` of the test corpus into ``out`` (32-token samples), with ``extra`` options."""
+        return [
+            *(sys.executable, "-m", "data.convert", "--tokenizer", str(self.tok), "--seq-len", "32"),
+            *("--source", str(self.docs), "--out", str(out), *extra),
+        ]
 
     def overrides(
         self, run_root: Path, nproc: int, mixture: Path | None = None, **extra: object
@@ -291,32 +295,23 @@ class Suite:
     def conversion_kills(self) -> None:
         row = self.rows.setdefault("kill mid-conversion", Row())
         reference = self.work / "conv-reference"
-        convert = [
-            sys.executable,
-            "-m",
-            "data.convert",
-            "--tokenizer",
-            str(self.tok),
-            "--seq-len",
-            "32",
-            "--batch-bytes",
-            "2000",
-            "--source",
-            str(self.docs),
-        ]
-        if self.run([*convert, "--out", str(reference)]).returncode != 0:
+
+        def convert(out: Path) -> list[str]:
+            return self.convert_command(out, "--batch-bytes", "2000")
+
+        if self.run(convert(reference)).returncode != 0:
             raise SystemExit("the reference conversion failed")
         for i, spec in enumerate(["convert_chunk@2", "convert_chunk@9"]):
             out_dir = self.work / f"conv-{i}"
             row.faults += 1
-            killed = self.run([*convert, "--out", str(out_dir)], failpoint=spec)
+            killed = self.run(convert(out_dir), failpoint=spec)
             if killed.returncode != -signal.SIGKILL:
                 row.failures.append(f"conversion {spec}: not killed (exit {killed.returncode})")
                 continue
             if out_dir.exists():
                 row.failures.append(f"conversion {spec}: {out_dir} exists after the kill: it looks complete")
                 continue
-            again = self.run([*convert, "--out", str(out_dir)])
+            again = self.run(convert(out_dir))
             if again.returncode != 0:
                 row.failures.append(f"conversion {spec}: the rerun failed:\n{again.output[-2000:]}")
                 continue
@@ -457,20 +452,7 @@ class Suite:
         try:
             # Conversion onto a full disk: a clear error and no output that looks complete.
             out_dir = mount / "mds"
-            cmd = [
-                sys.executable,
-                "-m",
-                "data.convert",
-                "--tokenizer",
-                str(self.tok),
-                "--seq-len",
-                "32",
-                "--source",
-                str(self.docs),
-                "--out",
-                str(out_dir),
-            ]
-            self.reject(row, "conversion", cmd, "No space left on device", 3)
+            self.reject(row, "conversion", self.convert_command(out_dir), "No space left on device", 3)
             if out_dir.exists() or list(mount.glob(".mds.*")):
                 row.failures.append("disk full (conversion): output or temporary folder left behind")
             # Checkpoints onto a full disk: the run stops, nothing half-written is left, and once space
