@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from models.config import preset
-from models.flops import training_flops_per_token
+from models.flops import forward_flops_per_token
 from models.mamba_lm import MambaLMHeadModel
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -28,23 +30,35 @@ def load(name: str) -> ModuleType:
     return module
 
 
-def test_gpu_mfu_dry_run_writes_consistent_results(tmp_path: Path) -> None:
+def test_gpu_mfu_dry_run_writes_consistent_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a clock that advances 0.5 s per reading, every timed step takes 0.5 s: tokens per second,
+    TFLOP/s and MFU follow by hand from the batch shape and the model's FLOPs."""
     gpu_mfu = load("gpu_mfu")
-    rows = gpu_mfu.main(["--dry-run", "--out", str(tmp_path), "--checkpointing", "none", "block"])
+    readings = iter(range(10_000))
+    monkeypatch.setattr(gpu_mfu.time, "perf_counter", lambda: 0.5 * next(readings))
+    rows = gpu_mfu.main(
+        ["--dry-run", "--out", str(tmp_path), "--checkpointing", "none", "block", "--peak-tflops", "0.002"]
+    )
     assert [(r.micro_batch, r.checkpointing) for r in rows] == [
         (1, "none"),
         (2, "none"),
         (1, "block"),
         (2, "block"),
     ]
-    cfg = preset("debug")
+    flops_per_token = 3 * forward_flops_per_token(preset("debug"), 64)  # models/flops.py, tested on its own
     for r in rows:
-        assert r.status == "ok" and r.seq_len == 64 and r.tok_s > 0
-        assert r.tflops == pytest.approx(training_flops_per_token(cfg, 64) * r.tok_s / 1e12)
+        assert r.status == "ok" and r.seq_len == 64 and r.step_s == 0.5
+        assert r.tok_s == r.micro_batch * 64 / 0.5
+        assert r.tflops == pytest.approx(flops_per_token * r.micro_batch * 128 / 1e12)
+        assert r.mfu == pytest.approx(r.tflops / 0.002)
     saved = json.loads((tmp_path / "mfu.json").read_text())
-    assert saved["device"] == "CPU (dry run)"
-    assert [row["tok_s"] for row in saved["rows"]] == [r.tok_s for r in rows]
-    assert "DRY RUN" in (tmp_path / "mfu.txt").read_text()
+    assert saved["device"] == "CPU (dry run)" and saved["peak_tflops"] == 0.002
+    assert [row["tok_s"] for row in saved["rows"]] == [128.0, 256.0, 128.0, 256.0]
+    text = (tmp_path / "mfu.txt").read_text()
+    assert "DRY RUN" in text
+    best = max(rows, key=lambda r: r.mfu)
+    assert f"# best MFU {best.mfu:.3f}: debug mb 2 ckpt none" in text
+    assert text.count("     256 ") == 2 and text.count("     128 ") == 2  # the tok/s column
 
 
 @pytest.mark.parametrize("mode", ["block", "half"])
@@ -64,10 +78,21 @@ def test_checkpointing_modes_keep_gradients(mode: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_gpu_peak_by_device_name() -> None:
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA A100-SXM4-80GB", 312.0),  # NVIDIA's A100 datasheet: 312 dense bf16 TFLOP/s
+        ("NVIDIA H100 80GB HBM3", 989.0),  # H100 SXM datasheet: 989 dense (1979 with sparsity)
+        ("NVIDIA H200", 989.0),
+        ("Tesla V100-SXM2-16GB", None),  # no bf16 tensor cores: unknown, the user passes --peak-tflops
+    ],
+)
+def test_gpu_peak_by_device_name(name: str, peak: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
     gpu_mfu = load("gpu_mfu")
     assert gpu_mfu.detect_peak(torch.device("cpu"), None) == ("CPU (dry run)", None)
-    assert gpu_mfu.PEAK_BF16_TFLOPS["A100"] == 312.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert gpu_mfu.detect_peak(torch.device("cuda"), None) == (name, peak)
+    assert gpu_mfu.detect_peak(torch.device("cuda"), 100.0) == (name, 100.0)  # --peak-tflops wins
 
 
 def test_arch_only_keeps_one_target_and_parses() -> None:
@@ -92,8 +117,25 @@ def test_arch_only_keeps_one_target_and_parses() -> None:
     assert namespace["cc_flag"] == ["-gencode", "arch=compute_90,code=sm_90"]
 
 
-def test_gpu_check_script_parses() -> None:
+def test_gpu_check_stops_after_recording_a_machine_without_gpu(tmp_path: Path) -> None:
+    """On a machine without a GPU the check records the failed first step and stops there, exit 1."""
     subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
+    out = tmp_path / "results"
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "GPU_SITE": str(tmp_path / "site"),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    done = subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh"), str(out)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "no usable GPU/torch: stopping" in done.stdout
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert len(summary) == 1 and summary[0].split()[:3] == ["machine", "FAILED", "(exit"]
+    log = (out / "machine.log").read_text()  # the machine is recorded before the check gives up
+    assert f"python {platform.python_version()} torch {torch.__version__}" in log and "RuntimeError" in log
 
 
 def test_block_bench_gemms_are_the_mixers_linear_layers() -> None:
