@@ -8,7 +8,24 @@ import torch
 from models import cpu_scan, ops
 from tests.test_ops import mamba1_recurrence_f64
 
-pytestmark = pytest.mark.skipif(not cpu_scan.status()[0], reason=cpu_scan.status()[1])
+# The fused kernel's own tests need it built (a C compiler); the PyTorch fallback is tested everywhere,
+# forced with MAMBA_RECIPES_CPU_SCAN=torch or a missing compiler, whether or not a compiler exists.
+needs_fused = pytest.mark.skipif(not cpu_scan.status()[0], reason=cpu_scan.status()[1])
+
+
+@pytest.fixture
+def forced_fallback(monkeypatch: pytest.MonkeyPatch):
+    """The PyTorch loop forced through the documented switch; the fused kernel must not be called."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused kernel ran although MAMBA_RECIPES_CPU_SCAN=torch")
+
+    monkeypatch.setenv(cpu_scan.ENV_SWITCH, "torch")
+    monkeypatch.setattr(cpu_scan, "selective_scan_fused", refuse)
+    cpu_scan._load.cache_clear()
+    yield
+    monkeypatch.undo()
+    cpu_scan._load.cache_clear()
 
 
 def make_inputs(b: int, d: int, n: int, length: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -37,6 +54,7 @@ def run(scan, inputs: dict[str, torch.Tensor], dout: torch.Tensor, **options) ->
     return (y.detach(), last.detach(), *(leaves[k].grad for k in inputs))
 
 
+@needs_fused
 # Lengths: one step, odd, exactly one chunk, several chunks with a partial last one.
 @pytest.mark.parametrize(
     ("b", "d", "n", "length"), [(1, 3, 4, 1), (2, 5, 16, 13), (1, 4, 8, cpu_scan.CHUNK), (3, 7, 16, 150)]
@@ -59,6 +77,7 @@ def test_fused_matches_loop_and_float64(b: int, d: int, n: int, length: int) -> 
         torch.testing.assert_close(a.double(), ref.detach(), rtol=1e-4, atol=1e-4, msg=f"{name} vs float64")
 
 
+@needs_fused
 @pytest.mark.parametrize(
     ("use_z", "use_D", "use_bias", "softplus"),
     [(False, False, False, False), (True, False, True, False), (False, True, False, True)],
@@ -79,6 +98,7 @@ def test_optional_arguments(use_z: bool, use_D: bool, use_bias: bool, softplus: 
         torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-4, msg=f"{name} differs from the loop")
 
 
+@needs_fused
 def test_thread_count_does_not_change_results() -> None:
     """Work is split by (batch, channel block), never by thread: 1 and 2 threads agree bit for bit."""
     inputs = make_inputs(4, 40, 16, 200, seed=2)
@@ -95,6 +115,7 @@ def test_thread_count_does_not_change_results() -> None:
         assert torch.equal(a, b)
 
 
+@needs_fused
 def test_saves_chunk_states_not_every_state() -> None:
     """What the backward keeps is the inputs plus one state per chunk: no (b, d, l, n) tensor."""
     b, d, n, length = 2, 64, 16, 1000
@@ -115,6 +136,7 @@ def test_saves_chunk_states_not_every_state() -> None:
     assert saved_floats < b * d * length * n / 2  # the loop keeps more than all the states
 
 
+@needs_fused
 def test_ops_dispatches_to_fused_and_loop_for_float64() -> None:
     inputs = make_inputs(1, 4, 4, 9)
     y = ops.selective_scan(**inputs, delta_softplus=True)
@@ -145,6 +167,7 @@ def test_fallback_without_compiler_logs_reason(monkeypatch: pytest.MonkeyPatch, 
         cpu_scan._load.cache_clear()
 
 
+@needs_fused
 def test_failed_build_names_the_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu_scan, "CFLAGS", (*cpu_scan.CFLAGS, "-fno-such-option-anywhere"))
     with pytest.raises(RuntimeError, match=r"compiling cpu_scan\.c failed.*no-such-option-anywhere"):
@@ -162,6 +185,7 @@ def test_env_switch_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
         cpu_scan._load.cache_clear()
 
 
+@needs_fused
 def test_doctor_says_which_scan_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     from recipes import doctor
 
@@ -173,3 +197,44 @@ def test_doctor_says_which_scan_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         monkeypatch.undo()
         cpu_scan._load.cache_clear()
+
+
+@pytest.mark.parametrize(("b", "d", "n", "length"), [(1, 3, 4, 1), (2, 5, 16, 70)])
+def test_forced_fallback_matches_float64(forced_fallback: None, b: int, d: int, n: int, length: int) -> None:
+    """What ops.selective_scan computes on the PyTorch loop (float32): the float64 recurrence, values
+    and gradients, on any machine."""
+    assert cpu_scan.status() == (False, f"{cpu_scan.ENV_SWITCH}=torch: the PyTorch loop (models/ops.py) runs")
+    assert not cpu_scan.available()
+    inputs = make_inputs(b, d, n, length, seed=3)
+    dout = torch.randn(b, d, length)
+    got = run(ops.selective_scan, inputs, dout, delta_softplus=True)
+    leaves = {k: v.double().requires_grad_(True) for k, v in inputs.items()}
+    y64, last64 = mamba1_recurrence_f64(
+        *(leaves[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
+    )
+    (y64 * dout.double()).sum().backward()
+    names = ["y", "last_state", *inputs]
+    for name, a, ref in zip(names, got, (y64, last64, *(leaves[k].grad for k in inputs))):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), ref.detach(), rtol=1e-4, atol=1e-4, msg=f"{name} vs float64")
+
+
+def test_forced_fallback_trains_a_model(forced_fallback: None) -> None:
+    """A Mamba-1 model's loss and gradients on the forced PyTorch loop equal those of the float64 model."""
+    from models.config import preset
+    from models.mamba_lm import MambaLMHeadModel
+
+    model = MambaLMHeadModel(preset("debug", n_layer=2, impl="torch"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+
+    def loss_and_grads(m: MambaLMHeadModel) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        logits = m(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        grads = torch.autograd.grad(loss, list(m.parameters()))
+        return loss.detach(), [g.clone() for g in grads]
+
+    loss32, grads32 = loss_and_grads(model)
+    loss64, grads64 = loss_and_grads(model.double())  # float64 runs the loop whatever the switch says
+    torch.testing.assert_close(loss32.double(), loss64, rtol=1e-5, atol=1e-5)
+    for a, ref in zip(grads32, grads64):
+        torch.testing.assert_close(a.double(), ref, rtol=1e-3, atol=1e-5)
