@@ -118,12 +118,42 @@ def test_tiny_mamba_end_to_end_up_to_4096(files: dict[str, Path], tmp_path: Path
     assert [(t["length"], t["depth"]) for t in record["trials"]] == [
         (n, d) for n in (256, 1024, 4096) for d in (0.0, 1.0)
     ]
+    draws = random.Random(0)  # --seed 0: one number per cell, in order
     for t in record["trials"]:
-        assert t["correct"] == (needle.first_number(t["answer"]) == t["number"])
-    grid = record["accuracy"]
-    assert record["overall"] == pytest.approx(sum(map(sum, grid)) / 6)
+        assert t["number"] == draws.randint(1, 50000)
+        # An untrained model does not know a 5-digit number it saw once: every answer is wrong.
+        said = re.search(r"\d+", t["answer"])
+        assert t["correct"] is False and (said is None or int(said.group()) != t["number"])
+    assert record["accuracy"] == [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]] and record["overall"] == 0.0
     png = (out / "heatmap.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_main_records_the_grid_of_a_model_of_known_reach(
+    files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """trials.json of the command: which trials are right, the grid and the overall score, against the
+    hand-derived reach of the stub (see the heatmap test above: 10 of 15 cells within 400 tokens)."""
+    tok = hf_tokenizer(files["tokenizer"])
+    monkeypatch.setattr(needle, "load_lm", lambda *args: (ReachStub(tok, 400), tok))
+    out = tmp_path / "out"
+    needle.main(["stub", "--haystack", str(files["haystack"]), "--out", str(out), "--lengths", "300,600,1200",
+                 "--depths", "5", "--no-progress"])  # fmt: skip
+    record = json.loads((out / "trials.json").read_text())
+    right = {(1200, 0.75), (1200, 1.0), (600, 0.5), (600, 0.75), (600, 1.0)} | {
+        (300, d) for d in record["depths"]
+    }
+    for t in record["trials"]:
+        assert t["correct"] == ((t["length"], t["depth"]) in right), t
+        assert t["answer"] == (f" {t['number']}." if t["correct"] else " 0.")
+    assert record["accuracy"] == [
+        [1.0, 0.0, 0.0],
+        [1.0, 0.0, 0.0],
+        [1.0, 1.0, 0.0],
+        [1.0, 1.0, 1.0],
+        [1.0, 1.0, 1.0],
+    ]
+    assert record["overall"] == pytest.approx(10 / 15)
 
 
 def test_any_hf_causal_lm_runs_through_its_own_generate(files: dict[str, Path], tmp_path: Path) -> None:
