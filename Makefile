@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SCAN_STAMP := models/_build/.built
 
-.PHONY: install install-gpu test test-gpu test-dist test-faults lint format doctor bench-model bench-block bench-data \
+.PHONY: install install-gpu test test-e2e mutants test-gpu test-dist test-faults lint format doctor bench-model bench-block bench-data \
 	bench-threads bench-convert gpu-wheels gpu-check demo demo-data clean-demo ablation-wsd ablation-cosine \
 	ablation-wsd-posweight ablation-tiny decay inheritune-tiny export report needle-tiny lm-eval
 
@@ -31,17 +31,32 @@ $(SCAN_STAMP): models/cpu_scan.c models/cpu_scan.py $(STAMP)
 install-gpu: install
 	$(PY) -m pip install --no-build-isolation -r requirements-gpu.txt
 
-# The default suite: CPU only, including the 2-process composer-launcher tests.
+# pytest with its exit status kept, except that "no test collected" (exit 5) is named: a target that
+# selects nothing has lost its tests, which must fail CI, not pass it silently.
+pytest = $(PY) -m pytest $(1) || { rc=$$?; if [ $$rc -eq 5 ]; then echo "make $@: pytest collected no test: the target lost its tests" >&2; fi; exit $$rc; }
+
+# The default suite (README "Set up"): CPU only, without the end-to-end tests (marker slow), on
+# TEST_WORKERS pytest-xdist workers of one torch thread each (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -m "not gpu"
+	$(call pytest,-n $(TEST_WORKERS) --dist loadfile -m "not gpu and not slow")
+
+# The end-to-end tests (S3, W&B, FSDP2 resume, decay from a pre-decay checkpoint, ...): CI runs them too.
+test-e2e: install
+	$(call pytest,-n $(TEST_WORKERS) --dist loadfile -m "slow and not gpu")
+
+# Mutation testing of the training-critical modules (tests/mutants.py): not in CI, it takes a while.
+mutants: install
+	$(PY) -m pip install --quiet -r requirements-mutants.txt
+	$(PY) -m tests.mutants $(MODULES)
 
 # NO_VENV=1 PY=python3: a GPU machine's own PyTorch instead of .venv (benchmarks/gpu_check.sh);
 # GPU_TESTS: only these test files (default: all).
 test-gpu: $(if $(NO_VENV),,install)
-	$(PY) -m pytest -m gpu $(GPU_TESTS)
+	$(call pytest,-m gpu $(GPU_TESTS))
 
 test-dist: install
-	$(PY) -m pytest -m dist
+	$(call pytest,-n $(TEST_WORKERS) --dist loadfile -m dist)
 
 # Kill, corrupt, fill the disk, inject NaNs; the same command must recover (tests/fault_injection.py).
 test-faults: install

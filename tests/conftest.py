@@ -14,13 +14,30 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# Under pytest-xdist (make test: 2 workers on 2 cores) each worker, and every process it starts
+# (the recipes read OMP_NUM_THREADS, common/threads.py), runs one torch thread, so that workers do not
+# fight over the cores in OpenMP barriers. The fused CPU scan splits its work over
+# torch.get_num_threads() threads, so it follows. An explicit OMP_NUM_THREADS is kept.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
 
 
+E2E_TIMEOUT = 900  # seconds per end-to-end test (marker slow); the others have pyproject.toml's timeout
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        # A test that launches several processes is end to end: make test-e2e runs it, not make test.
+        if "dist" in item.keywords and "slow" not in item.keywords:
+            item.add_marker(pytest.mark.slow)
+        if "slow" in item.keywords and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(E2E_TIMEOUT))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (make test-gpu on a GPU machine)")

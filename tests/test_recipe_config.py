@@ -35,6 +35,7 @@ def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
     return path
 
 
+@pytest.mark.slow  # W&B and a training run: about a minute on 2 cores
 def test_yaml_adds_composer_callbacks_and_a_logger_with_arguments(
     corpus: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

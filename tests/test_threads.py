@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -64,3 +66,12 @@ def test_bad_values_name_the_setting(
         monkeypatch.setenv(key, value)
     with pytest.raises(ValueError, match=message):
         threads.configure_threads(requested)
+
+
+@pytest.mark.skipif(not os.environ.get("PYTEST_XDIST_WORKER"), reason="only under pytest-xdist (make test)")
+def test_an_xdist_worker_runs_one_torch_thread_and_so_do_its_children() -> None:
+    """tests/conftest.py: two workers on two cores, one thread each, passed on to subprocesses."""
+    assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])  # 1 unless set explicitly
+    code = "import torch; print(torch.get_num_threads())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == os.environ["OMP_NUM_THREADS"]

@@ -114,6 +114,7 @@ def test_fsdp2_train_and_resume_across_world_sizes(
     assert all(isinstance(v, float) and v == v for v in losses)
 
 
+@pytest.mark.slow  # two training runs and a handover
 def test_decay_phase_from_pre_decay_checkpoint(corpus: dict[str, Path], tmp_path: Path) -> None:
     from callbacks.jsonl_logger import read_jsonl
 
