@@ -17,7 +17,9 @@ A bad input (a corrupt shard, a token outside the vocabulary, a broken config) m
 with one clear message, before anything is written where that is possible; a run must never hang
 (every process has a time limit). Kill points are seeded: ``--seed`` draws other batches and
 delays. The table at the end has one line per kind of fault; the exit status is 1 unless every
-line reads all recovered or rejected, zero lost, zero duplicated, zero hangs.
+line reads all recovered or rejected, zero lost, zero duplicated, zero hangs. Samples whose updates
+the loss-spike rollback discards by design have their own column ("rolled back by design"), never
+counted as trained, so a sample really lost cannot hide among them.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +59,7 @@ class Row:
     faults: int = 0
     recovered: int = 0
     lost: int = 0
+    rolled_back: int = 0  # samples whose updates the loss-spike rollback discarded by design
     duplicated: int = 0
     rejected: int = 0
     hangs: int = 0
@@ -191,7 +194,8 @@ class Suite:
             return
         failures = len(row.failures)
         weights, audit = self.references[nproc]
-        lost, duplicated, same_order = compare_audits(audit, audits(root))
+        lost, duplicated, rolled_back, same_order = compare_audits(audit, audits(root))
+        assert rolled_back == 0  # no rollback configured: every audited batch counts as trained
         row.lost += lost
         row.duplicated += duplicated
         if not same_order:
@@ -432,9 +436,20 @@ class Suite:
         ]
         events = [json.loads(line) for line in (folder / "loss_spikes.jsonl").read_text().splitlines()]
         skipped = {b for e in events if e["event"] == "rollback" for b in range(*e["skipped"]["batch"])}
-        # The rollback does not replay data: every batch keeps its samples; the skipped ones are audited.
-        lost, duplicated, same_order = compare_audits(self.references[1][1], audits(root))
+        # The rollback does not replay data: the skipped batches' samples are audited but their updates
+        # were discarded. They count as rolled back, never as trained, so a sample lost elsewhere shows.
+        lost, duplicated, rolled_back, same_order = compare_audits(
+            self.references[1][1], audits(root), rolled_back=skipped
+        )
         row.lost, row.duplicated = row.lost + lost, row.duplicated + duplicated
+        row.rolled_back += rolled_back
+        expected = sum(
+            len(self.references[1][1][rank].get(b, [])) for rank in self.references[1][1] for b in skipped
+        )
+        if rolled_back != expected:
+            row.failures.append(
+                f"nan (rollback): {rolled_back} samples rolled back, the skipped batches hold {expected}"
+            )
         if bad or 4 not in skipped or not same_order:
             row.failures.append(f"nan (rollback): non-finite checkpoints {bad}, rollbacks {events}")
         else:
@@ -524,23 +539,32 @@ def audits(root: Path) -> dict[int, dict[int, list[int]]]:
 
 
 def compare_audits(
-    reference: dict[int, dict[int, list[int]]], got: dict[int, dict[int, list[int]]]
-) -> tuple[int, int, bool]:
-    """(samples lost, samples duplicated, same batches) of a recovered run against the reference.
+    reference: dict[int, dict[int, list[int]]],
+    got: dict[int, dict[int, list[int]]],
+    rolled_back: Collection[int] = (),
+) -> tuple[int, int, int, bool]:
+    """(samples lost, samples duplicated, samples rolled back, same batches) of a recovered run
+    against the reference.
 
-    Over all ranks; "same batches" means every batch of every rank holds the reference's samples
-    in the reference's order (the data position resumed exactly).
+    Over all ranks. The batches in ``rolled_back`` (0-based, as audited) were seen but their updates
+    discarded by design (the loss-spike rollback): their samples count as rolled back, not trained.
+    A reference sample neither trained nor rolled back is lost. "Same batches" means every batch of
+    every rank holds the reference's samples in the reference's order (the data position resumed
+    exactly).
     """
-    lost = duplicated = 0
+    lost = duplicated = discarded = 0
     same = set(got) == set(reference)
     for rank, batches in reference.items():
         mine = got.get(rank, {})
         want = [s for b in sorted(batches) for s in batches[b]]
-        have = [s for b in sorted(mine) for s in mine[b]]
-        lost += len(set(want) - set(have))
-        duplicated += len(have) - len(set(have)) + len(set(have) - set(want))
+        trained = [s for b in sorted(mine) if b not in rolled_back for s in mine[b]]
+        skipped = {s for b in mine if b in rolled_back for s in mine[b]}
+        seen = [*trained, *skipped]
+        discarded += len(skipped - set(trained))
+        lost += len(set(want) - set(trained) - skipped)
+        duplicated += len(trained) - len(set(trained)) + len(set(seen) - set(want))
         same = same and mine == batches
-    return lost, duplicated, same
+    return lost, duplicated, discarded, same
 
 
 def compare_shards(reference: Path, other: Path) -> tuple[int, int]:
@@ -637,11 +661,13 @@ def print_table(rows: dict[str, Row], seconds: float, seed: int) -> None:
         "recovered by the same command",
         "rejected with a clear error",
         "samples lost",
+        "samples rolled back by design",
         "samples duplicated",
         "hangs",
     ]
     lines = [
-        [name, r.faults, r.recovered, r.rejected, r.lost, r.duplicated, r.hangs] for name, r in rows.items()
+        [name, r.faults, r.recovered, r.rejected, r.lost, r.rolled_back, r.duplicated, r.hangs]
+        for name, r in rows.items()
     ]
     total = [sum(line[i] for line in lines) for i in range(1, len(head))]
     lines.append(["total", *total])
