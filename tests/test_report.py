@@ -1,4 +1,5 @@
-"""eval/report.py: valid PNGs whose plotted series are the logged values, paired by step."""
+"""eval/report.py: valid PNGs whose plotted series are the logged values, paired by step, on hand-written
+metrics files (every case of pairing) and on the metrics.jsonl of a real tiny run."""
 
 from __future__ import annotations
 
@@ -8,8 +9,15 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+from composer.core import Callback, State
+from composer.loggers import Logger
 
 from eval import report
+from recipes.config import load_train_config
+from recipes.train import build_trainer
+from tests.conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
 
 STEPS = 40
 TOKENS_PER_STEP = 100
@@ -126,3 +134,33 @@ def test_report_writes_valid_pngs_and_a_summary(runs: dict[str, dict[int, float]
 def test_missing_run_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"metrics\.jsonl not found"):
         report.load_runs([tmp_path / "nope"])
+
+
+class TrainCE(Callback):
+    """What the run computed: batch index -> its training cross-entropy (Composer's own metric)."""
+
+    def __init__(self) -> None:
+        self.ce: dict[int, float] = {}
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        self.ce[int(state.timestamp.batch) - 1] = float(state.train_metrics["LanguageCrossEntropy"].compute())
+
+
+def test_a_real_run_plots_what_it_trained_on(corpus: dict[str, Path], tmp_path: Path) -> None:
+    """The metrics.jsonl a real tiny run wrote (8 batches of 8 x 32 tokens): the plotted training
+    loss is each batch's cross-entropy, as the run computed it, at the tokens trained before it."""
+    cfg = load_train_config(
+        [ROOT / "yamls" / "tiny" / "wsd.yaml"],
+        [*tiny_overrides(corpus, tmp_path / "runs"), "scheduler.t_warmup=2ba", "scheduler.t_decay=0.25"],
+    )
+    recorder = TrainCE()
+    trainer = build_trainer(cfg, extra_callbacks=[recorder])
+    trainer.fit()
+    trainer.close()
+    assert sorted(recorder.ce) == list(range(8))
+    (run,) = report.load_runs([cfg.run_dir])
+    raw = report.build_figures([run])["train_loss.png"].axes[0].get_lines()[0]
+    assert list(raw.get_xdata()) == [256.0 * batch for batch in range(8)]
+    assert list(raw.get_ydata()) == pytest.approx([recorder.ce[b] for b in range(8)], rel=1e-6)
+    written = report.write_report([cfg.run_dir], tmp_path / "out")
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written if p.suffix == ".png")
