@@ -48,7 +48,7 @@ test-e2e: install
 # Mutation testing of the training-critical modules (tests/mutants.py): not in CI, it takes a while.
 mutants: install
 	$(PY) -m pip install --quiet -r requirements-mutants.txt
-	$(PY) -m tests.mutants $(MODULES)
+	nice $(PY) -m tests.mutants $(MODULES)
 
 # NO_VENV=1 PY=python3: a GPU machine's own PyTorch instead of .venv (benchmarks/gpu_check.sh);
 # GPU_TESTS: only these test files (default: all).
