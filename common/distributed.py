@@ -53,7 +53,7 @@ def broadcast_object(value: T, src: int = 0) -> T:
 
 
 def agree(device: Device, problems: Sequence[str]) -> list[str]:
-    """The same verdict on every rank: the problems of the lowest rank that found any, or [].
+    """The same verdict on every rank: every problem any rank found, in rank order, each once; or [].
 
     Every rank calls it with what it found (often nothing). One flag is all-reduced; only when
     some rank found a problem are the messages gathered, so a healthy start costs one int32.
@@ -61,4 +61,4 @@ def agree(device: Device, problems: Sequence[str]) -> list[str]:
     if not any_rank(device, bool(problems)):
         return []
     gathered = dist.all_gather_object(list(problems))
-    return next(found for found in gathered if found)
+    return list(dict.fromkeys(problem for found in gathered for problem in found))
