@@ -177,6 +177,22 @@ def _quarantine(entry: Path, reason: str, folder: Path) -> str:
     return str(target)
 
 
+def remove_interrupted_writes(folder: str | Path) -> list[str]:
+    """Delete the temporary files (``.tmp-<pid>-...``) that killed checkpoint writes left in ``folder``.
+
+    Every folder a run writes monolithic checkpoints to needs it before a restart: the regular one
+    and the pre-decay one (at 1.6B each leftover is gigabytes). Returns the names removed.
+    """
+    folder = Path(folder)
+    removed = []
+    for leftover in folder.glob(f"{TMP_PREFIX}*") if folder.is_dir() else []:
+        leftover.unlink(missing_ok=True) if leftover.is_file() else shutil.rmtree(leftover)
+        removed.append(leftover.name)
+    if removed:
+        log.warning("removed %s in %s, left by an interrupted checkpoint write", ", ".join(removed), folder)
+    return removed
+
+
 def recover_checkpoint_folder(folder: str | Path, latest_name: str = "latest-rank0.pt") -> Recovery:
     """Leave ``folder`` with its newest good checkpoint as ``latest``; broken ones go to ``quarantine/``.
 
@@ -187,8 +203,7 @@ def recover_checkpoint_folder(folder: str | Path, latest_name: str = "latest-ran
     quarantined: list[tuple[str, str]] = []
     if not folder.is_dir():
         return Recovery(quarantined, None)
-    for leftover in folder.glob(f"{TMP_PREFIX}*"):
-        leftover.unlink(missing_ok=True) if leftover.is_file() else shutil.rmtree(leftover)
+    remove_interrupted_writes(folder)
     good = None
     for entry in _candidates(folder):
         reason = checkpoint_problem(entry)

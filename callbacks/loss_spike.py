@@ -32,8 +32,8 @@ the newest good checkpoint in ``CheckpointSaver.saved_checkpoints`` (rotated fil
 its weights produced the spike.
 
 Retries. ``max_retries`` rollbacks in a row, with fewer than ``recovery_batches`` accepted losses
-after the last one, and then another spike: the run stops with a ``RuntimeError`` naming the audit
-file. A spike before any good checkpoint exists is logged as a warning, recorded in the audit and
+after the last one, and then another spike: the run stops with ``SpikesPersist`` (a ``RunStopped``:
+the CLI prints one ``stopped:`` line and exits 3) naming the audit file. A spike before any good checkpoint exists is logged as a warning, recorded in the audit and
 training continues (the weights are not restored); it counts as a failed retry, so a run that goes
 to NaN before its first checkpoint still stops after ``max_retries + 1`` spikes.
 
@@ -60,10 +60,17 @@ from composer.core import Callback, State, Timestamp
 from composer.loggers import Logger
 from composer.utils import checkpoint, dist, format_name_with_dist
 
+from common.cli import RunStopped
+from common.distributed import broadcast_object
+
 log = logging.getLogger(__name__)
 
 LOSS_KEY = "loss/train/total"
 _RESTORED_KEYS = ("model", "optimizers")
+
+
+class SpikesPersist(RunStopped):
+    """The loss kept spiking after ``max_retries`` rollbacks: the run stops (exit 3 from the CLI)."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +158,7 @@ class LossSpikeRollback(Callback):
         threshold_std: ``k`` in ``mean + max(k * std, rel * |mean|)``.
         min_rel_increase: ``rel`` in the same rule, a fraction of the window mean.
         warmup_batches: Accepted losses needed before the rule is armed (non-finite losses always count).
-        max_retries: Rollbacks in a row without recovery before the run stops with a ``RuntimeError``.
+        max_retries: Rollbacks in a row without recovery before the run stops with ``SpikesPersist``.
         recovery_batches: Accepted losses after a rollback that count as a recovery (resets the retries).
         audit_file: JSON-lines file of all rollbacks; ``None``: ``loss_spikes.jsonl`` in the first
             CheckpointSaver's folder. ``{run_name}`` is filled in.
@@ -257,21 +264,22 @@ class LossSpikeRollback(Callback):
         }
         if self.retries >= self.max_retries:
             self._audit({"event": "give_up", **record})
-            raise RuntimeError(
-                f"LossSpikeRollback: loss {verdict.loss:.6g} at batch {record['spike_batch']} is a spike again after "
-                f"{self.retries} rollbacks without recovery (max_retries={self.max_retries}); stopping. Every "
-                f"rollback is recorded in {self._audit_path}"
+            raise SpikesPersist(
+                f"training stopped: loss {verdict.loss:.6g} at batch {record['spike_batch']} is a spike again "
+                f"after {self.retries} rollbacks without recovery (callbacks.loss_spike.max_retries="
+                f"{self.max_retries}); every rollback is recorded in {self._audit_path}. The last good "
+                "checkpoint is kept; lower optimizer.lr or lengthen the warmup, check the data of the batches "
+                "in the audit, then run the same command again"
             )
         self.retries += 1
         self.accepted_since_rollback = 0
 
-        choice = [None, None]
+        choice: tuple[str | None, dict[str, Any] | None] = (None, None)
         if dist.get_global_rank() == 0 and self._good:
             path, ts = max(self._good.items(), key=lambda item: item[1].batch.value)
             load_path = str(Path(path).parent) if state.fsdp_sharded_state_dict_enabled else path
-            choice = [load_path, ts.state_dict()]
-        dist.broadcast_object_list(choice, src=0)
-        load_path, ts_state = choice
+            choice = (load_path, ts.state_dict())
+        load_path, ts_state = broadcast_object(choice)
 
         if load_path is None:
             log.warning(

@@ -11,7 +11,8 @@ points in the code:
 - ``convert_chunk``: in ``data.convert``, between two chunks of documents (the earlier ones written).
 
 ``nan_loss@N`` is not a kill: it makes the loss of this process's N-th batch NaN
-(``callbacks/failpoint_hooks.py``).
+(``callbacks/failpoint_hooks.py``). ``name@N+`` fires at the N-th arrival and at every one after it
+(``nan_loss@5+``: a NaN that comes back after every rollback).
 """
 
 from __future__ import annotations
@@ -35,16 +36,17 @@ def armed(name: str) -> int | None:
     count, _, rank = rest.partition(":rank=")
     if rank and int(rank) != int(os.environ.get("RANK", "0")):
         return None
-    return int(count or 1)
+    return int(count.rstrip("+") or 1)
 
 
 def reached(name: str) -> bool:
-    """Count one arrival at ``name``; True when this is the armed one."""
+    """Count one arrival at ``name``; True when this is the armed one (or a later one, for ``@N+``)."""
     when = armed(name)
     if when is None:
         return False
     _hits[name] += 1
-    return _hits[name] == when
+    repeats = os.environ[ENV].partition("@")[2].partition(":rank=")[0].endswith("+")
+    return _hits[name] >= when if repeats else _hits[name] == when
 
 
 def hit(name: str) -> None:

@@ -191,10 +191,24 @@ class PackedTokenDataset(StreamingDataset):
             super().prepare_shard(shard_id, blocking)
         except Exception as exc:
             self._shard_states[shard_id] = _ShardState.REMOTE
-            self._shard_error = ShardError(
-                f"shard {self.shard_path(shard_id)} is corrupt or unreadable ({exc}); re-run data.convert for "
-                "this stream, or delete the shard from the cache to download it again"
-            )
+            stream = self.streams[int(self.stream_per_shard[shard_id])]
+            path = self.shard_path(shard_id)
+            if stream.remote in (None, stream.local) and not os.path.exists(path):
+                problem = (
+                    f"shard file {path} is missing (deleted after the run checked its data); its stream is local, "
+                    "with no remote copy to download it from: restore the file, or re-run data.convert for this "
+                    "stream, then run the same command again"
+                )
+            elif stream.remote in (None, stream.local):
+                problem = (
+                    f"shard {path} is corrupt or unreadable ({exc}); re-run data.convert for this stream"
+                )
+            else:
+                problem = (
+                    f"shard {path} is corrupt or unreadable ({exc}); delete it from the local cache "
+                    f"{stream.local} to download it again from {stream.remote}, or re-run data.convert for this stream"
+                )
+            self._shard_error = ShardError(problem)
             self._shard_error.__cause__ = exc
             if threading.current_thread() is threading.main_thread():
                 raise self._shard_error from exc
@@ -379,15 +393,64 @@ def check_streams(index_paths: dict[str, Path], info: TokenizerInfo, tokenizer: 
     return next(iter(seq_lens.values()), 0)
 
 
-def check_data(cfg: DataConfig, tokenizer: str | Path, split: str = "train") -> int:
+def shard_file_problems(stream_name: str, index_path: Path, part: int = 0, parts: int = 1) -> list[str]:
+    """Every shard file of a local stream's split is there, at the size its index.json records.
+
+    Only the shards ``i`` with ``i % parts == part``: the ranks of one node split the work (each
+    node checks its own copy in full) and share their verdicts (``common.distributed.agree``).
+    A shard is there when its unpacked ``.mds`` or its compressed file is; each one present must
+    have its recorded size (a truncated copy is caught here, a changed byte by the hashes and
+    per-sample checksums when it is read).
+    """
+    folder = index_path.parent
+    problems = []
+    for i, shard in enumerate(json.loads(index_path.read_text())["shards"]):
+        if i % parts != part:
+            continue
+        files = [shard["raw_data"]] + ([shard["zip_data"]] if shard.get("zip_data") else [])
+        present = [
+            (meta, folder / meta["basename"]) for meta in files if (folder / meta["basename"]).is_file()
+        ]
+        if not present:
+            problems.append(
+                f"stream {stream_name!r}: shard file {folder / files[-1]['basename']} (listed in {index_path}) is "
+                "missing; the stream is local, with no remote copy to download it from: restore the file, or "
+                f"re-run data.convert for this stream (--out {folder.parent})"
+            )
+        for meta, path in present:
+            size = path.stat().st_size
+            if size != int(meta["bytes"]):
+                problems.append(
+                    f"stream {stream_name!r}: shard file {path} is corrupt: {size} bytes where {index_path} records "
+                    f"{meta['bytes']}; "
+                    + (
+                        "delete it to unpack it again from the compressed file"
+                        if meta is shard["raw_data"] and len(present) == 2
+                        else f"re-run data.convert for this stream (--out {folder.parent})"
+                    )
+                )
+    return problems
+
+
+def check_data(
+    cfg: DataConfig, tokenizer: str | Path, split: str = "train", part: int = 0, parts: int = 1
+) -> int:
     """Check the mixture, its phase and the shards of ``split`` on local disk, before any dataset is
-    built; returns the sequence length (0 when every stream is remote: known once downloaded)."""
+    built; returns the sequence length (0 when every stream is remote: known once downloaded).
+
+    ``part`` of ``parts``: which share of each local stream's shard files this process checks
+    (``shard_file_problems``); every problem found is raised in one ``ConfigError``.
+    """
     overrides = [f"root={cfg.root}"] if cfg.root is not None else []
     mixture = load_mixture(cfg.mixture, overrides)
     streams = phase_streams(mixture, cfg.phase, source=cfg.mixture)
     info = tokenizer_info(load_tokenizer(tokenizer))
     local = {name: Path(s.local) / split / "index.json" for name, s in streams.items() if s.remote is None}
-    return check_streams(local, info, tokenizer) if local else 0
+    seq_len = check_streams(local, info, tokenizer) if local else 0
+    problems = [p for name, index in local.items() for p in shard_file_problems(name, index, part, parts)]
+    if problems:
+        raise ConfigError(*problems)
+    return seq_len
 
 
 def build_dataloader(

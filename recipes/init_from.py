@@ -361,11 +361,13 @@ def apply_init_from(cfg: TrainConfig, composer_model: ComposerMambaLM) -> list[C
         )
     model = composer_model.model
     on_meta = any(p.is_meta for p in model.parameters())
-    # Under FSDP2 on GPUs only rank 0 loads; Composer broadcasts from it (see the module doc).
+    # Every rank reads and checks the checkpoint (path, format, shapes, vocabulary), so a mistake
+    # stops all of them alike (recipes/train.py shares the verdicts before any collective). Under
+    # FSDP2 on GPUs only rank 0 then loads; Composer broadcasts from it (see the module doc).
+    ckpt = read_weights(init.path)
+    weights = select_weights(init, cfg.model, ckpt, model.state_dict(), cfg.tokenizer)
     loads_here = not on_meta or cfg.fsdp.version == 1 or dist.get_global_rank() == 0
     if loads_here:
-        ckpt = read_weights(init.path)
-        weights = select_weights(init, cfg.model, ckpt, model.state_dict(), cfg.tokenizer)
         _materialise_if_meta(model, model.param_init_fn)
         load_into(model, weights)
         log.info("init_from: %d tensors from %s (%s)", len(weights), ckpt.source, ckpt.format)

@@ -32,7 +32,7 @@ import torch
 from composer import Evaluator, Trainer
 from composer.core import Algorithm, Callback, Time, Timestamp, TimeUnit
 from composer.loggers import LoggerDestination
-from composer.utils import dist, get_device, parse_uri, reproducibility
+from composer.utils import dist, format_name_with_dist, get_device, parse_uri, reproducibility
 from omegaconf import OmegaConf
 
 from callbacks import failpoint_hooks, registry
@@ -41,6 +41,7 @@ from callbacks.checkpoint_safety import (
     checkpoint_problem,
     install_atomic_checkpoint_writes,
     recover_checkpoint_folder,
+    remove_interrupted_writes,
     shape_problems,
 )
 from callbacks.gloo_grad_average import GlooFSDP2GradAverage
@@ -51,6 +52,7 @@ from callbacks.scheduled_lr import ScheduledLrAfterLoad
 from callbacks.schedulers import WarmupStableDecayScheduler
 from common import cli
 from common.config import ConfigError
+from common.distributed import agree
 from common.io import atomic_write_text
 from common.threads import configure_threads
 from data.loader import build_dataloader, check_data
@@ -216,9 +218,11 @@ def plan_run(cfg: TrainConfig, world: int, save_folder: str) -> Plan:
     try:
         tokenizer_vocab = load_tokenizer(cfg.tokenizer).get_vocab_size(with_added_tokens=True)
         problems += _vocab_problems(cfg, tokenizer_vocab)
-        seq_len = check_data(cfg.data, cfg.tokenizer, "train")
+        # Each process checks its share of the local shard files; build_trainer shares the verdicts.
+        part, parts = dist.get_local_rank(), dist.get_local_world_size()
+        seq_len = check_data(cfg.data, cfg.tokenizer, "train", part, parts)
         if cfg.eval_interval:
-            check_data(cfg.data, cfg.tokenizer, "val")
+            check_data(cfg.data, cfg.tokenizer, "val", part, parts)
     except ConfigError as exc:
         problems += exc.problems
     except (FileNotFoundError, ValueError) as exc:
@@ -264,25 +268,41 @@ def build_loggers(cfg: TrainConfig) -> list[LoggerDestination]:
 def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = None) -> Trainer:
     # One process group for everything, before Streaming builds its shared memory (the Trainer
     # would create it only later, after the loaders).
-    dist.initialize_dist(get_device("gpu" if torch.cuda.is_available() else "cpu"))
+    device = get_device("gpu" if torch.cuda.is_available() else "cpu")
+    dist.initialize_dist(device)
     world = dist.get_world_size()
     ckpt = cfg.checkpoint
     save_folder = ckpt.save_folder or str(cfg.run_dir / "checkpoints")
     local_save = not parse_uri(save_folder)[0]
-    if ckpt.autoresume and local_save and dist.get_global_rank() == 0:
-        # Before the checks: a broken newest checkpoint is set aside, not reported as a problem.
-        recover_checkpoint_folder(save_folder)
+    pre_decay_folder = ckpt.pre_decay_folder or _join(save_folder, "pre-decay")
+    if ckpt.autoresume and dist.get_global_rank() == 0:
+        # Before the checks: a broken newest checkpoint is set aside, not reported as a problem,
+        # and what killed writes left behind (regular and pre-decay checkpoints) is removed.
+        if local_save:
+            recover_checkpoint_folder(save_folder)
+        if not parse_uri(pre_decay_folder)[0]:
+            remove_interrupted_writes(format_name_with_dist(pre_decay_folder, cfg.run_name))
     dist.barrier()
-    plan = plan_run(cfg, world, save_folder)
-    install_atomic_checkpoint_writes()
-    if world > 1 and cfg.fsdp.enabled:
-        os.environ["FSDP_VERSION"] = str(cfg.fsdp.version)  # how Composer 0.32 picks FSDP1 or FSDP2
-    reproducibility.seed_all(cfg.seed)
-
-    model = build_model(cfg, distributed=world > 1)
-    # Weights from init_from, checked against the model, before anything is written; its callbacks
-    # (the lr re-warmup) act after the schedule's own lr is set and before it is logged.
-    handover_callbacks = apply_init_from(cfg, model)
+    # Every check runs on every rank, and no rank goes on alone: the verdicts are shared before the
+    # next collective, so a mistake found by any rank stops all of them with the same message.
+    problems: list[str] = []
+    try:
+        plan = plan_run(cfg, world, save_folder)
+        install_atomic_checkpoint_writes()
+        if world > 1 and cfg.fsdp.enabled:
+            os.environ["FSDP_VERSION"] = str(cfg.fsdp.version)  # how Composer 0.32 picks FSDP1 or FSDP2
+        reproducibility.seed_all(cfg.seed)
+        model = build_model(cfg, distributed=world > 1)
+        # Weights from init_from, checked against the model, before anything is written; its callbacks
+        # (the lr re-warmup) act after the schedule's own lr is set and before it is logged.
+        handover_callbacks = apply_init_from(cfg, model)
+    except ConfigError as exc:
+        problems = exc.problems
+    except cli.USER_ERRORS as exc:
+        problems = [str(exc) or type(exc).__name__]
+    agreed = agree(device, problems)
+    if agreed:
+        raise ConfigError(*agreed)
 
     report = startup_report(cfg)
     if dist.get_global_rank() == 0:
@@ -337,7 +357,6 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
     algorithms += [registry.algorithms.build(n, a) for n, a in cfg.parts("algorithms").items()]
 
     if ckpt.pre_decay and isinstance(scheduler, WarmupStableDecayScheduler) and scheduler.t_decay is not None:
-        pre_decay_folder = ckpt.pre_decay_folder or _join(save_folder, "pre-decay")
         callbacks.append(PreDecayCheckpoint(scheduler, pre_decay_folder))
     elif ckpt.pre_decay:
         warnings.warn(

@@ -455,6 +455,64 @@ class Suite:
         else:
             row.recovered += 1
 
+    def nan_after_rollbacks(self) -> None:
+        """A NaN that comes back after every loss-spike rollback: one ``stopped:`` line, exit 3."""
+        row = self.rows.setdefault("NaN after every rollback", Row())
+        spike = {
+            "callbacks.loss_spike.warmup_batches": 2,
+            "callbacks.loss_spike.window": 4,
+            "callbacks.loss_spike.max_retries": 2,
+        }
+        row.faults += 1
+        out = self.run(self.command(self.work / "nan-persists", 1, **spike), failpoint="nan_loss@5+")
+        if out.returncode is None:
+            row.hangs += 1
+            row.failures.append("nan after rollbacks: hung")
+        elif (
+            out.returncode != 3
+            or "stopped: training stopped: loss nan" not in out.output
+            or "Traceback" in out.output
+        ):
+            row.failures.append(
+                f"nan after rollbacks: expected exit 3 and one 'stopped:' line, got {out.returncode}:\n"
+                f"{out.output[-1500:]}"
+            )
+        else:
+            row.rejected += 1
+
+    def pre_decay_leftovers(self) -> None:
+        """A kill mid pre-decay write (its 5th checkpoint write): the restart sweeps the temporary file."""
+        row = self.rows.setdefault("kill mid-pre-decay write, temp file swept (1 process)", Row())
+        name = "pre-decay-sweep"
+        root = self.work / name
+        cmd = self.command(root, 1)
+        row.faults += 1
+        killed = self.run(cmd, failpoint="checkpoint_write@5")
+        pre_decay = root / "run" / "checkpoints" / "pre-decay"
+        if killed.returncode != -signal.SIGKILL or not list(pre_decay.glob(".tmp-*")):
+            row.failures.append(
+                f"{name}: expected a kill leaving a temporary file in {pre_decay}, got exit {killed.returncode}"
+            )
+            return
+        self.check_recovered(row, name, root, 1, self.run(cmd))
+        left = [p.name for p in pre_decay.glob(".tmp-*")]
+        if left:
+            row.failures.append(f"{name}: the restart left {left} in {pre_decay}")
+            row.recovered -= 1
+
+    def deleted_local_shard(self) -> None:
+        """A shard file of a local stream deleted: named as missing, with the fix, before anything is written."""
+        row = self.rows.setdefault("deleted shard of a local stream", Row())
+        mds = self.work / "data-deleted-shard"
+        shutil.copytree(self.work / "mds", mds, ignore=shutil.ignore_patterns("*.mds"))
+        (mds / "train" / "shard.00000.mds.zstd").unlink()
+        mixture = write_mixture(
+            mds.with_suffix(".yaml"), {"stable": {"docs": {"local": str(mds), "proportion": 1.0}}}
+        )
+        root = self.work / "run-deleted-shard"
+        expect = "is missing; the stream is local, with no remote copy to download it from"
+        self.reject(row, "deleted shard", self.command(root, 1, mixture=mixture), expect, 2, root / "run")
+
     def disk_full(self) -> None:
         row = self.rows.setdefault("disk full", Row())
         mount = self.work / "small-disk"
@@ -647,6 +705,9 @@ def main(argv: list[str] | None = None) -> None:
     suite.bad_data()
     suite.bad_config()
     suite.nan()
+    suite.nan_after_rollbacks()
+    suite.pre_decay_leftovers()
+    suite.deleted_local_shard()
     suite.disk_full()
     print_table(suite.rows, time.monotonic() - start, args.seed)
     if not args.workdir:
