@@ -108,17 +108,41 @@ def _state_dict_for_export(model: MambaLMHeadModel) -> dict[str, Tensor]:
     return sd
 
 
+SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+
+
+def tokenizer_special_ids(tokenizer_dir: str | Path) -> dict[str, int | None]:
+    """The bos/eos/pad/unk ids of a tokenizer as transformers' ``AutoTokenizer`` reads them (None: it has none)."""
+    tok = _load_tokenizer(tokenizer_dir)
+    return {name: getattr(tok, name) for name in SPECIAL_TOKEN_IDS}
+
+
+def hf_config_special_ids(raw: dict[str, Any]) -> dict[str, int | None] | None:
+    """The special-token ids an HF ``config.json`` states explicitly; None when it states none.
+
+    A config without them means transformers' class defaults (0 for the Mamba classes, a real
+    token), which say nothing about the tokenizer, so they are not taken as known.
+    """
+    if not any(name in raw for name in SPECIAL_TOKEN_IDS):
+        return None
+    return {name: raw.get(name) for name in SPECIAL_TOKEN_IDS}
+
+
 def export_hf(
     model: MambaLMHeadModel,
     out_dir: str | Path,
     tokenizer_dir: str | Path | None = None,
     overwrite: bool = False,
+    special_token_ids: dict[str, int | None] | None = None,
 ) -> Path:
     """Write ``model`` as an HF transformers directory (``AutoModelForCausalLM`` loads it offline).
 
-    With a tokenizer the directory is what ``transformers`` users expect: ``config.json`` carries
-    the tokenizer's bos/eos/pad ids (HF's Mamba configs otherwise default them to 0, a real
-    token), ``generation_config.json`` stops at the end-of-text and, for chat, ``<|im_end|>``, and
+    ``config.json`` always states bos/eos/pad ids, never transformers' defaults (0 for the Mamba
+    classes, a real token): the tokenizer's, else ``special_token_ids`` (what a run recorded in its
+    checkpoints), else null. With both, they must agree.
+
+    With a tokenizer the directory is what ``transformers`` users expect: ``generation_config.json``
+    stops at the end-of-text and, for chat, ``<|im_end|>``, and
     never emits the embedding's padding rows (``suppress_tokens``),
     and the tokenizer is saved with its chat template and without ``token_type_ids`` among its
     outputs, so ``model.generate(**tokenizer(text, return_tensors="pt"))`` works.
@@ -135,20 +159,26 @@ def export_hf(
     # tokens, so generation never picks them (ours restricts logits to vocab_size the same way).
     padding = list(range(model.config.vocab_size, model.config.padded_vocab_size))
     generation: dict[str, Any] = {"suppress_tokens": padding} if padding else {}
+    known = dict(special_token_ids) if special_token_ids is not None else None
+    im_end = None
     if tok is not None:
         if len(tok) > model.config.padded_vocab_size:
             raise ValueError(
                 f"the tokenizer {tokenizer_dir} has {len(tok)} tokens but the model only "
                 f"{model.config.padded_vocab_size} embedding rows: export with the run's own tokenizer"
             )
-        ids = {
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-        }
-        config.update(ids)
-        stop = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        from_tok = {name: getattr(tok, name) for name in SPECIAL_TOKEN_IDS}
+        if known is not None and any(known.get(k) != v for k, v in from_tok.items()):
+            raise ValueError(
+                f"the tokenizer {tokenizer_dir} has special-token ids {from_tok}, but the checkpoint recorded "
+                f"{known}: export with the tokenizer the model was trained with"
+            )
+        known = from_tok
         im_end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
+    ids = {name: (known or {}).get(name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    config.update(ids)
+    if known is not None:
+        stop = [ids["eos_token_id"]] if ids["eos_token_id"] is not None else []
         if im_end is not None and im_end not in stop:
             stop.append(im_end)  # a chat turn ends there
         generation.update(ids, eos_token_id=stop[0] if len(stop) == 1 else stop or None)

@@ -487,6 +487,7 @@ class MambaLMHeadModel(nn.Module):
         recurrent state at each document (Mamba-2 and attention layers; off by default, as in the
         paper, where the state flows across documents).
         """
+        _check_token_ids(input_ids, "forward")
         logits = self.lm_head(self.backbone(input_ids, cache, seq_idx))
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
@@ -526,6 +527,7 @@ class MambaLMHeadModel(nn.Module):
             raise ValueError(
                 "generate needs max_new_tokens >= 0, temperature >= 0, 0 < top_p <= 1, top_k >= 0"
             )
+        _check_token_ids(input_ids, "generate")
         b, prompt_len = input_ids.shape
         cache = self.allocate_inference_cache(b, prompt_len + max_new_tokens)
         logits = self(input_ids, cache)[:, -1]
@@ -623,6 +625,18 @@ class MambaLMHeadModel(nn.Module):
     def activation_checkpointing_fn(self, module: nn.Module) -> bool:
         """Recompute each block's activations in backward (the paper's block-wise recomputation)."""
         return isinstance(module, Block)
+
+
+def _check_token_ids(input_ids: Tensor, where: str) -> None:
+    """Token ids must be (batch, seq_len) with both at least 1: anything else fails later, inside a conv."""
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        hint = " (a 1-D tensor of ids: use ids[None] for a batch of one)" if input_ids.dim() == 1 else ""
+        raise ValueError(
+            f"{where} expects input_ids of shape (batch, seq_len) with batch >= 1 and seq_len >= 1, "
+            f"got shape {tuple(input_ids.shape)}{hint}"
+        )
+    if input_ids.is_floating_point() or input_ids.is_complex():
+        raise ValueError(f"{where} expects integer token ids, got dtype {input_ids.dtype}")
 
 
 def _copy_full_(param: Tensor, full: Tensor) -> None:
