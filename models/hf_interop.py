@@ -1,7 +1,8 @@
 """Checkpoint interoperability: HF transformers directories and mamba_ssm's format.
 
 - ``export_hf``: a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads
-  offline (``MambaForCausalLM`` for Mamba-1, ``Mamba2ForCausalLM`` for Mamba-2): config.json,
+  offline (``MambaForCausalLM`` for Mamba-1, ``FalconMambaForCausalLM`` for Mamba-1 with
+  ``ssm.b_c_dt_rms``, ``Mamba2ForCausalLM`` for Mamba-2): config.json,
   model.safetensors and, when given, the tokenizer files. HF's state-dict names equal ours
   except ``backbone.embedding`` -> ``backbone.embeddings``.
 - ``export_mamba_ssm``: config.json + pytorch_model.bin as ``mamba_ssm.MambaLMHeadModel``
@@ -67,7 +68,7 @@ def hf_config_dict(cfg: MambaConfig) -> dict[str, Any]:
         tie_word_embeddings=cfg.tie_embeddings,
     )
     if s.layer == "mamba1":
-        return dict(
+        mamba1 = dict(
             common,
             model_type="mamba",
             architectures=["MambaForCausalLM"],
@@ -76,6 +77,13 @@ def hf_config_dict(cfg: MambaConfig) -> dict[str, Any]:
             time_step_scale=s.dt_scale,
             time_step_init_scheme=s.dt_init,
         )
+        if s.b_c_dt_rms:  # Falcon-Mamba: FalconMambaConfig is MambaConfig + mixer_rms_eps
+            mamba1.update(
+                model_type="falcon_mamba",
+                architectures=["FalconMambaForCausalLM"],
+                mixer_rms_eps=s.b_c_dt_rms_eps,
+            )
+        return mamba1
     if s.gated_norm_eps != cfg.norm_epsilon:
         raise ValueError(
             f"model.ssm.gated_norm_eps={s.gated_norm_eps} differs from model.norm_epsilon={cfg.norm_epsilon}: "
@@ -209,6 +217,10 @@ def export_mamba_ssm(model: MambaLMHeadModel, out_dir: str | Path, overwrite: bo
         problems.append(f"model.ssm.gated_norm_eps={s.gated_norm_eps} (mamba_ssm fixes 1e-5)")
     if s.layer == "mamba2" and s.ngroups > 1 and not s.gated_norm_per_group:
         problems.append("model.ssm.gated_norm_per_group=false (mamba_ssm normalises per group)")
+    if s.b_c_dt_rms:
+        problems.append(
+            "model.ssm.b_c_dt_rms=true (Falcon-Mamba's dt/B/C norms: mamba_ssm's Mamba module has none)"
+        )
     if problems:
         raise ValueError(f"mamba_ssm's format cannot hold {'; '.join(problems)}; export with format hf")
     ssm_cfg: dict[str, Any] = {
@@ -512,15 +524,16 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> MambaCon
     Every HF field that changes the numbers is honoured or refused; the rest (token ids,
     ``use_cache``, ``use_mambapy``, ``torch_dtype``, ...) do not change what the model computes.
     """
+    from transformers import FalconMambaConfig as HFFalconMambaConfig
     from transformers import Mamba2Config as HFMamba2Config
     from transformers import MambaConfig as HFMambaConfig
 
     model_type = raw.get("model_type")
-    classes = {"mamba": HFMambaConfig, "mamba2": HFMamba2Config}
+    classes = {"mamba": HFMambaConfig, "mamba2": HFMamba2Config, "falcon_mamba": HFFalconMambaConfig}
     if model_type not in classes:
         raise UnsupportedCheckpoint(
-            f"{source}: model_type={model_type!r}: only HF's 'mamba' (MambaForCausalLM) and 'mamba2' "
-            "(Mamba2ForCausalLM) load here"
+            f"{source}: model_type={model_type!r}: only HF's 'mamba' (MambaForCausalLM), 'mamba2' "
+            "(Mamba2ForCausalLM) and 'falcon_mamba' (FalconMambaForCausalLM) load here"
         )
     try:
         hf = classes[model_type].from_dict(raw)
@@ -540,13 +553,15 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> MambaCon
         dt_max=hf.time_step_max,
         dt_init_floor=hf.time_step_floor,
     )
-    if model_type == "mamba":
+    if model_type in ("mamba", "falcon_mamba"):
         ssm.update(
             layer="mamba1",
             dt_rank=hf.time_step_rank,
             dt_scale=hf.time_step_scale,
             dt_init=hf.time_step_init_scheme,
         )
+        if model_type == "falcon_mamba":
+            ssm.update(b_c_dt_rms=True, b_c_dt_rms_eps=hf.mixer_rms_eps)
     else:
         if hf.num_heads * hf.head_dim != expand * hf.hidden_size:
             raise UnsupportedCheckpoint(

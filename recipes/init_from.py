@@ -143,6 +143,8 @@ _SSM_FIELDS = (
     "ngroups",
     "gated_norm_eps",
     "gated_norm_per_group",
+    "b_c_dt_rms",
+    "b_c_dt_rms_eps",
 )
 _ATTN_FIELDS = ("num_heads", "rotary_emb_dim", "rotary_base", "qkv_proj_bias", "out_proj_bias")
 
