@@ -2,11 +2,12 @@
 
 - ``export_hf``: a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads
   offline (``MambaForCausalLM`` for Mamba-1, ``FalconMambaForCausalLM`` for Mamba-1 with
-  ``ssm.b_c_dt_rms``, ``Mamba2ForCausalLM`` for Mamba-2): config.json,
+  ``ssm.b_c_dt_rms``, ``Mamba2ForCausalLM`` for Mamba-2, ``BambaForCausalLM`` for hybrids:
+  models/hf_hybrids.py): config.json,
   model.safetensors and, when given, the tokenizer files. HF's state-dict names equal ours
   except ``backbone.embedding`` -> ``backbone.embeddings``.
 - ``export_mamba_ssm``: config.json + pytorch_model.bin as ``mamba_ssm.MambaLMHeadModel``
-  saves them; the only format that holds hybrids (attention layers, MLPs).
+  saves them; it holds every model here, hybrids with any attention or norm settings included.
 - ``load_pretrained``: either format back into ``MambaLMHeadModel``.
 
 Directories are written under a temporary name and renamed, so an interrupted export never
@@ -34,12 +35,13 @@ OUR_EMBEDDING = "backbone.embedding.weight"
 
 
 def hf_config_dict(cfg: MambaConfig) -> dict[str, Any]:
-    """The HF ``MambaConfig`` / ``Mamba2Config`` fields equivalent to ``cfg`` (raises if none is)."""
+    """The HF ``MambaConfig`` / ``FalconMambaConfig`` / ``Mamba2Config`` fields equivalent to ``cfg``, or
+    ``BambaConfig``'s for a hybrid (attention layers or MLPs); raises naming what none can hold."""
+    if cfg.attn_layer_idx or cfg.d_intermediate:
+        from models.hf_hybrids import bamba_config_dict
+
+        return bamba_config_dict(cfg)
     problems = []
-    if cfg.attn_layer_idx:
-        problems.append("attention layers (attn_layer_idx)")
-    if cfg.d_intermediate:
-        problems.append("MLPs (d_intermediate > 0)")
     if not cfg.rms_norm:
         problems.append("LayerNorm (rms_norm=false)")
     if problems:
@@ -159,7 +161,12 @@ def export_hf(
 
     config = hf_config_dict(model.config)
     sd = _state_dict_for_export(model)
-    sd[HF_EMBEDDING] = sd.pop(OUR_EMBEDDING)
+    if config["model_type"] == "bamba":
+        from models.hf_hybrids import ours_to_bamba_state_dict
+
+        sd = ours_to_bamba_state_dict(sd, model.config)
+    else:
+        sd[HF_EMBEDDING] = sd.pop(OUR_EMBEDDING)
     dtypes = {t.dtype for t in sd.values()}
     config["torch_dtype"] = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
     tok = _load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
@@ -528,7 +535,12 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> MambaCon
     from transformers import Mamba2Config as HFMamba2Config
     from transformers import MambaConfig as HFMambaConfig
 
+    from models.hf_hybrids import config_from_bamba, refuse_other_hybrid
+
     model_type = raw.get("model_type")
+    refuse_other_hybrid(str(model_type), source)
+    if model_type == "bamba":
+        return config_from_bamba(raw, source)
     classes = {"mamba": HFMambaConfig, "mamba2": HFMamba2Config, "falcon_mamba": HFFalconMambaConfig}
     if model_type not in classes:
         raise UnsupportedCheckpoint(
@@ -636,6 +648,10 @@ def read_pretrained(path: str | Path) -> tuple[MambaConfig, dict[str, Tensor], s
     is_hf = is_hf_config(raw)
     cfg = config_from_hf(raw, str(config_path)) if is_hf else config_from_mamba_ssm(raw, str(config_path))
     sd = _read_weights(path)
+    if is_hf and raw.get("model_type") == "bamba":
+        from models.hf_hybrids import bamba_state_dict_to_ours
+
+        sd = bamba_state_dict_to_ours(sd, cfg)
     if is_hf and HF_EMBEDDING in sd:
         sd[OUR_EMBEDDING] = sd.pop(HF_EMBEDDING)
     if cfg.tie_embeddings:

@@ -9,14 +9,16 @@ two), local or on an object store (``s3://``, ``gs://``, ``oci://``; ``S3_ENDPOI
 S3-compatible stores). ``--out`` may be an object-store URI too: the directory is written locally
 first and uploaded with ``config.json`` last.
 
-``--to hf``: ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` (pure Mamba-1 or Mamba-2 models), with
+``--to hf``: ``MambaForCausalLM`` / ``FalconMambaForCausalLM`` / ``Mamba2ForCausalLM`` (pure models) or
+``BambaForCausalLM`` (hybrids), with
 the tokenizer (``--tokenizer``, default: the tokenizer the run recorded), its chat template,
 bos/eos/pad ids in ``config.json`` and a ``generation_config.json``: ``AutoModelForCausalLM``,
 ``AutoTokenizer`` and ``pipeline("text-generation")`` load it offline. Without a reachable
 tokenizer the ids come from the checkpoint's record (or the source HF config); where neither
 states them the export is refused, naming ``--tokenizer``, rather than guessing. ``--to mamba_ssm``:
 ``config.json`` + ``pytorch_model.bin`` as ``mamba_ssm.MambaLMHeadModel.from_pretrained`` reads
-them; the only format that holds hybrids (attention layers, MLPs).
+them. Hybrids go to HF as ``BambaForCausalLM`` (models/hf_hybrids.py) when Bamba can hold
+them, and to mamba_ssm always.
 """
 
 from __future__ import annotations

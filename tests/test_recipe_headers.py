@@ -217,6 +217,16 @@ STATED: dict[str, dict[str, object]] = {
     },
     "tiny/demo_decay.yaml": {**DECAY, "data.phase": "decay", "algorithms.positional_weighting.scale": 10.0},
     "decay/falcon_mamba_7b.yaml": FALCON_MAMBA_DECAY,
+    "tiny/bamba_decay.yaml": {  # "attention at layers 1 and 3 with half-rotary GQA, a gated MLP after every layer"
+        "model.ssm.layer": "mamba2",
+        "model.attn_layer_idx": [1, 3],
+        "model.attn.num_heads_kv": 2,
+        "model.attn.rotary_emb_dim": 8,
+        "model.d_intermediate": 128,
+        "model.residual_in_fp32": False,
+        "max_duration": "20ba",
+        "data.phase": "decay",
+    },
     "tiny/falcon_mamba_decay.yaml": {
         **{k: v for k, v in FALCON_MAMBA_DECAY.items() if not k.startswith(("model.", "global_", "max_"))},
         "model.ssm.b_c_dt_rms": True,
