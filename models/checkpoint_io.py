@@ -44,7 +44,7 @@ from torch import Tensor
 
 from common.config import config_from_dict, to_dict
 from models.config import MambaConfig
-from models.hf_interop import load_weights, read_pretrained
+from models.hf_interop import hf_config_special_ids, load_weights, read_pretrained
 from models.mamba_lm import MambaLMHeadModel
 
 RECORD = "HandoverRecord"  # the callback's name in a Composer checkpoint's state/callbacks
@@ -54,19 +54,27 @@ LATEST = "latest-rank0.pt"
 
 
 class HandoverRecord(Callback):
-    """Stores the model config (and the tokenizer path) in every Composer checkpoint of a run.
+    """Stores the model config, the tokenizer path and its special-token ids in every Composer checkpoint.
 
     Its ``state_dict`` is saved with the checkpoint like any callback's; ``read_weights`` reads
     it back, so a checkpoint needs no run folder or recipe beside it to be exported or used as
-    ``init_from``. The config is one JSON string: sharded checkpoints store it as one entry.
+    ``init_from``, and an export states the tokenizer's bos/eos/pad ids even where the tokenizer
+    itself is not reachable. Each is one JSON string: sharded checkpoints store it as one entry.
     """
 
-    def __init__(self, model: MambaConfig, tokenizer: str = "") -> None:
+    def __init__(
+        self, model: MambaConfig, tokenizer: str = "", special_token_ids: dict[str, int | None] | None = None
+    ) -> None:
         self.model_config_json = json.dumps(to_dict(model), sort_keys=True)
         self.tokenizer = tokenizer
+        self.special_token_ids_json = json.dumps(special_token_ids) if special_token_ids is not None else ""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model_config_json": self.model_config_json, "tokenizer": self.tokenizer}
+        return {
+            "model_config_json": self.model_config_json,
+            "tokenizer": self.tokenizer,
+            "special_token_ids_json": self.special_token_ids_json,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Keep this run's own config: a resumed or re-planned run records what it trains now."""
@@ -84,6 +92,8 @@ class ModelWeights:
     source: str  # what was read, for messages
     format: str  # hf | mamba_ssm | composer | composer-sharded
     tokenizer: str = ""  # the tokenizer a Composer run recorded ("" when unknown)
+    # bos/eos/pad/unk ids the run recorded or an HF config states; None when unknown
+    special_token_ids: dict[str, int | None] | None = None
 
     def build(self, **overrides: Any) -> MambaLMHeadModel:
         """A ``MambaLMHeadModel`` with these weights (config fields overridable, e.g. ``impl``)."""
@@ -276,7 +286,10 @@ def _read_sharded(path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]
 def _read_local(path: Path, label: str, config: MambaConfig | None) -> ModelWeights:
     if path.is_dir() and (path / "config.json").is_file():
         cfg, sd, fmt = read_pretrained(path)
-        return ModelWeights(cfg, sd, label, fmt)
+        special = (
+            hf_config_special_ids(json.loads((path / "config.json").read_text())) if fmt == "hf" else None
+        )
+        return ModelWeights(cfg, sd, label, fmt, special_token_ids=special)
     if path.is_dir() and (path / ".metadata").is_file():
         sd, record = _read_sharded(path)
         fmt = "composer-sharded"
@@ -295,7 +308,8 @@ def _read_local(path: Path, label: str, config: MambaConfig | None) -> ModelWeig
             f"{RECORD}) and no run.json is beside it; pass the model config explicitly"
         )
     cfg, tokenizer = (config, found[1] if found else "") if config is not None else found
-    return ModelWeights(cfg, sd, label, fmt, tokenizer)
+    special = (record or {}).get("special_token_ids_json") or ""
+    return ModelWeights(cfg, sd, label, fmt, tokenizer, json.loads(special) if special else None)
 
 
 def read_weights(source: str | Path, config: MambaConfig | None = None) -> ModelWeights:

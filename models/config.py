@@ -47,6 +47,11 @@ class SSMConfig:
     # representable so that checkpoints of either library load with their own numbers.
     gated_norm_eps: float = 1e-5
     gated_norm_per_group: bool = True
+    # Falcon-Mamba (TII 2024; HF's FalconMambaForCausalLM): Mamba-1 whose dt (before dt_proj), B
+    # and C are RMS-normalised, without weights, each over its own channels, eps b_c_dt_rms_eps
+    # (HF's mixer_rms_eps). Names: mamba_ssm's mamba_inner_fn arguments.
+    b_c_dt_rms: bool = False
+    b_c_dt_rms_eps: float = 1e-6
 
     def __post_init__(self) -> None:
         problems = []
@@ -63,6 +68,13 @@ class SSMConfig:
                 problems.append(f"model.ssm.{name}={getattr(self, name)} must be >= 1")
         if self.gated_norm_eps <= 0:
             problems.append(f"model.ssm.gated_norm_eps={self.gated_norm_eps} must be > 0")
+        if self.b_c_dt_rms_eps <= 0:
+            problems.append(f"model.ssm.b_c_dt_rms_eps={self.b_c_dt_rms_eps} must be > 0")
+        if self.b_c_dt_rms and self.layer != "mamba1":
+            problems.append(
+                f"model.ssm.b_c_dt_rms=true is Falcon-Mamba's Mamba-1 mixer; model.ssm.layer={self.layer!r} "
+                "has no separate dt/B/C projection: set layer mamba1 or b_c_dt_rms false"
+            )
         if self.dt_rank is not None and self.dt_rank < 1:
             problems.append(f"model.ssm.dt_rank={self.dt_rank} must be >= 1 (or null for ceil(d_model/16))")
         report(problems)

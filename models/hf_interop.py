@@ -1,11 +1,13 @@
 """Checkpoint interoperability: HF transformers directories and mamba_ssm's format.
 
 - ``export_hf``: a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads
-  offline (``MambaForCausalLM`` for Mamba-1, ``Mamba2ForCausalLM`` for Mamba-2): config.json,
+  offline (``MambaForCausalLM`` for Mamba-1, ``FalconMambaForCausalLM`` for Mamba-1 with
+  ``ssm.b_c_dt_rms``, ``Mamba2ForCausalLM`` for Mamba-2, ``BambaForCausalLM`` for hybrids:
+  models/hf_hybrids.py): config.json,
   model.safetensors and, when given, the tokenizer files. HF's state-dict names equal ours
   except ``backbone.embedding`` -> ``backbone.embeddings``.
 - ``export_mamba_ssm``: config.json + pytorch_model.bin as ``mamba_ssm.MambaLMHeadModel``
-  saves them; the only format that holds hybrids (attention layers, MLPs).
+  saves them; it holds every model here, hybrids with any attention or norm settings included.
 - ``load_pretrained``: either format back into ``MambaLMHeadModel``.
 
 Directories are written under a temporary name and renamed, so an interrupted export never
@@ -33,12 +35,13 @@ OUR_EMBEDDING = "backbone.embedding.weight"
 
 
 def hf_config_dict(cfg: MambaConfig) -> dict[str, Any]:
-    """The HF ``MambaConfig`` / ``Mamba2Config`` fields equivalent to ``cfg`` (raises if none is)."""
+    """The HF ``MambaConfig`` / ``FalconMambaConfig`` / ``Mamba2Config`` fields equivalent to ``cfg``, or
+    ``BambaConfig``'s for a hybrid (attention layers or MLPs); raises naming what none can hold."""
+    if cfg.attn_layer_idx or cfg.d_intermediate:
+        from models.hf_hybrids import bamba_config_dict
+
+        return bamba_config_dict(cfg)
     problems = []
-    if cfg.attn_layer_idx:
-        problems.append("attention layers (attn_layer_idx)")
-    if cfg.d_intermediate:
-        problems.append("MLPs (d_intermediate > 0)")
     if not cfg.rms_norm:
         problems.append("LayerNorm (rms_norm=false)")
     if problems:
@@ -67,7 +70,7 @@ def hf_config_dict(cfg: MambaConfig) -> dict[str, Any]:
         tie_word_embeddings=cfg.tie_embeddings,
     )
     if s.layer == "mamba1":
-        return dict(
+        mamba1 = dict(
             common,
             model_type="mamba",
             architectures=["MambaForCausalLM"],
@@ -76,6 +79,13 @@ def hf_config_dict(cfg: MambaConfig) -> dict[str, Any]:
             time_step_scale=s.dt_scale,
             time_step_init_scheme=s.dt_init,
         )
+        if s.b_c_dt_rms:  # Falcon-Mamba: FalconMambaConfig is MambaConfig + mixer_rms_eps
+            mamba1.update(
+                model_type="falcon_mamba",
+                architectures=["FalconMambaForCausalLM"],
+                mixer_rms_eps=s.b_c_dt_rms_eps,
+            )
+        return mamba1
     if s.gated_norm_eps != cfg.norm_epsilon:
         raise ValueError(
             f"model.ssm.gated_norm_eps={s.gated_norm_eps} differs from model.norm_epsilon={cfg.norm_epsilon}: "
@@ -108,17 +118,41 @@ def _state_dict_for_export(model: MambaLMHeadModel) -> dict[str, Tensor]:
     return sd
 
 
+SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+
+
+def tokenizer_special_ids(tokenizer_dir: str | Path) -> dict[str, int | None]:
+    """The bos/eos/pad/unk ids of a tokenizer as transformers' ``AutoTokenizer`` reads them (None: it has none)."""
+    tok = _load_tokenizer(tokenizer_dir)
+    return {name: getattr(tok, name) for name in SPECIAL_TOKEN_IDS}
+
+
+def hf_config_special_ids(raw: dict[str, Any]) -> dict[str, int | None] | None:
+    """The special-token ids an HF ``config.json`` states explicitly; None when it states none.
+
+    A config without them means transformers' class defaults (0 for the Mamba classes, a real
+    token), which say nothing about the tokenizer, so they are not taken as known.
+    """
+    if not any(name in raw for name in SPECIAL_TOKEN_IDS):
+        return None
+    return {name: raw.get(name) for name in SPECIAL_TOKEN_IDS}
+
+
 def export_hf(
     model: MambaLMHeadModel,
     out_dir: str | Path,
     tokenizer_dir: str | Path | None = None,
     overwrite: bool = False,
+    special_token_ids: dict[str, int | None] | None = None,
 ) -> Path:
     """Write ``model`` as an HF transformers directory (``AutoModelForCausalLM`` loads it offline).
 
-    With a tokenizer the directory is what ``transformers`` users expect: ``config.json`` carries
-    the tokenizer's bos/eos/pad ids (HF's Mamba configs otherwise default them to 0, a real
-    token), ``generation_config.json`` stops at the end-of-text and, for chat, ``<|im_end|>``, and
+    ``config.json`` always states bos/eos/pad ids, never transformers' defaults (0 for the Mamba
+    classes, a real token): the tokenizer's, else ``special_token_ids`` (what a run recorded in its
+    checkpoints), else null. With both, they must agree.
+
+    With a tokenizer the directory is what ``transformers`` users expect: ``generation_config.json``
+    stops at the end-of-text and, for chat, ``<|im_end|>``, and
     never emits the embedding's padding rows (``suppress_tokens``),
     and the tokenizer is saved with its chat template and without ``token_type_ids`` among its
     outputs, so ``model.generate(**tokenizer(text, return_tensors="pt"))`` works.
@@ -127,7 +161,12 @@ def export_hf(
 
     config = hf_config_dict(model.config)
     sd = _state_dict_for_export(model)
-    sd[HF_EMBEDDING] = sd.pop(OUR_EMBEDDING)
+    if config["model_type"] == "bamba":
+        from models.hf_hybrids import ours_to_bamba_state_dict
+
+        sd = ours_to_bamba_state_dict(sd, model.config)
+    else:
+        sd[HF_EMBEDDING] = sd.pop(OUR_EMBEDDING)
     dtypes = {t.dtype for t in sd.values()}
     config["torch_dtype"] = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
     tok = _load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
@@ -135,20 +174,26 @@ def export_hf(
     # tokens, so generation never picks them (ours restricts logits to vocab_size the same way).
     padding = list(range(model.config.vocab_size, model.config.padded_vocab_size))
     generation: dict[str, Any] = {"suppress_tokens": padding} if padding else {}
+    known = dict(special_token_ids) if special_token_ids is not None else None
+    im_end = None
     if tok is not None:
         if len(tok) > model.config.padded_vocab_size:
             raise ValueError(
                 f"the tokenizer {tokenizer_dir} has {len(tok)} tokens but the model only "
                 f"{model.config.padded_vocab_size} embedding rows: export with the run's own tokenizer"
             )
-        ids = {
-            "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id,
-        }
-        config.update(ids)
-        stop = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        from_tok = {name: getattr(tok, name) for name in SPECIAL_TOKEN_IDS}
+        if known is not None and any(known.get(k) != v for k, v in from_tok.items()):
+            raise ValueError(
+                f"the tokenizer {tokenizer_dir} has special-token ids {from_tok}, but the checkpoint recorded "
+                f"{known}: export with the tokenizer the model was trained with"
+            )
+        known = from_tok
         im_end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
+    ids = {name: (known or {}).get(name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    config.update(ids)
+    if known is not None:
+        stop = [ids["eos_token_id"]] if ids["eos_token_id"] is not None else []
         if im_end is not None and im_end not in stop:
             stop.append(im_end)  # a chat turn ends there
         generation.update(ids, eos_token_id=stop[0] if len(stop) == 1 else stop or None)
@@ -179,6 +224,10 @@ def export_mamba_ssm(model: MambaLMHeadModel, out_dir: str | Path, overwrite: bo
         problems.append(f"model.ssm.gated_norm_eps={s.gated_norm_eps} (mamba_ssm fixes 1e-5)")
     if s.layer == "mamba2" and s.ngroups > 1 and not s.gated_norm_per_group:
         problems.append("model.ssm.gated_norm_per_group=false (mamba_ssm normalises per group)")
+    if s.b_c_dt_rms:
+        problems.append(
+            "model.ssm.b_c_dt_rms=true (Falcon-Mamba's dt/B/C norms: mamba_ssm's Mamba module has none)"
+        )
     if problems:
         raise ValueError(f"mamba_ssm's format cannot hold {'; '.join(problems)}; export with format hf")
     ssm_cfg: dict[str, Any] = {
@@ -482,15 +531,21 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> MambaCon
     Every HF field that changes the numbers is honoured or refused; the rest (token ids,
     ``use_cache``, ``use_mambapy``, ``torch_dtype``, ...) do not change what the model computes.
     """
+    from transformers import FalconMambaConfig as HFFalconMambaConfig
     from transformers import Mamba2Config as HFMamba2Config
     from transformers import MambaConfig as HFMambaConfig
 
+    from models.hf_hybrids import config_from_bamba, refuse_other_hybrid
+
     model_type = raw.get("model_type")
-    classes = {"mamba": HFMambaConfig, "mamba2": HFMamba2Config}
+    refuse_other_hybrid(str(model_type), source)
+    if model_type == "bamba":
+        return config_from_bamba(raw, source)
+    classes = {"mamba": HFMambaConfig, "mamba2": HFMamba2Config, "falcon_mamba": HFFalconMambaConfig}
     if model_type not in classes:
         raise UnsupportedCheckpoint(
-            f"{source}: model_type={model_type!r}: only HF's 'mamba' (MambaForCausalLM) and 'mamba2' "
-            "(Mamba2ForCausalLM) load here"
+            f"{source}: model_type={model_type!r}: only HF's 'mamba' (MambaForCausalLM), 'mamba2' "
+            "(Mamba2ForCausalLM) and 'falcon_mamba' (FalconMambaForCausalLM) load here"
         )
     try:
         hf = classes[model_type].from_dict(raw)
@@ -510,13 +565,15 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> MambaCon
         dt_max=hf.time_step_max,
         dt_init_floor=hf.time_step_floor,
     )
-    if model_type == "mamba":
+    if model_type in ("mamba", "falcon_mamba"):
         ssm.update(
             layer="mamba1",
             dt_rank=hf.time_step_rank,
             dt_scale=hf.time_step_scale,
             dt_init=hf.time_step_init_scheme,
         )
+        if model_type == "falcon_mamba":
+            ssm.update(b_c_dt_rms=True, b_c_dt_rms_eps=hf.mixer_rms_eps)
     else:
         if hf.num_heads * hf.head_dim != expand * hf.hidden_size:
             raise UnsupportedCheckpoint(
@@ -591,6 +648,10 @@ def read_pretrained(path: str | Path) -> tuple[MambaConfig, dict[str, Tensor], s
     is_hf = is_hf_config(raw)
     cfg = config_from_hf(raw, str(config_path)) if is_hf else config_from_mamba_ssm(raw, str(config_path))
     sd = _read_weights(path)
+    if is_hf and raw.get("model_type") == "bamba":
+        from models.hf_hybrids import bamba_state_dict_to_ours
+
+        sd = bamba_state_dict_to_ours(sd, cfg)
     if is_hf and HF_EMBEDDING in sd:
         sd[OUR_EMBEDDING] = sd.pop(HF_EMBEDDING)
     if cfg.tie_embeddings:

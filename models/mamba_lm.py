@@ -68,6 +68,15 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype)
 
 
+def rms_normalize(x: Tensor, eps: float) -> Tensor:
+    """x / rms(x) over the last dimension, in float32, without a weight; returned in x's dtype.
+
+    Falcon-Mamba's norm of dt, B and C (HF transformers' ``rms_forward``).
+    """
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 class GatedRMSNorm(nn.Module):
     """Mamba-2's output norm: RMSNorm(y * silu(z)) over groups of ``group_size`` channels."""
 
@@ -94,13 +103,23 @@ def make_norm(cfg: MambaConfig) -> nn.Module:
 
 
 class Mamba1Mixer(nn.Module):
-    """Mamba-1 selective SSM (Gu & Dao 2023), mamba_ssm's ``Mamba`` module."""
+    """Mamba-1 selective SSM (Gu & Dao 2023), mamba_ssm's ``Mamba`` module.
+
+    With ``ssm.b_c_dt_rms`` it is Falcon-Mamba's mixer (Zuo et al. 2024, arXiv:2410.05355): dt, B
+    and C leave ``x_proj`` RMS-normalised, which TII reports keeps large-scale training stable.
+    Both paths (kernels and PyTorch) apply the norm in ``_ssm_inputs`` before the scan, so they
+    compute one function. It is HF ``FalconMambaMixer``'s inference definition: dt is normalised
+    over its dt_rank channels *before* ``dt_proj``. (mamba_ssm's fused ``mamba_inner_fn``, which HF
+    calls only when training on CUDA, normalises dt *after* ``dt_proj`` over d_inner: a different
+    function; it is not used here.)
+    """
 
     def __init__(self, cfg: MambaConfig, layer_idx: int) -> None:
         super().__init__()
         s = cfg.ssm
         self.layer_idx = layer_idx
         self.impl = cfg.impl
+        self.b_c_dt_rms_eps = s.b_c_dt_rms_eps if s.b_c_dt_rms else None
         self.d_inner, self.d_state, self.d_conv, self.dt_rank = cfg.d_inner, s.d_state, s.d_conv, cfg.dt_rank
         E, N, R = self.d_inner, self.d_state, self.dt_rank
         self.in_proj = nn.Linear(cfg.d_model, 2 * E, bias=s.bias)
@@ -140,7 +159,7 @@ class Mamba1Mixer(nn.Module):
             x = load_kernels().causal_conv1d_fn(x, conv_w, self.conv1d.bias, activation="silu")
         else:
             x = ops.causal_conv1d(x, conv_w, self.conv1d.bias)
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = self._ssm_inputs(x.transpose(1, 2))
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (b, E, l); bias added inside the scan
         B, C = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()  # (b, N, l)
         A = -torch.exp(self.A_log.float())
@@ -164,12 +183,20 @@ class Mamba1Mixer(nn.Module):
             y = out
         return self.out_proj(y.transpose(1, 2))
 
+    def _ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (..., E) -> dt (..., R), B (..., N), C (..., N); RMS-normalised for Falcon-Mamba."""
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.b_c_dt_rms_eps is not None:
+            eps = self.b_c_dt_rms_eps
+            dt, B, C = rms_normalize(dt, eps), rms_normalize(B, eps), rms_normalize(C, eps)
+        return dt, B, C
+
     def step(self, h: Tensor, cache: InferenceCache) -> Tensor:
         """One token: h (b, D) -> (b, D), updating this layer's cache in place."""
         conv_state, ssm_state = cache.states[self.layer_idx]
         x, z = self.in_proj(h).chunk(2, dim=-1)
         x = ops.causal_conv1d_step(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias)
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = self._ssm_inputs(x)
         dt = dt @ self.dt_proj.weight.t()
         A = -torch.exp(self.A_log.float())
         y = ops.selective_state_update(
@@ -487,6 +514,7 @@ class MambaLMHeadModel(nn.Module):
         recurrent state at each document (Mamba-2 and attention layers; off by default, as in the
         paper, where the state flows across documents).
         """
+        _check_token_ids(input_ids, "forward")
         logits = self.lm_head(self.backbone(input_ids, cache, seq_idx))
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
@@ -526,6 +554,7 @@ class MambaLMHeadModel(nn.Module):
             raise ValueError(
                 "generate needs max_new_tokens >= 0, temperature >= 0, 0 < top_p <= 1, top_k >= 0"
             )
+        _check_token_ids(input_ids, "generate")
         b, prompt_len = input_ids.shape
         cache = self.allocate_inference_cache(b, prompt_len + max_new_tokens)
         logits = self(input_ids, cache)[:, -1]
@@ -623,6 +652,18 @@ class MambaLMHeadModel(nn.Module):
     def activation_checkpointing_fn(self, module: nn.Module) -> bool:
         """Recompute each block's activations in backward (the paper's block-wise recomputation)."""
         return isinstance(module, Block)
+
+
+def _check_token_ids(input_ids: Tensor, where: str) -> None:
+    """Token ids must be (batch, seq_len) with both at least 1: anything else fails later, inside a conv."""
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        hint = " (a 1-D tensor of ids: use ids[None] for a batch of one)" if input_ids.dim() == 1 else ""
+        raise ValueError(
+            f"{where} expects input_ids of shape (batch, seq_len) with batch >= 1 and seq_len >= 1, "
+            f"got shape {tuple(input_ids.shape)}{hint}"
+        )
+    if input_ids.is_floating_point() or input_ids.is_complex():
+        raise ValueError(f"{where} expects integer token ids, got dtype {input_ids.dtype}")
 
 
 def _copy_full_(param: Tensor, full: Tensor) -> None:

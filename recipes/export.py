@@ -9,12 +9,16 @@ two), local or on an object store (``s3://``, ``gs://``, ``oci://``; ``S3_ENDPOI
 S3-compatible stores). ``--out`` may be an object-store URI too: the directory is written locally
 first and uploaded with ``config.json`` last.
 
-``--to hf``: ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` (pure Mamba-1 or Mamba-2 models), with
+``--to hf``: ``MambaForCausalLM`` / ``FalconMambaForCausalLM`` / ``Mamba2ForCausalLM`` (pure models) or
+``BambaForCausalLM`` (hybrids), with
 the tokenizer (``--tokenizer``, default: the tokenizer the run recorded), its chat template,
 bos/eos/pad ids in ``config.json`` and a ``generation_config.json``: ``AutoModelForCausalLM``,
-``AutoTokenizer`` and ``pipeline("text-generation")`` load it offline. ``--to mamba_ssm``:
+``AutoTokenizer`` and ``pipeline("text-generation")`` load it offline. Without a reachable
+tokenizer the ids come from the checkpoint's record (or the source HF config); where neither
+states them the export is refused, naming ``--tokenizer``, rather than guessing. ``--to mamba_ssm``:
 ``config.json`` + ``pytorch_model.bin`` as ``mamba_ssm.MambaLMHeadModel.from_pretrained`` reads
-them; the only format that holds hybrids (attention layers, MLPs).
+them. Hybrids go to HF as ``BambaForCausalLM`` (models/hf_hybrids.py) when Bamba can hold
+them, and to mamba_ssm always.
 """
 
 from __future__ import annotations
@@ -57,11 +61,23 @@ def export(
             raise FileNotFoundError(f"--tokenizer {tokenizer}: no such directory")
     if to == "mamba_ssm" and tokenizer:
         print("[export] mamba_ssm's format has no tokenizer files; --tokenizer is not used")
+    if to == "hf" and not tokenizer and weights.special_token_ids is None:
+        raise cli.UserError(
+            f"{weights.source} does not record its tokenizer's special-token ids (bos/eos/pad) and no tokenizer "
+            "is reachable: pass --tokenizer DIR (the tokenizer the model was trained with), so config.json "
+            "states them instead of transformers' defaults"
+        )
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         local_out = Path(tmp) / "model" if remote_out else Path(out)
         if to == "hf":
             with staged(tokenizer) if tokenizer else contextlib.nullcontext() as tok_dir:
-                export_hf(model, local_out, tokenizer_dir=tok_dir, overwrite=overwrite)
+                export_hf(
+                    model,
+                    local_out,
+                    tokenizer_dir=tok_dir,
+                    overwrite=overwrite,
+                    special_token_ids=weights.special_token_ids,
+                )
         else:
             export_mamba_ssm(model, local_out, overwrite=overwrite)
         if remote_out:

@@ -143,6 +143,8 @@ _SSM_FIELDS = (
     "ngroups",
     "gated_norm_eps",
     "gated_norm_per_group",
+    "b_c_dt_rms",
+    "b_c_dt_rms_eps",
 )
 _ATTN_FIELDS = ("num_heads", "rotary_emb_dim", "rotary_base", "qkv_proj_bias", "out_proj_bias")
 
@@ -342,6 +344,18 @@ def _materialise_if_meta(model: torch.nn.Module, init_fn: Any) -> bool:
     return True
 
 
+def _special_token_ids(tokenizer: str) -> dict[str, int | None] | None:
+    """The run's tokenizer's bos/eos/pad/unk ids for the checkpoints' record (None, with a warning,
+    when transformers cannot read it: an export of the run then needs ``--tokenizer``)."""
+    from models.hf_interop import tokenizer_special_ids
+
+    try:
+        return tokenizer_special_ids(tokenizer)
+    except ValueError as exc:
+        log.warning("checkpoints will not record the special-token ids: %s", exc)
+        return None
+
+
 def apply_init_from(cfg: TrainConfig, composer_model: ComposerMambaLM) -> list[Callback]:
     """Load ``cfg.init_from`` into the freshly built model; the callbacks the run then needs.
 
@@ -349,7 +363,7 @@ def apply_init_from(cfg: TrainConfig, composer_model: ComposerMambaLM) -> list[C
     exported or used as ``init_from`` later) and, with ``init_from``, the ``LrRewarmup``.
     Call it after the model is built, before the optimizer exists, and put the callbacks first.
     """
-    callbacks: list[Callback] = [HandoverRecord(cfg.model, cfg.tokenizer)]
+    callbacks: list[Callback] = [HandoverRecord(cfg.model, cfg.tokenizer, _special_token_ids(cfg.tokenizer))]
     init: InitFromConfig | None = getattr(cfg, "init_from", None)
     if init is None:
         return callbacks

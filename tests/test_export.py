@@ -136,3 +136,41 @@ def test_export_of_a_missing_source_is_one_error_line(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not exist" in err
+
+
+def _checkpoint_with_record(trained_run: Path, tmp_path: Path, **record: str) -> Path:
+    """The run's last checkpoint, copied with its HandoverRecord entries replaced."""
+    ckpt = torch.load(trained_run / "checkpoints" / "latest-rank0.pt", map_location="cpu", weights_only=False)
+    ckpt["state"]["callbacks"]["HandoverRecord"].update(record)
+    path = tmp_path / "moved.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_hf_export_states_the_recorded_ids_when_the_tokenizer_is_gone(
+    trained_run: Path, corpus: dict[str, Path], tmp_path: Path
+) -> None:
+    from data.tokenizer import EOT, PAD, load_tokenizer
+
+    moved = _checkpoint_with_record(trained_run, tmp_path, tokenizer=str(tmp_path / "elsewhere" / "tok"))
+    run_cli(str(moved), "--to", "hf", "--out", str(tmp_path / "hf"))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    tok = load_tokenizer(corpus["tokenizer"])
+    assert (config["eos_token_id"], config["pad_token_id"]) == (tok.token_to_id(EOT), tok.token_to_id(PAD))
+    assert config["bos_token_id"] is None  # the tokenizer has none: stated, not transformers' 0
+
+
+def test_hf_export_without_known_ids_is_refused_naming_tokenizer(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from common import cli
+
+    moved = _checkpoint_with_record(
+        trained_run, tmp_path, tokenizer=str(tmp_path / "elsewhere"), special_token_ids_json=""
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(export_main, [str(moved), "--to", "hf", "--out", str(tmp_path / "hf")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--tokenizer" in err and "special-token ids" in err
+    assert not (tmp_path / "hf").exists()

@@ -52,3 +52,15 @@ def test_eos_stops_a_sequence() -> None:
     first = int((out[0, 4:] == eos).nonzero()[0])
     assert (out[0, 4 + first :] == eos).all()
     assert torch.equal(out[0, : 4 + first + 1], greedy[0, : 4 + first + 1])
+
+
+@pytest.mark.parametrize(
+    "shape", [(0,), (5,), (1, 0), (0, 3), (1, 2, 3)], ids=["empty", "1-D", "empty-seq", "no-rows", "3-D"]
+)
+def test_bad_input_shapes_are_value_errors_naming_the_shape(shape: tuple[int, ...]) -> None:
+    model = MambaLMHeadModel(preset("debug")).eval()
+    ids = torch.zeros(shape, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"shape \(batch, seq_len\)"):
+        model(ids)
+    with pytest.raises(ValueError, match=r"shape \(batch, seq_len\)"):
+        model.generate(ids, max_new_tokens=2)

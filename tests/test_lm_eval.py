@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from eval import harness
-from models.config import preset
+from models.config import AttnConfig, preset
 from models.hf_interop import export_mamba_ssm
 from models.mamba_lm import MambaLMHeadModel
 from tests.data_helpers import make_tokenizer
@@ -67,6 +67,9 @@ def test_unknown_task_and_hybrid_are_refused(tmp_path: Path, monkeypatch) -> Non
     with pytest.raises(UserError, match="unknown lm-eval task"):
         harness.run_lm_eval(tmp_path, ["no_such_task_here"])
     tokenizer = make_tokenizer(tmp_path / "tok", vocab_size=400)
-    export_mamba_ssm(MambaLMHeadModel(preset("debug-hybrid", vocab_size=400)), tmp_path / "hybrid")
-    with pytest.raises(ValueError, match="cannot hold attention layers"):
+    # A hybrid whose attention has no rotary positions: HF's Bamba (the hybrid class lm-eval loads)
+    # always rotates, so it cannot hold it.
+    no_rotary = preset("debug-hybrid", vocab_size=400, attn=AttnConfig(num_heads=4))
+    export_mamba_ssm(MambaLMHeadModel(no_rotary), tmp_path / "hybrid")
+    with pytest.raises(ValueError, match=r"Bamba cannot hold model\.attn\.rotary_emb_dim=0"):
         harness.hf_folder(str(tmp_path / "hybrid"), None, str(tokenizer), tmp_path / "work")

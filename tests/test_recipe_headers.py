@@ -39,6 +39,26 @@ WSD_ABLATION = {
     "scheduler.decay_shape": "linear",
     "scheduler.alpha_f": 0.1,
 }
+# Falcon-Mamba-7B (TII model cards; arXiv:2410.05355): d_model 4096, 64 layers, d_state 16, vocab 65024,
+# untied, dt/B/C RMS norms (eps 1e-6); AdamW wd 0.1, max lr 6.4e-4, exponential decay to lr/256;
+# batch 2048 x 8192. Our decay: 50B tokens, weights only with a 200-batch re-warmup.
+FALCON_MAMBA_DECAY = {
+    "model.d_model": 4096,
+    "model.n_layer": 64,
+    "model.vocab_size": 65024,
+    "model.tie_embeddings": False,
+    "model.ssm.d_state": 16,
+    "model.ssm.b_c_dt_rms": True,
+    "model.ssm.b_c_dt_rms_eps": 1e-6,
+    "optimizer.lr": 6.4e-4,
+    "optimizer.weight_decay": 0.1,
+    "global_train_batch_size": 2048,
+    "max_duration": "50000000000tok",
+    "scheduler.name": "decay_phase",
+    "scheduler.decay_shape": "exponential",
+    "scheduler.alpha_f": 1 / 256,
+    "data.phase": "decay",
+}
 MAMBA2 = {
     "model.ssm.layer": "mamba2",
     "model.ssm.d_state": 128,
@@ -196,6 +216,22 @@ STATED: dict[str, dict[str, object]] = {
         "max_duration": "200ba",
     },
     "tiny/demo_decay.yaml": {**DECAY, "data.phase": "decay", "algorithms.positional_weighting.scale": 10.0},
+    "decay/falcon_mamba_7b.yaml": FALCON_MAMBA_DECAY,
+    "tiny/bamba_decay.yaml": {  # "attention at layers 1 and 3 with half-rotary GQA, a gated MLP after every layer"
+        "model.ssm.layer": "mamba2",
+        "model.attn_layer_idx": [1, 3],
+        "model.attn.num_heads_kv": 2,
+        "model.attn.rotary_emb_dim": 8,
+        "model.d_intermediate": 128,
+        "model.residual_in_fp32": False,
+        "max_duration": "20ba",
+        "data.phase": "decay",
+    },
+    "tiny/falcon_mamba_decay.yaml": {
+        **{k: v for k, v in FALCON_MAMBA_DECAY.items() if not k.startswith(("model.", "global_", "max_"))},
+        "model.ssm.b_c_dt_rms": True,
+        "max_duration": "20ba",
+    },
 }
 
 

@@ -21,6 +21,7 @@ from callbacks.batch_rampup import RampedBatches
 from callbacks.jsonl_logger import read_jsonl
 from callbacks.loss_spike import LossSpikeRollback
 from callbacks.positional_weighting import PositionalLossWeighting
+from callbacks.schedulers import decay_value
 from recipes.config import load_train_config
 from recipes.train import build_trainer
 from tests.conftest import StopAfter, tiny_overrides
@@ -115,10 +116,11 @@ def test_every_shipped_recipe_starts(recipe: str, corpus: dict[str, Path], tmp_p
         rewarmup = Time.from_timestring(cfg.init_from.lr_rewarmup)
         assert rewarmup.unit.value == "ba"
         schedule = [1.0, 1.0]  # wsd without warmup: the stable peak
-        if name == "decay_phase":  # linear from t_start 0 to max_duration
+        if name == "decay_phase":  # the recipe's decay shape from t_start 0 to max_duration
             end = Time.from_timestring(cfg.max_duration)
             done = {"ba": [0, 1], "tok": _tokens_before_each_batch(records)[:2]}[end.unit.value]
-            schedule = [1 - (1 - cfg.scheduler["alpha_f"]) * t / end.value for t in done]
+            shape, alpha_f = cfg.scheduler["decay_shape"], cfg.scheduler["alpha_f"]
+            schedule = [decay_value(t / end.value, shape, alpha_f) for t in done]
         expected = [peak * f * (n + 1) / rewarmup.value for n, f in enumerate(schedule)]
         assert lrs == pytest.approx(expected, rel=1e-6), (recipe, lrs, expected)
     elif name == "decay_phase":
