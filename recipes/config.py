@@ -89,7 +89,11 @@ class FSDPConfig:
     version: Literal[1, 2] = 2  # 1 (FullyShardedDataParallel, GPU only) | 2 (fully_shard; also on CPU)
     activation_checkpointing: bool = False  # recompute each block in backward (the paper)
     state_dict_type: Literal["sharded", "full"] = "sharded"
-    mixed_precision: Literal["FULL", "DEFAULT", "PURE"] = "FULL"  # FULL: fp32 parameters and reductions
+    # Composer's FSDP mixed precision, applied with `precision` (README "GPU precision"): DEFAULT
+    # gathers bf16 copies of the fp32 parameters for compute and reduces gradients in fp32 (the
+    # paper's bf16 mixed-precision training); FULL gathers fp32 (twice the traffic), PURE also
+    # reduces in bf16. With fp32 precision (every CPU run) all three are fp32 throughout.
+    mixed_precision: Literal["FULL", "DEFAULT", "PURE"] = "DEFAULT"
 
     def parallelism(self, world_size: int) -> dict[str, Any] | None:
         """Composer's ``parallelism_config``, or None for a single process."""
