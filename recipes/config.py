@@ -85,7 +85,8 @@ class CheckpointConfig:
 class FSDPConfig:
     """Composer FSDP, one unit per Mamba block (models/mamba_lm.py: fsdp_wrap_fn)."""
 
-    enabled: bool = True  # used only with more than one process
+    enabled: bool = True  # used only with more than one process (see single_process)
+    single_process: bool = False  # wrap a one-process run too (the GPU check: FSDP on one GPU)
     version: Literal[1, 2] = 2  # 1 (FullyShardedDataParallel, GPU only) | 2 (fully_shard; also on CPU)
     activation_checkpointing: bool = False  # recompute each block in backward (the paper)
     state_dict_type: Literal["sharded", "full"] = "sharded"
@@ -97,7 +98,7 @@ class FSDPConfig:
 
     def parallelism(self, world_size: int) -> dict[str, Any] | None:
         """Composer's ``parallelism_config``, or None for a single process."""
-        if world_size == 1 or not self.enabled:
+        if not self.enabled or (world_size == 1 and not self.single_process):
             return None
         fsdp: dict[str, Any] = {
             "activation_checkpointing": self.activation_checkpointing,
