@@ -96,11 +96,16 @@ GPU_WHEELS := gpu-wheels
 GPU_WHEEL_PLATFORMS := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
 	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 
+# Both kernel pairs: requirements-gpu.txt's (for the pinned torch 2.7.0, the recipe's stack) and
+# the newer one for an image's newer torch; gpu_check.sh builds the pair that fits the torch it finds.
+GPU_KERNELS_PINNED := $(shell grep -E '^(mamba-ssm|causal-conv1d)==' requirements-gpu.txt)
+
 gpu-wheels: install
 	rm -rf $(GPU_WHEELS).tmp && mkdir -p $(GPU_WHEELS).tmp
 	$(PY) -m pip install --quiet wheel  # the kernels' setup.py needs it to report metadata
 	MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE $(PY) -m pip download --quiet --no-deps \
-		--no-binary :all: --no-build-isolation -d $(GPU_WHEELS).tmp mamba-ssm==2.3.2.post1 causal-conv1d==1.7.0
+		--no-binary :all: --no-build-isolation -d $(GPU_WHEELS).tmp mamba-ssm==2.3.2.post1 causal-conv1d==1.7.0 \
+		$(GPU_KERNELS_PINNED)
 	$(PY) -m pip download --quiet --no-deps --only-binary :all: $(GPU_WHEEL_PLATFORMS) -d $(GPU_WHEELS).tmp \
 		einops==0.8.1 pytest==8.4.2 pluggy==1.6.0 iniconfig==2.1.0 \
 		transformers==4.53.3 tokenizers==0.21.4 huggingface-hub==0.34.4

@@ -8,7 +8,11 @@
 #   3. build causal-conv1d and mamba-ssm from their source archives in gpu-wheels/ for the
 #      detected architecture only (their setup.py lists several; the others are dropped);
 #   4. run the gpu-marked tests (`make test-gpu` with this machine's python);
-#   5. run the MFU sweep (benchmarks/gpu_mfu.py: presets 0.5b and 1.6b at sequence 4096).
+#   5. run the MFU sweep (benchmarks/gpu_mfu.py: presets 0.5b and 1.6b at sequence 4096);
+#   6. run the recipe: the real trainer (Composer) on the demo data for 30 batches with the
+#      kernels, bf16 and FSDP on the one GPU, SIGKILLed after batch 15 and resumed by the same
+#      command, then evaluated and exported. Where Composer cannot run on this image's torch, the
+#      step says exactly why (summary: NOT RUN) instead of failing silently.
 #
 # Every step has its own time budget and log; a failed step is recorded and the check goes on
 # to the steps that do not depend on it. Results: RESULTS_DIR (default results/gpu-check-DATE)
@@ -16,10 +20,14 @@
 #
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]
 #
-# Composer 0.32.1 pins torch < 2.7.1, so it is NOT installed here: the GPU check needs only
-# models/ (torch), the tests' pytest, and the kernels; the training recipes stay on the pinned
-# stack (make install). Versions: mamba-ssm 2.3.2.post1 and causal-conv1d 1.7.0 need Triton >=
-# 3.5, which such a machine has (requirements-gpu.txt keeps 2.3.1 for the pinned torch 2.7.0).
+# Composer 0.32.1 pins torch < 2.7.1, so it is NOT installed here: steps 1-5 need only models/
+# (torch), the tests' pytest, and the kernels; step 6 runs only where the pinned stack is
+# installed (make install; torch 2.7.0) and otherwise records why not.
+# Kernel versions follow the torch found: on the pinned torch 2.7.x, requirements-gpu.txt's
+# (what `make install-gpu` installs and the recipe runs with); on a newer torch, mamba-ssm
+# 2.3.2.post1 and causal-conv1d 1.7.0. They cannot be the same on both: mamba-ssm >= 2.3.2 needs
+# Triton >= 3.5, which torch 2.7's Triton 3.3 pin excludes (pip would replace torch, STACK.md),
+# while an image with a newer torch ships the Triton >= 3.5 these later releases target.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +40,7 @@ OUT=$(cd "$OUT" && pwd)
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
+NOT_RUN=3  # a step's exit status for "cannot run on this machine" (its log says why)
 : >"$OUT/summary.txt"
 
 # step NAME BUDGET_S COMMAND...: run with a time limit, log to $OUT/NAME.log, one summary line.
@@ -45,7 +54,8 @@ step() {
     rc=$?
     local verdict=ok
     [ $rc -eq 124 ] && verdict="TIMED OUT after ${budget}s"
-    [ $rc -ne 0 ] && [ $rc -ne 124 ] && verdict="FAILED (exit $rc)"
+    [ $rc -eq "$NOT_RUN" ] && verdict="NOT RUN (why: see log)"
+    [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne "$NOT_RUN" ] && verdict="FAILED (exit $rc)"
     printf '%-16s %-28s %4ss  log: %s\n' "$name" "$verdict" "$(($(date +%s) - t0))" "$name.log" | tee -a "$OUT/summary.txt"
     tail -n 3 "$OUT/$name.log" | sed 's/^/    /'
     return $rc
@@ -61,7 +71,7 @@ print("python", platform.python_version(), "torch", torch.__version__, "cuda", t
 print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
 EOF
 }
-export PY WHEELS SITE OUT
+export PY WHEELS SITE OUT NOT_RUN
 export -f machine
 step machine 180 machine || { echo "no usable GPU/torch: stopping"; exit 1; }
 ARCH=$("$PY" -c 'import torch; print("%d%d" % torch.cuda.get_device_capability(0))')
@@ -101,8 +111,15 @@ build_one() {  # build_one DIST VERSION FORCE_VAR
     env "$force=TRUE" "$PY" -m pip install --no-index --find-links "$WHEELS" --no-build-isolation --no-deps -v "$dir"
 }
 export -f build_one
-step causal-conv1d 240 build_one causal-conv1d 1.7.0 CAUSAL_CONV1D_FORCE_BUILD
-step mamba-ssm 420 build_one mamba-ssm 2.3.2.post1 MAMBA_FORCE_BUILD
+pinned() { sed -n "s/^$1==//p" requirements-gpu.txt; }
+if "$PY" -c 'import sys, torch; sys.exit(not torch.__version__.startswith("2.7."))'; then
+    CONV_VERSION=$(pinned causal-conv1d) MAMBA_VERSION=$(pinned mamba-ssm)   # the recipe's stack
+else
+    CONV_VERSION=1.7.0 MAMBA_VERSION=2.3.2.post1   # a newer torch (Triton >= 3.5): see the header
+fi
+echo "kernels: causal-conv1d $CONV_VERSION, mamba-ssm $MAMBA_VERSION" | tee -a "$OUT/summary.txt"
+step causal-conv1d 240 build_one causal-conv1d "$CONV_VERSION" CAUSAL_CONV1D_FORCE_BUILD
+step mamba-ssm 420 build_one mamba-ssm "$MAMBA_VERSION" MAMBA_FORCE_BUILD
 
 # 4. The gpu-marked tests (make test-gpu, with this machine's python and no .venv). Only their
 # file is collected: the others import Composer and Streaming, which are not installed here.
@@ -111,6 +128,9 @@ step test-gpu 180 make test-gpu NO_VENV=1 PY="$PY" GPU_TESTS=tests/test_gpu_kern
 # 5. The MFU sweep; a shorter sweep than the script's default so the whole check fits.
 step mfu 300 "$PY" benchmarks/gpu_mfu.py --out "$OUT" --micro-batches 1 2 4 8 --checkpointing none block \
     --warmup 1 --steps 3
+
+# 6. The recipe on this GPU: benchmarks/gpu_recipe.sh (its header says what it runs and checks).
+step recipe 420 bash benchmarks/gpu_recipe.sh "$OUT/recipe"
 
 echo "total $(($(date +%s) - START)) s" | tee -a "$OUT/summary.txt"
 test -f "$OUT/mfu.txt" && cat "$OUT/mfu.txt"

@@ -85,15 +85,20 @@ class CheckpointConfig:
 class FSDPConfig:
     """Composer FSDP, one unit per Mamba block (models/mamba_lm.py: fsdp_wrap_fn)."""
 
-    enabled: bool = True  # used only with more than one process
+    enabled: bool = True  # used only with more than one process (see single_process)
+    single_process: bool = False  # wrap a one-process run too (the GPU check: FSDP on one GPU)
     version: Literal[1, 2] = 2  # 1 (FullyShardedDataParallel, GPU only) | 2 (fully_shard; also on CPU)
     activation_checkpointing: bool = False  # recompute each block in backward (the paper)
     state_dict_type: Literal["sharded", "full"] = "sharded"
-    mixed_precision: Literal["FULL", "DEFAULT", "PURE"] = "FULL"  # FULL: fp32 parameters and reductions
+    # Composer's FSDP mixed precision, applied with `precision` (README "GPU precision"): DEFAULT
+    # gathers bf16 copies of the fp32 parameters for compute and reduces gradients in fp32 (the
+    # paper's bf16 mixed-precision training); FULL gathers fp32 (twice the traffic), PURE also
+    # reduces in bf16. With fp32 precision (every CPU run) all three are fp32 throughout.
+    mixed_precision: Literal["FULL", "DEFAULT", "PURE"] = "DEFAULT"
 
     def parallelism(self, world_size: int) -> dict[str, Any] | None:
         """Composer's ``parallelism_config``, or None for a single process."""
-        if world_size == 1 or not self.enabled:
+        if not self.enabled or (world_size == 1 and not self.single_process):
             return None
         fsdp: dict[str, Any] = {
             "activation_checkpointing": self.activation_checkpointing,

@@ -85,11 +85,11 @@ def resolve_precision(cfg: TrainConfig) -> str:
     return cfg.precision
 
 
-def build_model(cfg: TrainConfig, distributed: bool) -> ComposerMambaLM:
-    """On GPU under FSDP the network is built on the meta device; Composer materialises each
-    shard and initialises it with ``MambaLMHeadModel.param_init_fn``. The metrics stay real
+def build_model(cfg: TrainConfig, fsdp: bool) -> ComposerMambaLM:
+    """On GPU under FSDP (``fsdp``) the network is built on the meta device; Composer materialises
+    each shard and initialises it with ``MambaLMHeadModel.param_init_fn``. The metrics stay real
     tensors: Composer moves them to the device itself, and cannot copy out of meta ones."""
-    if distributed and cfg.fsdp.enabled and torch.cuda.is_available():
+    if fsdp and torch.cuda.is_available():
         with torch.device("meta"):
             network = MambaLMHeadModel(cfg.model)
     else:
@@ -289,10 +289,10 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
     try:
         plan = plan_run(cfg, world, save_folder)
         install_atomic_checkpoint_writes()
-        if world > 1 and cfg.fsdp.enabled:
+        if cfg.fsdp.parallelism(world) is not None:
             os.environ["FSDP_VERSION"] = str(cfg.fsdp.version)  # how Composer 0.32 picks FSDP1 or FSDP2
         reproducibility.seed_all(cfg.seed)
-        model = build_model(cfg, distributed=world > 1)
+        model = build_model(cfg, fsdp=cfg.fsdp.parallelism(world) is not None)
         # Weights from init_from, checked against the model, before anything is written; its callbacks
         # (the lr re-warmup) act after the schedule's own lr is set and before it is logged.
         handover_callbacks = apply_init_from(cfg, model)
