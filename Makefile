@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SCAN_STAMP := models/_build/.built
 
-.PHONY: install install-gpu test test-e2e mutants test-gpu test-dist test-faults lint format doctor bench-model bench-block bench-data \
+.PHONY: install install-gpu test test-e2e mutants test-gpu test-triton test-dist test-faults lint format doctor bench-model bench-block bench-data \
 	bench-threads bench-convert gpu-wheels gpu-check demo demo-data clean-demo ablation-wsd ablation-cosine \
 	ablation-wsd-posweight ablation-tiny decay inheritune-tiny export report needle-tiny lm-eval
 
@@ -54,6 +54,28 @@ mutants: install
 # GPU_TESTS: only these test files (default: all).
 test-gpu: $(if $(NO_VENV),,install)
 	$(call pytest,-m gpu $(GPU_TESTS))
+
+# Mamba-2's kernel path on the CPU: mamba_ssm's Triton SSD kernels in Triton's interpreter against
+# the PyTorch path (tests/test_triton_interpret.py). TRITON_VENV holds only mamba-ssm and
+# causal-conv1d, built without their CUDA extensions (--no-deps: nothing else is installed or
+# touched), and sees every package of .venv through a .pth file; .venv itself never sees mamba_ssm.
+TRITON_VENV := .venv-triton
+TRITON_PY := $(TRITON_VENV)/bin/python
+TRITON_STAMP := $(TRITON_VENV)/.installed
+
+$(TRITON_STAMP): $(STAMP) requirements-gpu.txt
+	rm -rf $(TRITON_VENV)
+	$(PY) -m venv --without-pip $(TRITON_VENV)
+	base=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	layer=$$($(TRITON_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	echo "import site; site.addsitedir('$$base')" > $$layer/_on_main_venv.pth
+	$(TRITON_PY) -m pip install --quiet --no-deps wheel==0.48.0 einops==0.8.2
+	MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE \
+		$(TRITON_PY) -m pip install --quiet --no-deps --no-build-isolation -r requirements-gpu.txt
+	touch $(TRITON_STAMP)
+
+test-triton: $(TRITON_STAMP)
+	TRITON_INTERPRET=1 $(TRITON_PY) -m pytest -m triton_interpret -s tests/test_triton_interpret.py
 
 test-dist: install
 	$(call pytest,-n $(TEST_WORKERS) --dist loadfile -m dist)

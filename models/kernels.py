@@ -6,12 +6,17 @@ here imports it at module load. ``use_kernels`` decides, per
 forward, whether the kernels or the PyTorch operators of ``models/ops.py`` run; both take the
 same parameters and compute the same function. On the CPU, Mamba-1's selective scan runs a
 fused C kernel where it could be built (``cpu_scan_status`` says which scan runs and why).
+
+Under Triton's interpreter (``TRITON_INTERPRET=1``) Triton kernels run on CPU tensors, so
+``model.impl=kernels`` accepts them there: tests/test_triton_interpret.py runs Mamba-2's kernel
+path on the CPU that way, mamba_ssm's SSD kernels in the interpreter (``make test-triton``).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from types import SimpleNamespace
 
 import torch
@@ -22,10 +27,15 @@ INSTALL_HINT = (
 )
 
 
+def triton_interpreter() -> bool:
+    """Whether Triton's interpreter is on (``TRITON_INTERPRET=1``): Triton kernels then run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @functools.cache
 def kernel_status() -> tuple[bool, str]:
     """(available, reason): whether the mamba_ssm kernels can be used in this process."""
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not triton_interpreter():
         return False, "no CUDA device (the PyTorch path runs everywhere)"
     missing = [m for m in ("mamba_ssm", "causal_conv1d") if importlib.util.find_spec(m) is None]
     if missing:
@@ -39,7 +49,7 @@ def kernel_status() -> tuple[bool, str]:
 
 @functools.cache
 def load_kernels() -> SimpleNamespace:
-    """Import the kernels (CUDA machines only)."""
+    """Import the kernels (CUDA machines; on the CPU, tests/test_triton_interpret.py under the interpreter)."""
     from causal_conv1d import causal_conv1d_fn
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
@@ -56,7 +66,7 @@ def use_kernels(impl: str, x: torch.Tensor) -> bool:
     if impl == "torch":
         return False
     if impl == "kernels":
-        if not x.is_cuda:
+        if not x.is_cuda and not triton_interpreter():
             raise ValueError(
                 f"model.impl=kernels needs CUDA tensors, got {x.device}; use model.impl=auto or torch"
             )
