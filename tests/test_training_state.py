@@ -21,6 +21,7 @@ from recipes.config import load_train_config
 from recipes.export import main as export_main
 from recipes.train import build_trainer
 from tests.conftest import tiny_overrides
+from tests.s3_server import s3_bucket  # noqa: F401  (a fixture)
 from tests.test_train import ROOT
 
 STABLE = {"scheduler.t_warmup": "2ba", "scheduler.t_decay": 0.25, "eval_interval": "null"}
@@ -157,6 +158,10 @@ def check_decay_equivalence(corpus: dict[str, Path], run: Path, tmp_path: Path, 
     runs = _decay_three_ways(corpus, run, tmp_path, batches)
     ref, rel = _final_weights(runs["checkpoint"], batches), _final_weights(runs["release"], batches)
     worst = max((ref[k] - rel[k]).abs().max().item() for k in ref)
+    tail = max(1, batches // 4)
+    for name, path in runs.items():  # the gap table (pytest -s)
+        values = list(_losses(path).values())
+        print(f"| {name} | {values[-1]:.4f} | last {tail} mean {sum(values[-tail:]) / tail:.4f} |")
     assert worst <= 1e-6, worst
     losses = _losses(runs["checkpoint"])
     assert len(losses) == batches
@@ -265,3 +270,85 @@ def test_with_training_state_needs_a_composer_checkpoint(
     assert exit_info.value.code == 2
     assert "carries no optimizer state" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_release_to_and_from_an_object_store(
+    corpus: dict[str, Path],
+    stable_run: tuple[Path, RecordBatches],
+    tmp_path: Path,
+    s3_bucket: str,  # noqa: F811
+) -> None:
+    """The pre-decay checkpoint on s3://, exported to s3:// with its training state; a decay started
+    from the s3:// release equals the decay from the local Composer checkpoint."""
+    from models.checkpoint_io import _store_and_key, download
+
+    run, _ = stable_run
+    pre_decay = run / "checkpoints" / "pre-decay" / "pre-decay-ba9.pt"
+    store, key = _store_and_key(f"{s3_bucket}/ckpt/pre-decay-ba9.pt")
+    store.upload_object(key, str(pre_decay))
+    export_cli(
+        f"{s3_bucket}/ckpt/pre-decay-ba9.pt",
+        "--to",
+        "hf",
+        "--out",
+        f"{s3_bucket}/release",
+        "--with-training-state",
+    )
+    local = download(f"{s3_bucket}/release", tmp_path / "downloaded")
+    info = json.loads((local / "training_state.json").read_text())
+    assert info["checkpoint"] == "pre-decay" and info["batches_seen"] == 9
+    assert f"init_from.path={s3_bucket}/release" in (local / "README.md").read_text()
+    batches = 4
+    reference = fit(
+        decay_overrides(corpus, tmp_path, "checkpoint", batches, f"checkpoint.load_path={pre_decay}"),
+        "yamls/tiny/decay.yaml",
+    )
+    remote = fit(
+        decay_overrides(corpus, tmp_path, "remote", batches, f"init_from.path={s3_bucket}/release"),
+        "yamls/tiny/decay.yaml",
+    )
+    ref, rel = _final_weights(reference, batches), _final_weights(remote, batches)
+    assert max((ref[k] - rel[k]).abs().max().item() for k in ref) <= 1e-6
+    assert (
+        json.loads((remote / "run.json").read_text())["init_from_source"]["tokens_seen"]
+        == info["tokens_seen"]
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_sharded_checkpoint_releases_the_same_moments(corpus: dict[str, Path], tmp_path: Path) -> None:
+    """The same 2-process FSDP2 run saved sharded (DCP) and full: both exports hold the same moments,
+    equal to the full checkpoint's (read with torch.load)."""
+    from safetensors import safe_open
+
+    from tests.test_handover_dist import launch
+
+    common = {
+        "eval_interval": "null",
+        "max_duration": "4ba",
+        "checkpoint.save_interval": "4ba",
+        "scheduler.t_warmup": "1ba",
+        "scheduler.t_decay": "1ba",
+    }
+    train = ROOT / "recipes" / "train.py"
+    launch(train, tiny_overrides(corpus, tmp_path, run_name="sharded", **common))
+    launch(
+        train, tiny_overrides(corpus, tmp_path, run_name="full", **{**common, "fsdp.state_dict_type": "full"})
+    )
+    assert (tmp_path / "sharded" / "checkpoints" / "ep0-ba4" / ".metadata").is_file()
+    export_cli(
+        str(tmp_path / "sharded"), "--to", "hf", "--out", str(tmp_path / "rs"), "--with-training-state"
+    )
+    full = tmp_path / "full" / "checkpoints" / "ep0-ba4-rank0.pt"
+    optim = torch.load(full, map_location="cpu", weights_only=False)["state"]["optimizers"]["AdamW"]
+    with safe_open(str(tmp_path / "rs" / "optimizer.safetensors"), framework="pt") as f:
+        assert len(list(f.keys())) == 3 * len(optim["state"])
+        for fqn, entry in optim["state"].items():
+            name = fqn.removeprefix("model.").replace("backbone.embedding.", "backbone.embeddings.")
+            for kind in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(f.get_tensor(f"{kind}.{name}"), entry[kind].float()), f"{kind}.{name}"
+    info = json.loads((tmp_path / "rs" / "training_state.json").read_text())
+    assert info["checkpoint"] == "final" and info["batches_seen"] == 4 and info["tokens_seen"] == 4 * 8 * 32
+    assert info["lr"] == optim["param_groups"][0]["lr"]
