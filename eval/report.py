@@ -20,8 +20,9 @@ Every logged series is paired with tokens by its ``step`` (Composer logs the tra
 cross-entropy a second time at an epoch boundary: one point per step is kept, the first).
 Each run gets its own colour and line style, so runs that nearly coincide stay visible; the
 y-range of the loss figures covers the last ``--zoom`` fraction of training (default 70%).
-A run started from a checkpoint (a decay from a pre-decay checkpoint) is drawn from the
-checkpoint's token count on, where it branches off its parent.
+A run started from a checkpoint (a decay from a pre-decay checkpoint, with
+``checkpoint.load_path`` or ``init_from``) is drawn from the checkpoint's token count on, where
+it branches off its parent.
 """
 
 from __future__ import annotations
@@ -94,11 +95,19 @@ class Run:
 
 
 def start_tokens(run: Path) -> float:
-    """Tokens already trained by the checkpoint a run was started from (0 for a fresh run)."""
+    """Tokens already trained by the checkpoint a run was started from (0 for a fresh run).
+
+    A run started with ``init_from`` records what its source had seen (``init_from_source`` in
+    ``run.json``: a release with its training state, or a Composer checkpoint).
+    """
     info = run / "run.json"
     if not info.is_file():
         return 0.0
-    load_path = json.loads(info.read_text())["config"].get("checkpoint", {}).get("load_path")
+    recorded = json.loads(info.read_text())
+    seen = (recorded.get("init_from_source") or {}).get("tokens_seen")
+    if seen is not None:
+        return float(seen)
+    load_path = recorded["config"].get("checkpoint", {}).get("load_path")
     if not load_path or not Path(load_path).is_file():
         return 0.0
     # mmap: only the timestamp is read, not the weights.

@@ -19,6 +19,12 @@ states them the export is refused, naming ``--tokenizer``, rather than guessing.
 ``config.json`` + ``pytorch_model.bin`` as ``mamba_ssm.MambaLMHeadModel.from_pretrained`` reads
 them. Hybrids go to HF as ``BambaForCausalLM`` (models/hf_hybrids.py) when Bamba can hold
 them, and to mamba_ssm always.
+
+``--with-training-state`` (``--to hf``, from a Composer checkpoint or run folder): beside the HF
+model, AdamW's state in ``optimizer.safetensors`` (HF names, written tensor by tensor),
+``training_state.json`` (tokens seen, lr and schedule, data mix and position, tokenizer, recipe)
+and a model card ``README.md`` with the command that continues it (``models/training_state.py``).
+A run started with ``init_from`` of it continues exactly as from the Composer checkpoint.
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common import cli
-from models.checkpoint_io import is_uri, read_weights, remote_exists, staged, upload_dir
+from common.io import atomic_dir
+from models.checkpoint_io import is_uri, read_weights, remote_exists, resolve, staged, upload_dir
 from models.hf_interop import export_hf, export_mamba_ssm
+from models.training_state import write_training_state
 
 FORMATS = ("hf", "mamba_ssm")
 
@@ -41,10 +49,15 @@ def export(
     out: str,
     tokenizer: str | None = None,
     overwrite: bool = False,
+    with_training_state: bool = False,
 ) -> str:
     """Export ``source`` to ``out`` in format ``to``; returns ``out``."""
     if to not in FORMATS:
         raise cli.UserError(f"--to {to!r} is not one of {', '.join(FORMATS)}")
+    if with_training_state:
+        if to != "hf":
+            raise cli.UserError("--with-training-state writes beside an HF export: use it with --to hf")
+        return _export_with_training_state(source, out, tokenizer, overwrite)
     remote_out = is_uri(out)
     if remote_out and not overwrite and remote_exists(f"{out.rstrip('/')}/config.json"):
         raise FileExistsError(f"{out} already holds a model (config.json); pass --overwrite to replace it")
@@ -86,6 +99,56 @@ def export(
     return out
 
 
+def _export_with_training_state(source: str, out: str, tokenizer: str | None, overwrite: bool) -> str:
+    """The HF export plus AdamW's state, ``training_state.json`` and the model card, all or nothing.
+
+    The checkpoint is staged once (downloaded when remote) and read twice: its weights, then its
+    optimizer state one tensor at a time. Everything is written in a temporary folder, then
+    renamed onto ``out`` (local) or uploaded with ``config.json`` last (object store).
+    """
+    remote_out = is_uri(out)
+    if remote_out and not overwrite and remote_exists(f"{out.rstrip('/')}/config.json"):
+        raise FileExistsError(f"{out} already holds a model (config.json); pass --overwrite to replace it")
+    if not remote_out and Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    resolved = resolve(source)
+    label = str(source) if resolved == str(source).rstrip("/") else f"{source} ({resolved})"
+    with staged(resolved) as checkpoint, tempfile.TemporaryDirectory(prefix="export-") as tmp:
+        weights = read_weights(checkpoint)
+        if not weights.format.startswith("composer"):
+            raise cli.UserError(
+                f"{label}: --with-training-state needs a Composer checkpoint or run folder of this repository; "
+                f"an {weights.format} directory carries no optimizer state"
+            )
+        weights.source = label
+        tok = _usable_tokenizer(tokenizer, weights.tokenizer)
+        target = Path(tmp) / "model" if remote_out else Path(out)
+        with atomic_dir(target, overwrite=overwrite) as staging:
+            with staged(tok) if tok else contextlib.nullcontext() as tok_dir:
+                export_hf(weights.build(), staging, tokenizer_dir=tok_dir, overwrite=True)
+            del weights
+            info = write_training_state(checkpoint, label, staging, out)
+        if remote_out:
+            upload_dir(target, out.rstrip("/"))
+    print(
+        f"[export] {label} -> {out} (hf, with training state: {info['checkpoint']}, "
+        f"{info['tokens_seen']} tokens seen, lr {info['lr']})"
+    )
+    return out
+
+
+def _usable_tokenizer(tokenizer: str | None, recorded: str) -> str | None:
+    tokenizer = tokenizer or recorded or None
+    if tokenizer and not is_uri(tokenizer) and not Path(tokenizer).is_dir():
+        if recorded == tokenizer:  # recorded by a run on another machine: not an error to lack it
+            print(
+                f"[export] the run's tokenizer {tokenizer} is not here; exporting without one (--tokenizer DIR)"
+            )
+            return None
+        raise FileNotFoundError(f"--tokenizer {tokenizer}: no such directory")
+    return tokenizer
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = cli.parser("python -m recipes.export", __doc__)
     parser.add_argument(
@@ -99,8 +162,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="tokenizer directory for --to hf (default: the one the run recorded)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument(
+        "--with-training-state",
+        action="store_true",
+        help="--to hf: also write AdamW's state, training_state.json and a model card (a release that continues exactly)",
+    )
     args = parser.parse_args(argv)
-    export(args.source, args.to, args.out, args.tokenizer, args.overwrite)
+    export(args.source, args.to, args.out, args.tokenizer, args.overwrite, args.with_training_state)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,15 @@ with benchmarks/bench_rewarmup.py on the demo corpus (README, "Continue pre-trai
 your own decay"): without it the decay's loss first rises by 0.07 nats and ends 0.11 nats worse
 than with the checkpoint's AdamW state; with it the loss never rises and ends 0.06 behind.
 
+A release with its training state (``recipes.export --with-training-state``: AdamW's moments
+and step counts, ``training_state.json``) continues exactly: with ``init_from.training_state``
+(default on) the moments are restored at fit start and no re-warmup is applied; with
+``init_from.data_position: true`` Streaming's position in the same mix is restored too. Only a
+whole-model copy restores moments (a block selection starts fresh, with the re-warmup). Every
+run started with ``init_from`` records the tokens its source had seen (``run.json`` key
+``init_from_source``, the ``init_from/tokens_seen`` hyperparameter), so ``eval.report`` draws it
+from there (models/training_state.py).
+
 Where the weights are loaded. ``apply_init_from`` runs right after the model is built and
 before the optimizer exists. On CPU (and single-GPU) runs every process holds the full model:
 each loads the weights. Under FSDP on GPUs ``recipes/train.py`` builds the model on the meta
@@ -77,6 +86,10 @@ class InitFromConfig:
     lm_head: bool = True  # copy lm_head (a tied head follows the embedding)
     # Ramp the lr from 0 over the run's first batches (or tokens) while AdamW's fresh moments fill.
     lr_rewarmup: str = "20ba"
+    # A release with its training state: restore AdamW's moments (then no re-warmup is applied).
+    training_state: bool = True
+    # ... and continue Streaming's position in the same data mix (needs the training state).
+    data_position: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -356,6 +369,92 @@ def _special_token_ids(tokenizer: str) -> dict[str, int | None] | None:
         return None
 
 
+def _training_state_callbacks(
+    cfg: TrainConfig, init: InitFromConfig, params: dict[str, Tensor]
+) -> tuple[list[Callback], dict[str, Any]]:
+    """The callbacks that restore a release's training state, and what the run records of its source.
+
+    Every rank decides from the same files, so every rank reaches the same verdict.
+    """
+    from models.training_state import (
+        RestoreTrainingState,
+        check_moments,
+        fetch_released_state,
+        source_progress,
+    )
+
+    released = fetch_released_state(init.path) if init.training_state or init.data_position else None
+    record: dict[str, Any] = {"path": init.path, **source_progress(init.path, released)}
+    whole = not init.layers and not init.num_layers and init.embedding and init.final_norm and init.lm_head
+    dataset_state = None
+    if init.data_position:
+        if released is None:
+            raise ValueError(
+                f"init_from.data_position=true but init_from.path={init.path} carries no training state "
+                "(export it with recipes.export --with-training-state); set init_from.data_position=false"
+            )
+        dataset_state = _checked_data_position(cfg, init, released.info)
+    restore = released if released is not None and init.training_state and whole else None
+    if restore is not None:
+        check_moments(restore.moments, params, init.path)
+    if released is not None and init.training_state and not whole:
+        print(
+            "[train] init_from: the release's AdamW state is not restored: init_from selects blocks or parts "
+            f"(moments start fresh, lr_rewarmup={init.lr_rewarmup})",
+            flush=True,
+        )
+    record["moments_restored"] = restore is not None
+    record["data_position_restored"] = dataset_state is not None
+    callbacks: list[Callback] = []
+    if restore is not None or dataset_state is not None:
+        callbacks.append(RestoreTrainingState(restore, dataset_state))
+    return callbacks, record
+
+
+def _checked_data_position(cfg: TrainConfig, init: InitFromConfig, info: dict[str, Any]) -> dict[str, Any]:
+    from data.loader import mix_id
+    from data.mixture import load_mixture, phase_streams
+
+    data = info.get("data") or {}
+    position = data.get("dataset_state")
+    if not position:
+        raise ValueError(
+            f"init_from.data_position=true but {init.path}'s training state records no data position; "
+            "set init_from.data_position=false"
+        )
+    overrides = [f"root={cfg.data.root}"] if cfg.data.root is not None else []
+    streams = phase_streams(
+        load_mixture(cfg.data.mixture, overrides), cfg.data.phase, source=cfg.data.mixture
+    )
+    ours = mix_id(cfg.data, streams, "train")
+    if position.get("mix_id") not in (None, ours):
+        raise ValueError(
+            f"init_from.data_position=true: the release stood in another data mix (data.mixture="
+            f"{data.get('mixture')}, data.phase={data.get('phase')}) than this run reads (data.mixture="
+            f"{cfg.data.mixture}, data.phase={cfg.data.phase}, or other weights, epoch_size or shuffle_seed); "
+            "use the release's mix, or set init_from.data_position=false to start this mix from its first sample"
+        )
+    return position
+
+
+def source_record(callbacks: list[Callback]) -> dict[str, Any]:
+    """``run.json``'s ``init_from_source`` (what the source had trained), when the run used init_from."""
+    for callback in callbacks:
+        if isinstance(callback, InitFromSource):
+            return {"init_from_source": callback.record}
+    return {}
+
+
+class InitFromSource(Callback):
+    """Logs what the init_from source had trained (``init_from/tokens_seen``, ...) as hyperparameters."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        logger.log_hyperparameters({f"init_from/{k}": v for k, v in self.record.items()})
+
+
 def apply_init_from(cfg: TrainConfig, composer_model: ComposerMambaLM) -> list[Callback]:
     """Load ``cfg.init_from`` into the freshly built model; the callbacks the run then needs.
 
@@ -363,7 +462,14 @@ def apply_init_from(cfg: TrainConfig, composer_model: ComposerMambaLM) -> list[C
     exported or used as ``init_from`` later) and, with ``init_from``, the ``LrRewarmup``.
     Call it after the model is built, before the optimizer exists, and put the callbacks first.
     """
-    callbacks: list[Callback] = [HandoverRecord(cfg.model, cfg.tokenizer, _special_token_ids(cfg.tokenizer))]
+    from models.training_state import TrainingRecord
+    from recipes.config import resolved_dict
+
+    # The model config and the resolved recipe in every checkpoint: what an export needs to know.
+    callbacks: list[Callback] = [
+        HandoverRecord(cfg.model, cfg.tokenizer, _special_token_ids(cfg.tokenizer)),
+        TrainingRecord(resolved_dict(cfg)),
+    ]
     init: InitFromConfig | None = getattr(cfg, "init_from", None)
     if init is None:
         return callbacks
@@ -387,5 +493,10 @@ def apply_init_from(cfg: TrainConfig, composer_model: ComposerMambaLM) -> list[C
         log.info("init_from: %d tensors from %s (%s)", len(weights), ckpt.source, ckpt.format)
         if dist.get_global_rank() == 0:
             print(f"[train] init_from: {len(weights)} tensors from {ckpt.source} ({ckpt.format})", flush=True)
-    callbacks.append(LrRewarmup(init.lr_rewarmup))
+    restore, record = _training_state_callbacks(cfg, init, dict(model.named_parameters()))
+    callbacks += [*restore, InitFromSource(record)]
+    if record["moments_restored"]:
+        print("[train] init_from: AdamW's moments restored from the release; no lr re-warmup", flush=True)
+    else:
+        callbacks.append(LrRewarmup(init.lr_rewarmup))
     return callbacks

@@ -60,7 +60,7 @@ from data.tokenizer import load_tokenizer
 from models.composer_model import ComposerMambaLM, optimizer_param_groups
 from models.mamba_lm import MambaLMHeadModel
 from recipes.config import TrainConfig, load_train_config, resolved_dict
-from recipes.init_from import apply_init_from
+from recipes.init_from import apply_init_from, source_record
 from recipes.units import CONVERTIBLE, Geometry, convert_schedule_times
 
 METRIC_NAMES = ["LanguageCrossEntropy", "LanguagePerplexity", "Top1Accuracy", "Top3Accuracy", "Top10Accuracy"]
@@ -304,7 +304,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
     if agreed:
         raise ConfigError(*agreed)
 
-    report = startup_report(cfg)
+    report = {**startup_report(cfg), **source_record(handover_callbacks)}
     if dist.get_global_rank() == 0:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cfg.run_dir / "run.json", json.dumps(report, indent=2, default=str) + "\n")
