@@ -189,9 +189,10 @@ ablation-wsd-posweight: install
 	$(COMPOSER) -n $(NPROC) recipes/train.py yamls/ablation_wsd_posweight.yaml
 
 # The three ablations' tiny twins on CPU (demo data), once per seed in SEEDS, each evaluated by
-# position on the whole validation split; then the table (mean ± std over seeds, the paper's
-# directions: runs/ablation-tiny/ablation.md) and the figures of the first seed's runs. Runs go
-# ABLATION_JOBS at a time, one thread each; a finished run (its evaluation.json) is skipped.
+# position on the whole validation split; then the table (mean ± std over seeds, and the paper's
+# comparisons as paired differences with a 95% interval and a verdict: runs/ablation-tiny/ablation.md),
+# and the report over every seed (the first seed's figures, findings.md). Runs go ABLATION_JOBS at a
+# time, one thread each; a finished run (its evaluation.json) is skipped.
 SEEDS ?= 0 1 2
 ABLATION_JOBS ?= 2
 # Extra key=value overrides for every run, e.g. ABLATION_ARGS="max_duration=60ba eval_interval=30ba".
@@ -211,7 +212,7 @@ $(ABLATION)/%/evaluation.json: | $(STAMP) $(DEMO_STREAMS)
 ablation-tiny: install demo-data
 	$(MAKE) -j$(ABLATION_JOBS) $(ABLATION_EVALS)
 	$(PY) -m eval.ablation $(ABLATION) --variants $(ABLATION_VARIANTS) --seeds $(SEEDS)
-	$(PY) -m eval.report $(foreach v,$(ABLATION_VARIANTS),$(ABLATION)/$(v)-s$(firstword $(SEEDS))) --out $(ABLATION)/report
+	$(PY) -m eval.report $(foreach s,$(SEEDS),$(foreach v,$(ABLATION_VARIANTS),$(ABLATION)/$(v)-s$(s))) --out $(ABLATION)/report
 
 # Your own decay from a pre-decay checkpoint: make decay CKPT=path/pre-decay/pre-decay-ba....pt RECIPE=yamls/decay/....yaml
 decay: install
@@ -233,7 +234,8 @@ export: install
 # ---------------------------------------------------------------------------------------------
 # Evaluation and evidence (README "Evaluate").
 
-# The paper's figures for any runs: make report RUNS="runs/a runs/b" [REPORT_OUT=runs/report].
+# The paper's figures and the findings page (each comparison with its interval and verdict; runs named
+# <variant>-s<seed> are seeds of one variant) for any runs: make report RUNS="runs/a runs/b" [REPORT_OUT=runs/report].
 # A run whose evaluation.json is missing or older than its latest checkpoint is evaluated first.
 REPORT_OUT ?= runs/report
 report: install

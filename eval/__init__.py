@@ -7,6 +7,7 @@
 - ``eval.needle``: needle-in-a-haystack (the paper's section 5.1) for our models and any HF
   causal LM.
 - ``eval.harness``: lm-eval on an HF export, offline, with a local task in ``eval/tasks/``.
-- ``eval.report``: the paper's figures for a set of runs, and a Markdown summary.
-- ``eval.ablation``: a multi-seed ablation's table, mean and spread, and the paper's directions.
+- ``eval.report``: the paper's figures for a set of runs, a Markdown summary and the findings page.
+- ``eval.ablation``: a multi-seed ablation's table and the paper's comparisons, paired by seed.
+- ``eval.stats``: Student t intervals of paired differences, and the verdict against a reference size.
 """

@@ -5,24 +5,28 @@
 Reads ``ROOT/<variant>-s<seed>/evaluation.json`` (``recipes.evaluate`` of each run's final
 checkpoint on the full validation split) and writes ``ROOT/ablation.md``: per variant the
 validation cross-entropy, perplexity and top-k accuracy, overall and per position bucket, as
-mean ± sample standard deviation over seeds; then whether each direction of the paper's
-section 4.3 holds, from the paired per-seed differences (same seed = same data order):
+mean ± sample standard deviation over seeds; then the paper's comparisons of section 4.3, each
+from the paired per-seed differences (same seed = same data order) with a 95% Student t interval
+and a verdict (eval/stats.py), overall and per position bucket:
 
-- WSD ends below cosine in validation cross-entropy at equal tokens (after WSD's decay);
-- positional weighting (``wsd-posweight``) raises top-3 and top-10 accuracy at the later
-  positions (every bucket but the first) over plain WSD.
+- WSD against cosine in validation cross-entropy at equal tokens (after WSD's decay);
+- positional weighting (``wsd-posweight``) against plain WSD: cross-entropy, and top-3 / top-10
+  accuracy (the paper: better top-k at about the same perplexity).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from common import cli
 from common.io import atomic_write_text
+from eval.stats import Interval, Reference, paired_interval, verdict
 
 METRICS = ("cross_entropy", "perplexity", "top1", "top3", "top10")
 
@@ -63,43 +67,120 @@ def _cell(values: Sequence[float | None], digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def direction(name: str, diffs: Sequence[float], want_negative: bool) -> dict[str, Any]:
-    """A paired comparison: mean difference ± std, in how many seeds it has the wanted sign, and
-    whether it holds: "yes" when every seed agrees, "no" when the mean goes the other way (or is
-    zero), "mixed" when the mean agrees but some seed does not."""
-    mean, std = mean_std(diffs)
-    agree = sum((d < 0) if want_negative else (d > 0) for d in diffs)
-    if agree == len(diffs):
-        holds = "yes"
-    elif (mean < 0) if want_negative else (mean > 0):
-        holds = "mixed"
-    else:
-        holds = "no"
-    return {"claim": name, "mean_diff": mean, "std_diff": std, "seeds_agreeing": agree, "seeds": len(diffs),
-            "holds": holds}  # fmt: skip
+# The sizes the claims would have, in the compared metric (eval/stats.py: the verdict).
+WSD_VS_COSINE_CE = Reference(
+    math.log(11.58 / 11.80),
+    "paper sec. 4.3: validation perplexity WSD 11.58, cosine 11.80; CE = ln(perplexity), so "
+    "ln(11.58 / 11.80) = -0.0188 nats (overall; the paper gives no size per position, the overall one is used)",
+)
+WEIGHTING_CE = Reference(
+    math.log(11.60 / 11.58),
+    "paper sec. 4.3: validation perplexity WSD + weighting 11.60, WSD 11.58: ln(11.60 / 11.58) = +0.0017 nats",
+)
+WEIGHTING_TOPK = Reference(
+    0.01,
+    "ours: +0.01 (one point of accuracy), the smallest size of interest; the paper reports the weighted "
+    "run's top-3 (0.358) and top-10 (0.369) but not the unweighted run's, so it gives no size",
+    from_paper=False,
+)
 
 
-def directions(evals: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """The paper's two directions, where the needed variants are present."""
+@dataclass(frozen=True)
+class Comparison:
+    """``variant - baseline`` in ``metric`` at ``bucket`` ("all" = every position), paired by seed."""
+
+    claim: str
+    variant: str
+    baseline: str
+    metric: str  # a key of evaluation.json's metrics rows: cross_entropy, top3, top10
+    bucket: str
+    reference: Reference | None
+
+
+def comparisons(variants: Sequence[str], buckets: Sequence[str]) -> list[Comparison]:
+    """The paper's comparisons whose two variants are both present, overall and per position bucket."""
     found = []
-    if "wsd" in evals and "cosine" in evals:
-        diffs = [w["metrics"]["all"]["cross_entropy"] - c["metrics"]["all"]["cross_entropy"]
-                 for w, c in zip(evals["wsd"], evals["cosine"])]  # fmt: skip
-        found.append(direction("WSD val CE below cosine (wsd - cosine < 0)", diffs, want_negative=True))
-    if "wsd" in evals and "wsd-posweight" in evals:
-        buckets = evals["wsd"][0]["buckets"]
+    if "wsd" in variants and "cosine" in variants:
+        for bucket in ("all", *buckets):
+            found.append(
+                Comparison("WSD vs cosine", "wsd", "cosine", "cross_entropy", bucket, WSD_VS_COSINE_CE)
+            )
+    if "wsd" in variants and "wsd-posweight" in variants:
+        found.append(
+            Comparison("weighting vs none", "wsd-posweight", "wsd", "cross_entropy", "all", WEIGHTING_CE)
+        )
         for k in (3, 10):
-            for bucket in buckets[1:]:
-                pairs = list(zip(evals["wsd-posweight"], evals["wsd"]))
-                if any(p["metrics"][bucket][f"top{k}"] is None for pair in pairs for p in pair):
-                    continue  # a bucket the validation data never reaches
-                diffs = [p["metrics"][bucket][f"top{k}"] - w["metrics"][bucket][f"top{k}"] for p, w in pairs]
+            for bucket in ("all", *buckets):
                 found.append(
-                    direction(
-                        f"weighting raises top-{k} at positions {bucket} (posweight - wsd > 0)", diffs, False
-                    )
+                    Comparison("weighting vs none", "wsd-posweight", "wsd", f"top{k}", bucket, WEIGHTING_TOPK)
                 )
     return found
+
+
+@dataclass(frozen=True)
+class Measured:
+    comparison: Comparison
+    diffs: list[float]  # variant - baseline, one per seed, in seed order
+    interval: Interval | None
+    verdict: str
+
+
+def measure(evals: dict[str, list[dict[str, Any]]], comparison: Comparison) -> Measured | None:
+    """The paired differences, their 95% interval and the verdict (None where a bucket is empty)."""
+    c = comparison
+    pairs = list(zip(evals[c.variant], evals[c.baseline]))
+    values = [(v["metrics"].get(c.bucket, {}).get(c.metric), b["metrics"].get(c.bucket, {}).get(c.metric))
+              for v, b in pairs]  # fmt: skip
+    if any(v is None or b is None for v, b in values):
+        return None  # a bucket the validation data never reaches
+    diffs = [v - b for v, b in values]
+    interval = paired_interval(diffs)
+    return Measured(c, diffs, interval, verdict(interval, c.reference))
+
+
+def measure_all(evals: dict[str, list[dict[str, Any]]]) -> list[Measured]:
+    buckets = next(iter(evals.values()))[0]["buckets"]
+    found = [measure(evals, c) for c in comparisons(list(evals), buckets)]
+    return [m for m in found if m is not None]
+
+
+METRIC_NAMES = {"cross_entropy": "val CE (nats)", "top3": "top-3", "top10": "top-10"}
+
+
+def comparisons_markdown(measured: Sequence[Measured]) -> str:
+    """The comparison table (one row per comparison and position bucket) and how to read it."""
+    if not measured:
+        return ""
+    n = measured[0].interval.n if measured[0].interval else 1
+    lines = [
+        f"| comparison | metric | positions | difference (mean over {n} seeds) | 95% interval | paper's size | verdict |",
+        "| --- | --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for m in measured:
+        c, i = m.comparison, m.interval
+        cell = f"[{i.low:+.4f}, {i.high:+.4f}]" if i else "-"
+        mean = i.mean if i else m.diffs[0]
+        size = (
+            "-"
+            if c.reference is None
+            else f"{c.reference.size:+.4f}" + ("" if c.reference.from_paper else " (ours)")
+        )
+        lines.append(f"| {c.claim}: {c.variant} - {c.baseline} | {METRIC_NAMES[c.metric]} | {c.bucket} | "
+                     f"{mean:+.4f} | {cell} | {size} | {m.verdict} |")  # fmt: skip
+    t = measured[0].interval.t if measured[0].interval else float("nan")
+    lines += [
+        "",
+        f"Differences are paired by seed (same seed: same initialisation and data order). The interval is "
+        f"mean ± t * s / sqrt(n), Student t with n - 1 = {n - 1} degrees of freedom (t = {t:.3f}). "
+        'Verdict: "effect" when the interval excludes 0; "no effect at this scale" when it holds 0 but '
+        'excludes the reference size; "inconclusive" when it holds both.',
+        "",
+        "Reference sizes:",
+        "",
+    ]
+    for reference in dict.fromkeys(m.comparison.reference for m in measured if m.comparison.reference):
+        lines.append(f"- {reference.size:+.4f}: {reference.source}")
+    return "\n".join(lines) + "\n"
 
 
 def ablation_markdown(evals: dict[str, list[dict[str, Any]]], seeds: Sequence[int]) -> str:
@@ -124,16 +205,9 @@ def ablation_markdown(evals: dict[str, list[dict[str, Any]]], seeds: Sequence[in
         for variant, runs in evals.items():
             cells = [_cell([r["metrics"][b][f"top{k}"] for r in runs]) for b in buckets]
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    found = directions(evals)
-    if found:
-        lines += ["", "The paper's directions (paired by seed):", ""]
-        lines.append("| claim | mean difference ± std | seeds agreeing | holds |")
-        lines.append("| --- | ---: | ---: | --- |")
-        for d in found:
-            lines.append(f"| {d['claim']} | {d['mean_diff']:+.4f} ± {d['std_diff']:.4f} | "
-                         f"{d['seeds_agreeing']}/{d['seeds']} | {d['holds']} |")  # fmt: skip
-        lines += ["", "holds: yes = every seed agrees; mixed = the mean agrees, not every seed; "
-                  "no = the mean goes the other way."]  # fmt: skip
+    table = comparisons_markdown(measure_all(evals))
+    if table:
+        lines += ["", "The paper's comparisons:", "", table.rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,14 @@ and writes into ``--out``:
 - ``topk.png``: validation top-3 and top-10 accuracy at each evaluation, and, from
   ``evaluation.json``, per position bucket within documents;
 - ``lr.png``: the learning-rate schedules;
-- ``summary.md``: final numbers per run.
+- ``summary.md``: final numbers per run;
+- ``findings.md``: each comparison the runs allow, as measured: the paired difference across
+  seeds with its 95% Student t interval and verdict (``eval.ablation``, ``eval.stats``), the
+  per-variant table, and links to the figures. Runs named ``<variant>-s<seed>`` (as
+  ``make ablation-tiny`` names them) are seeds of one variant; the figures then show the first
+  seed of each variant. Its tables, between ``<!-- tables -->`` markers, are what the README
+  shows: ``--sync-readme README.md`` copies them into every README block
+  ``<!-- findings: PATH/findings.md -->`` ... ``<!-- /findings -->``.
 
 Every logged series is paired with tokens by its ``step`` (Composer logs the training
 cross-entropy a second time at an epoch boundary: one point per step is kept, the first).
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +47,7 @@ import torch
 from callbacks.jsonl_logger import read_jsonl
 from common import cli
 from common.io import atomic_path, atomic_write_text
+from eval import ablation
 
 TOKENS = "time/token"
 TRAIN_CE = "metrics/train/LanguageCrossEntropy"
@@ -348,32 +357,128 @@ def summary_markdown(runs: Sequence[Run], smoothing: float = DEFAULT_SMOOTHING) 
     return "\n".join(lines) + "\n"
 
 
+SEEDED = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
+TABLES_BEGIN, TABLES_END = "<!-- tables -->", "<!-- /tables -->"
+FIGURES = {
+    "train_loss.png": "training loss",
+    "decay.png": "training loss during the decay",
+    "val_perplexity.png": "validation perplexity",
+    "topk.png": "top-k accuracy, overall and by position",
+    "lr.png": "learning-rate schedules",
+}
+
+
+def seed_groups(runs: Sequence[Run]) -> dict[str, dict[int, Run]]:
+    """{variant: {seed: run}} from folder names ``<variant>-s<seed>``; another name is a variant of one seed."""
+    groups: dict[str, dict[int, Run]] = {}
+    for run in runs:
+        match = SEEDED.match(run.path.name)
+        variant, seed = (match["variant"], int(match["seed"])) if match else (run.name, 0)
+        if seed in groups.setdefault(variant, {}):
+            raise cli.UserError(
+                f"{run.path} and {groups[variant][seed].path} are both seed {seed} of {variant}"
+            )
+        groups[variant][seed] = run
+    return {v: dict(sorted(g.items())) for v, g in groups.items()}
+
+
+def findings_markdown(runs: Sequence[Run]) -> str:
+    """The findings page: what the runs show, each comparison with its interval and verdict."""
+    groups = seed_groups(runs)
+    lines = ["# Findings", ""]
+    missing = [run.path for run in runs if run.evaluation is None]
+    evaluated = {v: g for v, g in groups.items() if all(r.evaluation is not None for r in g.values())}
+    seeds = sorted({s for g in evaluated.values() for s in g})
+    paired = {v: g for v, g in evaluated.items() if sorted(g) == seeds}
+    lines.append(
+        "Runs: " + "; ".join(f"{v} (seeds {', '.join(map(str, g))})" for v, g in groups.items()) + "."
+    )
+    if missing:
+        lines.append(
+            "Not evaluated, left out: "
+            + ", ".join(map(str, missing))
+            + " (run python -m recipes.evaluate on them)."
+        )
+    unpaired = sorted(set(evaluated) - set(paired))
+    if unpaired:
+        lines.append(f"Left out of the comparisons (not every seed of {seeds}): {', '.join(unpaired)}.")
+    lines.append("")
+    lines.append(TABLES_BEGIN)
+    if paired:
+        evals = {v: [g[s].evaluation for s in seeds] for v, g in paired.items()}
+        tokens = {(v, s): e.get("tokens_trained") for v, es in evals.items() for s, e in zip(seeds, es)}
+        if len(set(tokens.values())) > 1:
+            raise ValueError(
+                f"the runs were evaluated at different token counts {tokens}: compare equal tokens"
+            )
+        lines.append(ablation.ablation_markdown(evals, seeds).rstrip("\n"))
+    else:
+        lines.append("No evaluated runs to compare: run python -m recipes.evaluate on each run.")
+    lines += [TABLES_END, "", "Figures (the first seed of each variant):", ""]
+    lines += [f"- [{title}]({name})" for name, title in FIGURES.items()]
+    return "\n".join(lines) + "\n"
+
+
+def findings_tables(text: str) -> str:
+    """The tables of a findings page (between its ``<!-- tables -->`` markers)."""
+    begin, end = text.find(TABLES_BEGIN), text.find(TABLES_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"no {TABLES_BEGIN} ... {TABLES_END} section: not a findings page of eval.report")
+    return text[begin + len(TABLES_BEGIN) : end].strip("\n") + "\n"
+
+
+README_BLOCK = re.compile(r"(<!-- findings: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /findings -->)", re.S)
+
+
+def sync_readme(readme: Path) -> list[Path]:
+    """Copy each named findings page's tables into its README block; returns the pages copied."""
+    text = readme.read_text()
+    copied: list[Path] = []
+
+    def replace(match: re.Match[str]) -> str:
+        page = readme.parent / match["path"]
+        if not page.is_file():
+            raise cli.UserError(f"{readme}: the findings block names {match['path']}, which does not exist; "
+                                "run the experiment (its make target) first")  # fmt: skip
+        copied.append(page)
+        return match.group(1) + findings_tables(page.read_text()) + match.group(4)
+
+    new = README_BLOCK.sub(replace, text)
+    if not copied:
+        raise cli.UserError(f"{readme} has no <!-- findings: PATH --> ... <!-- /findings --> block")
+    atomic_write_text(readme, new)
+    return copied
+
+
 def write_report(
     run_paths: Sequence[str | Path],
     out: str | Path,
     smoothing: float = DEFAULT_SMOOTHING,
     zoom: float = DEFAULT_ZOOM,
 ) -> list[Path]:
-    """Write the PNGs and summary.md into ``out``; returns the files written."""
+    """Write the PNGs, summary.md and findings.md into ``out``; returns the files written."""
     import matplotlib.pyplot as plt
 
     runs = load_runs(run_paths)
+    shown = [next(iter(g.values())) for g in seed_groups(runs).values()]
     out = Path(out)
     written = []
-    for name, fig in build_figures(runs, smoothing, zoom).items():
+    for name, fig in build_figures(shown, smoothing, zoom).items():
         with atomic_path(out / name) as tmp:
             fig.savefig(tmp, format="png", dpi=110)
         plt.close(fig)
         written.append(out / name)
     atomic_write_text(out / "summary.md", summary_markdown(runs, smoothing))
     written.append(out / "summary.md")
+    atomic_write_text(out / "findings.md", findings_markdown(runs))
+    written.append(out / "findings.md")
     return written
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = cli.parser("python -m eval.report", __doc__)
-    parser.add_argument("runs", nargs="+", help="run folders (with metrics.jsonl)")
-    parser.add_argument("--out", required=True, help="output folder for the PNGs and summary.md")
+    parser.add_argument("runs", nargs="*", help="run folders (with metrics.jsonl)")
+    parser.add_argument("--out", help="output folder for the PNGs, summary.md and findings.md")
     parser.add_argument(
         "--smoothing",
         type=float,
@@ -382,9 +487,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--zoom", type=float, default=DEFAULT_ZOOM,
                         help="fraction of training, from its end, that sets the loss figures' y-range")  # fmt: skip
+    parser.add_argument("--sync-readme", metavar="README",
+                        help="copy the tables of each findings page a README block names into it (no runs needed)")  # fmt: skip
     args = parser.parse_args(argv)
-    for path in write_report(args.runs, args.out, args.smoothing, args.zoom):
-        print(f"wrote {path}")
+    if args.sync_readme:
+        for page in sync_readme(Path(args.sync_readme)):
+            print(f"copied the tables of {page} into {args.sync_readme}")
+    if args.runs:
+        if not args.out:
+            parser.error("--out is required with run folders")
+        for path in write_report(args.runs, args.out, args.smoothing, args.zoom):
+            print(f"wrote {path}")
+    elif not args.sync_readme:
+        parser.error("give run folders (and --out), or --sync-readme README.md")
 
 
 if __name__ == "__main__":

@@ -200,6 +200,41 @@ def _checkpoint_to_load(cfg: TrainConfig, save_folder: str) -> tuple[str, str] |
     return None
 
 
+@dataclass
+class SchedulePlan:
+    """The learning-rate schedule on one run's geometry (``plan_schedule``)."""
+
+    name: str
+    args: dict[str, Any]  # times converted to max_duration's unit
+    geometry: Geometry
+    notes: list[str]
+    problems: list[str]
+
+
+def plan_schedule(cfg: TrainConfig, world: int, seq_len: int) -> SchedulePlan:
+    """The schedule a run of ``cfg`` on ``world`` processes and ``seq_len``-token samples will follow.
+
+    The batch ramp (if any) is quantised per process count, so the same recipe steps through
+    different batch sizes on 8 and on 64 GPUs; its times are converted with that geometry and the
+    schedule is evaluated at the start and the end of training. Reads no file: the checks before a
+    run and the tests that compare recipes across world sizes share it.
+    """
+    name, args = cfg.scheduler_args()
+    problems: list[str] = []
+    ramp = None
+    if cfg.batch_rampup is not None:
+        try:
+            ramp = cfg.batch_rampup.schedule(
+                cfg.global_train_batch_size * seq_len, seq_len, cfg.device_train_microbatch_size, world
+            )
+        except ValueError as exc:
+            problems.append(str(exc))
+    geometry = Geometry(seq_len, cfg.global_train_batch_size, ramp)
+    args, notes, unit_problems = convert_schedule_times(name, args, cfg.max_duration, geometry)
+    schedule_problems = unit_problems or _schedule_problems(name, args, cfg.max_duration, geometry)
+    return SchedulePlan(name, args, geometry, notes, problems + schedule_problems)
+
+
 def plan_run(cfg: TrainConfig, world: int, save_folder: str) -> Plan:
     """Check everything that can be checked before the run writes or computes anything.
 
@@ -230,17 +265,9 @@ def plan_run(cfg: TrainConfig, world: int, save_folder: str) -> Plan:
     name, args = cfg.scheduler_args()
     notes: list[str] = []
     if seq_len:
-        ramp = None
-        if cfg.batch_rampup is not None:
-            try:
-                ramp = cfg.batch_rampup.schedule(
-                    cfg.global_train_batch_size * seq_len, seq_len, cfg.device_train_microbatch_size, world
-                )
-            except ValueError as exc:
-                problems.append(str(exc))
-        geometry = Geometry(seq_len, cfg.global_train_batch_size, ramp)
-        args, notes, unit_problems = convert_schedule_times(name, args, cfg.max_duration, geometry)
-        problems += unit_problems or _schedule_problems(name, args, cfg.max_duration, geometry)
+        schedule = plan_schedule(cfg, world, seq_len)
+        args, notes = schedule.args, schedule.notes
+        problems += schedule.problems
     to_load = _checkpoint_to_load(cfg, save_folder)
     if to_load is not None:
         key, path = to_load

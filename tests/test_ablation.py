@@ -31,29 +31,58 @@ def write_eval(root: Path, variant: str, seed: int, ce: float, top3: list[float]
     (folder / "evaluation.json").write_text(json.dumps(record))
 
 
-def test_table_and_directions(tmp_path: Path) -> None:
-    # WSD below cosine in 2 of 3 seeds, on average; weighting: lower early, higher later.
+def test_table_and_comparisons_with_intervals(tmp_path: Path) -> None:
+    # WSD below cosine in 2 of 3 seeds; weighting: lower early, higher later.
     for seed, (wsd, cos) in enumerate([(3.0, 3.2), (3.1, 3.0), (2.9, 3.1)]):
         write_eval(tmp_path, "wsd", seed, wsd, [0.30, 0.40, 0.50])
         write_eval(tmp_path, "cosine", seed, cos, [0.30, 0.40, 0.50])
-        write_eval(tmp_path, "wsd-posweight", seed, wsd + 0.01, [0.28, 0.41 + 0.01 * seed, 0.49])
+        write_eval(
+            tmp_path, "wsd-posweight", seed, wsd + 0.01, [0.28, 0.41 + 0.01 * seed, 0.49 - 0.001 * seed]
+        )
     ablation.main([str(tmp_path), "--seeds", "0", "1", "2"])
     text = (tmp_path / "ablation.md").read_text()
     # mean ± sample std of (3.0, 3.1, 2.9) = 3.0 ± 0.1
     assert "| wsd | 3.0000 ± 0.1000 |" in text
-    # wsd - cosine = -0.2, +0.1, -0.2: mean -0.1, std sqrt(((-.1)^2 + .2^2 + (-.1)^2) / 2) = 0.1732
-    # ... the mean agrees, one seed does not: "mixed", not "yes"
-    assert "| WSD val CE below cosine (wsd - cosine < 0) | -0.1000 ± 0.1732 | 2/3 | mixed |" in text
-    # top-3 at 16-63: +0.01, +0.02, +0.03 -> +0.02 ± 0.01, holds; at 64+: -0.01 each -> does not
+    # By hand, t(0.975; 2 df) = 4.3027 (Student t table, e.g. NIST/SEMATECH e-Handbook 1.3.6.7.2).
+    # wsd - cosine = -0.2, +0.1, -0.2: mean -0.1, s = 0.1732, s / sqrt(3) = 0.1, half-width 0.4303:
+    # [-0.5303, +0.3303] holds 0 and the paper's ln(11.58 / 11.80) = -0.0188: inconclusive.
     assert (
-        "| weighting raises top-3 at positions 16-63 (posweight - wsd > 0) | +0.0200 ± 0.0100 | 3/3 | yes |"
+        "| WSD vs cosine: wsd - cosine | val CE (nats) | all | -0.1000 | [-0.5303, +0.3303] | -0.0188 | "
+        "inconclusive (interval too wide) |" in text
+    )
+    # weighting CE: +0.01 every seed, s = 0: the interval is the point +0.01, which excludes 0.
+    assert (
+        "| weighting vs none: wsd-posweight - wsd | val CE (nats) | all | +0.0100 | [+0.0100, +0.0100] |"
         in text
     )
+    # top-3 at 16-63: +0.01, +0.02, +0.03: mean 0.02, s 0.01, half 4.3027 * 0.01 / sqrt(3) = 0.0248.
     assert (
-        "| weighting raises top-3 at positions 64+ (posweight - wsd > 0) | -0.0100 ± 0.0000 | 0/3 | no |"
-        in text
+        "| weighting vs none: wsd-posweight - wsd | top-3 | 16-63 | +0.0200 | [-0.0048, +0.0448] | +0.0100 (ours) | "
+        "inconclusive (interval too wide) |" in text
     )
-    assert "positions 0-15" not in text  # the first bucket is where weighting is expected to lose
+    # top-3 at 0-15: -0.02 every seed: an effect (a loss at the first positions, as the paper expects).
+    assert "| top-3 | 0-15 | -0.0200 | [-0.0200, -0.0200] | +0.0100 (ours) | effect |" in text
+    # top-3 at 64+: -0.01, -0.011, -0.012: mean -0.011, s 0.001, half 0.0025: [-0.0135, -0.0085].
+    assert "| top-3 | 64+ | -0.0110 | [-0.0135, -0.0085] |" in text
+    assert "Student t with n - 1 = 2 degrees of freedom (t = 4.303)" in text
+    assert "ln(11.58 / 11.80) = -0.0188 nats" in text
+
+
+def test_an_interval_that_excludes_the_papers_size_is_no_effect(tmp_path: Path) -> None:
+    # 5 seeds, wsd - cosine = +0.001, -0.001, +0.0005, 0, -0.0005: mean 0, s = sqrt(2.5e-6 / 4) = 7.906e-4;
+    # half-width t(0.975; 4) = 2.7764 (table) * 7.906e-4 / sqrt(5) = 9.817e-4: [-0.0010, +0.0010]
+    # holds 0 and excludes -0.0188.
+    for seed, diff in enumerate([0.001, -0.001, 0.0005, 0.0, -0.0005]):
+        write_eval(tmp_path, "wsd", seed, 3.0 + diff, [0.3, 0.4, 0.5])
+        write_eval(tmp_path, "cosine", seed, 3.0, [0.3, 0.4, 0.5])
+    evals = ablation.load_evaluations(tmp_path, ["wsd", "cosine"], range(5))
+    overall = ablation.measure_all(evals)[0]
+    assert overall.interval is not None
+    assert overall.interval.mean == pytest.approx(0.0, abs=1e-12)
+    assert overall.interval.high == pytest.approx(2.7764451 * (2.5e-6 / 4) ** 0.5 / 5**0.5, rel=1e-6)
+    assert overall.verdict == "no effect at this scale (interval excludes the paper's size)"
+    # The per-bucket rows: top-3 is not compared for WSD vs cosine, only cross-entropy (absent here).
+    assert [m.comparison.bucket for m in ablation.measure_all(evals)] == ["all"]
 
 
 def test_unequal_tokens_and_missing_runs_are_refused(tmp_path: Path) -> None:

@@ -269,7 +269,7 @@ ENTRY_POINTS = {
     "recipes.evaluate": ["--max-batches"],
     "recipes.export": ["--to", "--out", "--tokenizer", "--overwrite"],
     "recipes.inheritune": ["--reference", "--start-depth", "--grow-by", "--max-depth", "--lr-rewarmup"],
-    "eval.report": ["--out", "--smoothing", "--zoom"],
+    "eval.report": ["--out", "--smoothing", "--zoom", "--sync-readme"],
     "eval.needle": ["--checkpoint", "--tokenizer", "--lengths", "--depths", "--trials", "--out"],
     "eval.harness": ["--checkpoint", "--tasks", "--num-fewshot", "--limit", "--out"],
     "eval.ablation": ["--variants", "--seeds", "--out"],

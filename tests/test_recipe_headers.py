@@ -17,8 +17,9 @@ REGISTRY_KEYS = ("scheduler", "algorithms", "callbacks", "loggers")
 ON = object()  # the part is switched on (with whatever arguments)
 
 # The paper's 0.5B ablation (section 4): 10B tokens, peak lr 2e-3, AdamW 0.9/0.95, wd 0.1, clip 1.0,
-# 480 warmup steps, constant for 80% of training then linear to 2e-4, batch 2M tokens (512 x 4096)
-# ramped over the first 1B tokens, loss-spike rollback (ours).
+# 480 warmup steps (on its 64 GPUs under the ramp: 480 x 1M = 503,316,480 tokens, the recipes' warmup),
+# constant for 80% of training then linear to 2e-4, batch 2M tokens (512 x 4096) ramped over the
+# first 1B tokens, loss-spike rollback (ours).
 ABLATION = {
     "model_preset": "0.5b",
     "max_duration": "10000000000tok",
@@ -34,7 +35,7 @@ ABLATION = {
 WSD_ABLATION = {
     **ABLATION,
     "scheduler.name": "wsd",
-    "scheduler.t_warmup": "480ba",
+    "scheduler.t_warmup": "503316480tok",
     "scheduler.t_decay": 0.2,
     "scheduler.decay_shape": "linear",
     "scheduler.alpha_f": 0.1,
@@ -113,7 +114,12 @@ STATED: dict[str, dict[str, object]] = {
         "scheduler.alpha_f": 0.1,
         "checkpoint.pre_decay": False,
     },
-    "ablation_d2z.yaml": {**ABLATION, "scheduler.name": "linear_with_warmup", "scheduler.alpha_f": 0.0},
+    "ablation_d2z.yaml": {
+        **ABLATION,
+        "scheduler.name": "linear_with_warmup",
+        "scheduler.t_warmup": "503316480tok",
+        "scheduler.alpha_f": 0.0,
+    },
     "ablation_mamba2.yaml": {**WSD_ABLATION, **MAMBA2},
     "ablation_hybrid.yaml": {
         **WSD_ABLATION,

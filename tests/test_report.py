@@ -164,3 +164,75 @@ def test_a_real_run_plots_what_it_trained_on(corpus: dict[str, Path], tmp_path: 
     assert list(raw.get_ydata()) == pytest.approx([recorder.ce[b] for b in range(8)], rel=1e-6)
     written = report.write_report([cfg.run_dir], tmp_path / "out")
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written if p.suffix == ".png")
+
+
+def write_seeded(root: Path, variant: str, seed: int, ce: float, top3_late: float) -> Path:
+    """A run folder <variant>-s<seed> with a metrics.jsonl and an evaluation.json of known values."""
+    path = root / f"{variant}-s{seed}"
+    write_run(path, 0.0, wsd=variant != "cosine", weighted=variant == "wsd-posweight")
+    row = {
+        "tokens": 10,
+        "cross_entropy": ce,
+        "perplexity": math.exp(ce),
+        "top1": 0.2,
+        "top3": 0.3,
+        "top10": 0.4,
+    }
+    late = {**row, "top3": top3_late}
+    evaluation = {"buckets": ["0-15", "16+"], "samples": 10, "tokens_trained": 3900,
+                  "metrics": {"all": row, "0-15": row, "16+": late}}  # fmt: skip
+    (path / "evaluation.json").write_text(json.dumps(evaluation))
+    return path
+
+
+def test_findings_state_each_comparison_with_its_interval_and_verdict(tmp_path: Path) -> None:
+    paths = []
+    # wsd - cosine CE: -0.30, -0.25, -0.20 (mean -0.25, s 0.05); weighting top-3 at 16+: +0.01, +0.02, +0.03.
+    for seed in range(3):
+        paths.append(write_seeded(tmp_path, "wsd", seed, 3.0, 0.30))
+        paths.append(write_seeded(tmp_path, "cosine", seed, 3.30 - 0.05 * seed, 0.30))
+        paths.append(write_seeded(tmp_path, "wsd-posweight", seed, 3.0, 0.31 + 0.01 * seed))
+    report.write_report(paths, tmp_path / "out")
+    findings = (tmp_path / "out" / "findings.md").read_text()
+    assert "Runs: wsd (seeds 0, 1, 2); cosine (seeds 0, 1, 2); wsd-posweight (seeds 0, 1, 2)." in findings
+    # By hand: t(0.975; 2) = 4.3027 (table); half-width 4.3027 * 0.05 / sqrt(3) = 0.1242.
+    assert (
+        "| WSD vs cosine: wsd - cosine | val CE (nats) | all | -0.2500 | [-0.3742, -0.1258] | -0.0188 | effect |"
+        in findings
+    )
+    # Half-width 4.3027 * 0.01 / sqrt(3) = 0.0248 around +0.02: holds 0 and +0.01.
+    assert (
+        "| weighting vs none: wsd-posweight - wsd | top-3 | 16+ | +0.0200 | [-0.0048, +0.0448] | +0.0100 (ours) | "
+        "inconclusive (interval too wide) |" in findings
+    )
+    # Every paired comparison is stated; none as a bare mean.
+    rows = [
+        line
+        for line in findings.splitlines()
+        if line.startswith("| WSD vs") or line.startswith("| weighting")
+    ]
+    assert len(rows) == 3 + 1 + 2 * 3 and all("[" in row for row in rows)
+    for name in ("train_loss.png", "decay.png", "topk.png"):
+        assert f"]({name})" in findings and (tmp_path / "out" / name).is_file()
+    # The figures show the first seed of each variant.
+    figure = report.build_figures([r for r in report.load_runs(paths) if r.path.name.endswith("-s0")])
+    assert [t.get_text() for t in figure["train_loss.png"].axes[0].get_legend().get_texts()] == [
+        "wsd-s0", "cosine-s0", "wsd-posweight-s0",
+    ]  # fmt: skip
+
+    # The README block naming this page receives its tables, and only them.
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- findings: out/findings.md -->\nold table\n<!-- /findings -->\nafter\n")
+    report.main(["--sync-readme", str(readme)])
+    text = readme.read_text()
+    block = text.split("<!-- findings: out/findings.md -->\n")[1].split("<!-- /findings -->")[0]
+    assert block == report.findings_tables(findings) and "old table" not in text
+    assert text.startswith("intro\n") and text.endswith("<!-- /findings -->\nafter\n")
+    assert "[-0.3742, -0.1258]" in block and "# Findings" not in block
+
+
+def test_sync_readme_refuses_a_missing_page(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- findings: runs/x/findings.md -->\n<!-- /findings -->\n")
+    with pytest.raises(report.cli.UserError, match=r"names runs/x/findings\.md, which does not exist"):
+        report.sync_readme(readme)
