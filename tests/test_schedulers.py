@@ -273,3 +273,34 @@ def test_registry_names_and_arguments() -> None:
         schedulers.build("wsd", {"decay_shape": "cos"}, where="scheduler")
     cosine = schedulers.build("cosine", {"t_warmup": "480ba", "alpha_f": 0.1})
     assert cosine(at(make_state("1000ba"), batch=1000)) == pytest.approx(0.1)  # the paper's 2e-4 / 2e-3
+
+
+def test_the_phase_schedulers_defaults_by_hand() -> None:
+    """Built with no argument: the cosine has no warmup and ends at 0; the decay phase is linear from
+    the first batch to 0 at max_duration."""
+    state = make_state("1000ba")
+    cosine = CosineWithWarmupScheduler()
+    assert cosine(at(state, batch=0)) == 1.0
+    assert cosine(at(state, batch=500)) == pytest.approx(0.5)  # (1 + cos(pi / 2)) / 2
+    assert cosine(at(state, batch=1000)) == pytest.approx(0.0, abs=1e-12)
+    decay = DecayPhaseScheduler()
+    short = make_state("200ba")
+    assert decay(at(short, batch=0)) == 1.0
+    assert decay(at(short, batch=50)) == pytest.approx(0.75)
+    assert decay(at(short, batch=200)) == 0.0
+    assert decay.stable_end(short) == Time(0, "ba")
+    assert tuple(DecayPhaseScheduler(t_start="100ba").phases(short)) == (
+        Time(0, "ba"),
+        Time(100, "ba"),
+        Time(200, "ba"),
+    )
+
+
+def test_decay_phase_under_a_scale_schedule_ratio() -> None:
+    """Composer's contract f_ssr(t) = f(t / ssr) for the decay phase: t_start and t_max stretch."""
+    base, scaled = make_state("200ba"), make_state("400ba")
+    sched = DecayPhaseScheduler(t_start="100ba", decay_shape="linear", alpha_f=0.1)
+    for batch in range(0, 401, 10):
+        expected = 1.0 if batch < 200 else 1.0 - 0.9 * (batch - 200) / 200  # by hand, stretched x2
+        assert sched(at(scaled, batch=batch), ssr=2.0) == pytest.approx(expected, abs=1e-12), batch
+        assert sched(at(scaled, batch=batch), ssr=2.0) == pytest.approx(sched(at(base, batch=batch // 2)))
