@@ -36,10 +36,12 @@ install-gpu: install
 pytest = $(PY) -m pytest $(1) || { rc=$$?; if [ $$rc -eq 5 ]; then echo "make $@: pytest collected no test: the target lost its tests" >&2; fi; exit $$rc; }
 
 # The default suite (README "Set up"): CPU only, without the end-to-end tests (marker slow), on
-# TEST_WORKERS pytest-xdist workers of one torch thread each (tests/conftest.py).
+# TEST_WORKERS pytest-xdist workers of one torch thread each (tests/conftest.py); then, alone, the
+# few tests (marker serial) that a parallel worker would disturb.
 TEST_WORKERS ?= 2
 test: install
-	$(call pytest,-n $(TEST_WORKERS) --dist loadfile -m "not gpu and not slow")
+	$(call pytest,-n $(TEST_WORKERS) --dist loadfile -m "not gpu and not slow and not serial")
+	$(call pytest,-p no:xdist -m "serial and not gpu and not slow")
 
 # The end-to-end tests (S3, W&B, FSDP2 resume, decay from a pre-decay checkpoint, ...): CI runs them too.
 test-e2e: install

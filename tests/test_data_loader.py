@@ -172,6 +172,7 @@ def test_a_token_outside_the_vocabulary_is_named(tmp_path: Path, corpus: tuple[P
         next(iter(dataset))
 
 
+@pytest.mark.serial  # another worker building a dataset would clean the dead run's blocks first
 def test_stale_shared_memory_from_a_crash_is_cleaned(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
     tok, stream = corpus
     cfg = data_config(tmp_path, stream, "c")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -273,3 +274,73 @@ def test_registry_names_and_arguments() -> None:
         schedulers.build("wsd", {"decay_shape": "cos"}, where="scheduler")
     cosine = schedulers.build("cosine", {"t_warmup": "480ba", "alpha_f": 0.1})
     assert cosine(at(make_state("1000ba"), batch=1000)) == pytest.approx(0.1)  # the paper's 2e-4 / 2e-3
+
+
+def test_the_phase_schedulers_defaults_by_hand() -> None:
+    """Built with no argument: the cosine has no warmup and ends at 0; the decay phase is linear from
+    the first batch to 0 at max_duration."""
+    state = make_state("1000ba")
+    cosine = CosineWithWarmupScheduler()
+    assert cosine(at(state, batch=0)) == 1.0
+    assert cosine(at(state, batch=500)) == pytest.approx(0.5)  # (1 + cos(pi / 2)) / 2
+    assert cosine(at(state, batch=1000)) == pytest.approx(0.0, abs=1e-12)
+    decay = DecayPhaseScheduler()
+    short = make_state("200ba")
+    assert decay(at(short, batch=0)) == 1.0
+    assert decay(at(short, batch=50)) == pytest.approx(0.75)
+    assert decay(at(short, batch=200)) == 0.0
+    assert decay.stable_end(short) == Time(0, "ba")
+    assert tuple(DecayPhaseScheduler(t_start="100ba").phases(short)) == (
+        Time(0, "ba"),
+        Time(100, "ba"),
+        Time(200, "ba"),
+    )
+
+
+def test_decay_phase_under_a_scale_schedule_ratio() -> None:
+    """Composer's contract f_ssr(t) = f(t / ssr) for the decay phase: t_start and t_max stretch."""
+    base, scaled = make_state("200ba"), make_state("400ba")
+    sched = DecayPhaseScheduler(t_start="100ba", decay_shape="linear", alpha_f=0.1)
+    for batch in range(0, 401, 10):
+        expected = 1.0 if batch < 200 else 1.0 - 0.9 * (batch - 200) / 200  # by hand, stretched x2
+        assert sched(at(scaled, batch=batch), ssr=2.0) == pytest.approx(expected, abs=1e-12), batch
+        assert sched(at(scaled, batch=batch), ssr=2.0) == pytest.approx(sched(at(base, batch=batch // 2)))
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: DecayPhaseScheduler(t_start="soon"),
+            "DecayPhaseScheduler: t_start='soon' is not a Composer time string; write e.g. '1000ba', "
+            "'3e7tok', '500sp', '1ep' or '0.2dur'",
+        ),
+        (
+            lambda: DecayPhaseScheduler(t_start="-5ba"),
+            "DecayPhaseScheduler: t_start=-5ba is negative; it must be >= 0",
+        ),
+        (
+            lambda: DecayPhaseScheduler(t_max="3ms"),
+            "DecayPhaseScheduler: t_max='3ms' is not a Composer time string; write e.g. '1000ba', "
+            "'3e7tok', '500sp', '1ep' or '0.2dur'",
+        ),
+        (
+            lambda: DecayPhaseScheduler(alpha_f=1.5),
+            "DecayPhaseScheduler: alpha_f=1.5 is outside [0, 1]; it is the final lr as a fraction of the "
+            "peak (e.g. 0.1 for a 10x decay, 0 to decay to zero)",
+        ),
+        (
+            lambda: DecayPhaseScheduler(decay_shape="exponential", alpha_f=0.0),
+            "DecayPhaseScheduler: decay_shape='exponential' computes alpha_f ** x and needs alpha_f > 0 "
+            "(got 0.0); set alpha_f to e.g. 0.01, or pick decay_shape 'linear' to decay to zero",
+        ),
+    ],
+)
+def test_every_error_names_the_scheduler_key_value_and_fix(build, message: str) -> None:
+    """The whole line a user reads, word for word."""
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        build()
+
+
+def test_alpha_f_of_one_is_a_valid_schedule_without_decay() -> None:
+    assert DecayPhaseScheduler(alpha_f=1.0)(at(make_state("1000ba"), batch=500)) == 1.0
