@@ -30,11 +30,13 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Collection
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,10 +48,24 @@ sys.path.insert(0, str(ROOT))
 
 from callbacks.checkpoint_safety import checkpoint_problem  # noqa: E402
 from callbacks.sample_audit import read_audit  # noqa: E402
+from models.checkpoint_io import read_weights  # noqa: E402
 from tests.data_helpers import make_docs, make_tokenizer, write_jsonl, write_mixture  # noqa: E402
+from tests.s3_server import BUCKET, moto_s3  # noqa: E402
 
 TIMEOUT = 240  # seconds for one process: past it, the run counts as a hang
 BATCHES = 12
+# Two nodes of two processes on loopback (``Suite.multinode``): 6 batches of 8 samples, sharded
+# checkpoints every 2. The launch of 4 processes on 2 shared cores is slow: a longer limit. After a
+# node is killed the others must exit within SURVIVOR_TIMEOUT (Composer's 300 s process-group
+# timeout, then the launcher's 30 s before SIGKILL, and a margin), or they count as hung.
+NODES, NPROC_PER_NODE, MULTINODE_BATCHES, MULTINODE_TIMEOUT, SURVIVOR_TIMEOUT = 2, 2, 6, 900, 360
+# Each node in its own mount namespace with its own /dev/shm (and TMPDIR), as on two machines:
+# Streaming names its shared memory per node, so two nodes on one machine would collide.
+OWN_SHM = [
+    *("unshare", "--mount", "--propagation", "private", "sh", "-c"),
+    'mount -t tmpfs -o size=256m tmpfs /dev/shm && exec "$@"',
+    "node",
+]
 
 
 @dataclass
@@ -550,6 +566,180 @@ class Suite:
         finally:
             subprocess.run(["umount", str(mount)], capture_output=True)
 
+    # -- many nodes -----------------------------------------------------------------------------
+
+    def multinode_command(self, node_root: Path, node: int, port: int, save_folder: str) -> list[str]:
+        """Node ``node`` of a 2-node x 2-process ``composer`` launch: FSDP2, sharded checkpoints in
+        ``save_folder`` (a folder both nodes see, or an object store), its own run folder."""
+        settings = self.overrides(
+            node_root,
+            NODES * NPROC_PER_NODE,
+            **{
+                "global_train_batch_size": 8,
+                "device_train_microbatch_size": 2,
+                "max_duration": f"{MULTINODE_BATCHES}ba",
+                "eval_interval": "null",
+                "checkpoint.save_folder": save_folder,
+                "checkpoint.pre_decay": "false",
+                "fsdp.state_dict_type": "sharded",
+                "threads": 1,
+            },
+        )
+        launcher = [
+            *(str(Path(sys.executable).parent / "composer"), "--world_size", str(NODES * NPROC_PER_NODE)),
+            *("--nproc", str(NPROC_PER_NODE), "--node_rank", str(node)),
+            *("--master_addr", "127.0.0.1", "--master_port", str(port)),
+        ]
+        return [
+            *launcher,
+            str(ROOT / "recipes" / "train.py"),
+            str(ROOT / "yamls" / "tiny" / "wsd.yaml"),
+            *settings,
+        ]
+
+    def run_nodes(
+        self,
+        root: Path,
+        save_folder: str,
+        env: dict[str, str],
+        kill_node: int | None = None,
+        kill_when: Callable[[], bool] | None = None,
+    ) -> tuple[list[Outcome], float | None]:
+        """Start every node's launcher (each in its own folder and process group) and wait for all.
+
+        With ``kill_node``, that node's launcher group is SIGKILLed once ``kill_when()`` holds.
+        Returns each node's outcome (None: still running after MULTINODE_TIMEOUT, or SURVIVOR_TIMEOUT
+        after the kill) and the seconds from the kill to the last surviving launcher's exit.
+        """
+        port = free_port()
+        procs, logs = [], []
+        for node in range(NODES):
+            folder = root / f"node{node}"
+            folder.mkdir(parents=True, exist_ok=True)
+            logs.append((folder / "launcher.log").open("ab"))
+            (folder / "tmp").mkdir(exist_ok=True)
+            procs.append(
+                subprocess.Popen(
+                    [*OWN_SHM, *self.multinode_command(folder, node, port, save_folder)],
+                    cwd=folder,  # a remote checkpoint is cached under the working folder: one per node
+                    env={**self.env, **env, "TMPDIR": str(folder / "tmp")},
+                    stdout=logs[-1],
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        start, killed_at, hung = time.monotonic(), None, set()
+        while any(p.poll() is None for p in procs):
+            now = time.monotonic()
+            if (
+                (now - start > MULTINODE_TIMEOUT)
+                if killed_at is None
+                else (now - killed_at > SURVIVOR_TIMEOUT)
+            ):
+                for i, p in enumerate(procs):
+                    if p.poll() is None:
+                        hung.add(i)
+                        os.killpg(p.pid, signal.SIGKILL)
+                break
+            if killed_at is None and kill_node is not None and kill_when is not None and kill_when():
+                os.killpg(procs[kill_node].pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+            time.sleep(0.01)
+        for p in procs:
+            p.wait()
+        survivor_exit = None if killed_at is None else time.monotonic() - killed_at
+        outcomes = []
+        for i, (p, log) in enumerate(zip(procs, logs)):
+            log.close()
+            text = (root / f"node{i}" / "launcher.log").read_text(errors="replace")
+            outcomes.append(Outcome(None if i in hung else p.returncode, text))
+        return outcomes, survivor_exit
+
+    def multinode(self, seed_batches: tuple[int, int] = (2, 4)) -> None:
+        """Two nodes of two processes on loopback: an uninterrupted reference with its checkpoints
+        in a folder both nodes share, then one node SIGKILLed mid-run (checkpoints on an object
+        store, then in the shared folder); both nodes are started again with the same command and
+        must end with the reference's weights and samples."""
+        name = f"killed node ({NODES} nodes x {NPROC_PER_NODE} processes)"
+        if subprocess.run([*OWN_SHM, "true"], capture_output=True).returncode:
+            row = self.rows.setdefault(name, Row())
+            row.failures.append("cannot give each node its own /dev/shm (needs root: unshare -m): not run")
+            return
+        ref_root = self.work / "multinode-reference"
+        outcomes, _ = self.run_nodes(ref_root, str(ref_root / "shared" / "checkpoints"), {})
+        if any(o.returncode != 0 for o in outcomes):
+            raise SystemExit(
+                "the uninterrupted multi-node reference failed:\n"
+                + "\n".join(o.output[-2000:] for o in outcomes)
+            )
+        reference = (
+            read_weights(ref_root / "shared" / "checkpoints").state_dict,
+            node_audits(ref_root),
+        )
+        cases = [("object store", 1), ("shared folder", 0)]
+        for store, kill_node in cases:
+            row = self.rows.setdefault(
+                f"{name}, checkpoints on {'an ' if store[0] == 'o' else 'a '}{store}", Row()
+            )
+            case = f"multinode-{store.replace(' ', '-')}"
+            root = self.work / case
+            batch, delay = self.rng.randrange(*seed_batches), self.rng.uniform(0.0, 0.3)
+            with moto_s3() if store == "object store" else nullcontext({}) as env:
+                save_folder = (
+                    f"s3://{BUCKET}/{case}/checkpoints" if env else str(root / "shared" / "checkpoints")
+                )
+                row.faults += 1
+                trigger = after_batch(root / "node0", batch, delay)
+                if env:
+                    # Every rank uploads its shard in the background: a kill before the uploads end
+                    # leaves no complete checkpoint (Composer writes the `latest` link last) and the
+                    # restart starts over. Kill once one checkpoint is complete on the store.
+                    trigger = both(trigger, remote_link_written(env, f"{case}/checkpoints/"))
+                outcomes, survivor_exit = self.run_nodes(root, save_folder, env, kill_node, trigger)
+                survivor = outcomes[1 - kill_node]
+                print(
+                    f"[{case}] node {kill_node} SIGKILLed after batch {batch} (+{delay:.2f} s); node "
+                    f"{1 - kill_node}'s launcher exited {survivor.returncode} {survivor_exit:.1f} s later"
+                    if survivor_exit is not None
+                    else f"[{case}] the kill did not happen",
+                    flush=True,
+                )
+                if survivor.returncode is None:
+                    row.hangs += 1
+                    row.failures.append(f"{case}: node {1 - kill_node} hung after node {kill_node} died")
+                    continue
+                if survivor_exit is None or survivor.returncode == 0:
+                    row.failures.append(f"{case}: the kill did not happen (the run finished first)")
+                    continue
+                outcomes, _ = self.run_nodes(root, save_folder, env)
+                if any(o.returncode is None for o in outcomes):
+                    row.hangs += 1
+                    row.failures.append(f"{case}: the restarted nodes hung")
+                    continue
+                if any(o.returncode != 0 for o in outcomes):
+                    row.failures.append(
+                        f"{case}: the restart failed:\n" + "\n".join(o.output[-2000:] for o in outcomes)
+                    )
+                    continue
+                saved = {k: os.environ.get(k) for k in env}
+                os.environ.update(env)  # read_weights reaches the object store like the run did
+                try:
+                    weights = read_weights(save_folder).state_dict
+                finally:
+                    for key, value in saved.items():
+                        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+            lost, duplicated, _, same_order = compare_audits(reference[1], node_audits(root))
+            row.lost, row.duplicated = row.lost + lost, row.duplicated + duplicated
+            failures = len(row.failures)
+            if not same_order:
+                row.failures.append(f"{case}: the batches hold other samples than the uninterrupted run's")
+            if weights.keys() != reference[0].keys() or not all(
+                torch.equal(weights[k], reference[0][k]) for k in weights
+            ):
+                row.failures.append(f"{case}: final weights differ from the uninterrupted run's")
+            if len(row.failures) == failures:
+                row.recovered += 1
+
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
@@ -594,6 +784,48 @@ def model_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def audits(root: Path) -> dict[int, dict[int, list[int]]]:
     return {int(p.stem.split("rank")[1]): read_audit(p) for p in (root / "run").glob("samples-rank*.jsonl")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def both(first: Callable[[], bool], second: Callable[[], bool]) -> Callable[[], bool]:
+    return lambda: first() and second()
+
+
+def remote_link_written(env: dict[str, str], prefix: str) -> Callable[[], bool]:
+    """A trigger: true once Composer's ``latest`` link of a checkpoint (``*.symlink``) is under
+    ``prefix`` in the test bucket (polled at most twice a second)."""
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=env["S3_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+    last = [0.0]
+
+    def trigger() -> bool:
+        if time.monotonic() - last[0] < 0.5:
+            return False
+        last[0] = time.monotonic()
+        found = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+        return any(item["Key"].endswith(".symlink") for item in found)
+
+    return trigger
+
+
+def node_audits(root: Path) -> dict[int, dict[int, list[int]]]:
+    """Every rank's sample audit, from each node's own run folder (``root/node*/run``)."""
+    found: dict[int, dict[int, list[int]]] = {}
+    for node in sorted(root.glob("node*")):
+        found.update(audits(node))
+    return found
 
 
 def compare_audits(
@@ -689,6 +921,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="draws the kill points (default 0)")
     parser.add_argument("--workdir", type=Path, help="keep everything here (default: a temporary folder)")
+    parser.add_argument(
+        "--multinode",
+        action="store_true",
+        help="also kill a node of a 2-node x 2-process run (Suite.multinode; 4 processes, slow on 2 cores)",
+    )
     args = parser.parse_args(argv)
     start = time.monotonic()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="faults-"))
@@ -709,6 +946,8 @@ def main(argv: list[str] | None = None) -> None:
     suite.pre_decay_leftovers()
     suite.deleted_local_shard()
     suite.disk_full()
+    if args.multinode:
+        suite.multinode()
     print_table(suite.rows, time.monotonic() - start, args.seed)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)

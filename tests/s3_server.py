@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -23,10 +24,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def s3_bucket() -> Iterator[str]:
-    """``s3://handover``: an empty bucket on a moto server, with the environment pointing at it."""
-    pytest.importorskip("moto", reason="moto[server] is in requirements-dev.txt (make install)")
+@contextmanager
+def moto_s3() -> Iterator[dict[str, str]]:
+    """A moto S3 server on a free loopback port with an empty ``handover`` bucket; yields the
+    environment variables that point boto3 (and the processes given them) at it."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -40,18 +41,35 @@ def s3_bucket() -> Iterator[str]:
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_SESSION_TOKEN": "testing",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
-        yield f"s3://{BUCKET}"
+        client = boto3.client(
+            "s3",
+            endpoint_url=env["S3_ENDPOINT_URL"],
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+        client.create_bucket(Bucket=BUCKET)
+        yield env
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def s3_bucket() -> Iterator[str]:
+    """``s3://handover``: an empty bucket on a moto server, with the environment pointing at it."""
+    pytest.importorskip("moto", reason="moto[server] is in requirements-dev.txt (make install)")
+    with moto_s3() as env:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield f"s3://{BUCKET}"
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def list_keys(prefix: str = "") -> list[str]:
