@@ -5,7 +5,7 @@
 Builds a monolithic Composer checkpoint of the preset with random weights and random AdamW
 moments (fp32, as a run of ``recipes/train.py`` saves it: ``state/model``,
 ``state/optimizers/AdamW``, timestamp, the ``HandoverRecord``), then measures, each in a fresh
-process, the peak resident memory (``ru_maxrss``) of
+process, the peak resident memory (``VmHWM``) of
 
 - the whole export (``python -m recipes.export CKPT --to hf --out DIR --with-training-state``);
 - Python with the imports alone (the floor);
@@ -67,9 +67,13 @@ def build_checkpoint(name: str, path: Path) -> tuple[int, int]:
 
 
 def peak_rss(code: str) -> float:
-    """Peak resident memory (GiB) of a fresh Python process running ``code`` (its own ``ru_maxrss``)."""
+    """Peak resident memory (GiB) of a fresh Python process running ``code``: its ``VmHWM``.
+
+    Not ``ru_maxrss``: Linux carries that across ``fork`` + ``exec``, so a child would report at
+    least this process's own peak (it held the checkpoint while building it).
+    """
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    probe = "; import resource; print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    probe = "; print('PEAK_RSS_KIB', next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))"
     out = subprocess.run(
         [sys.executable, "-c", code + probe], check=True, cwd=ROOT, env=env, capture_output=True, text=True
     ).stdout
