@@ -3,12 +3,14 @@
     python benchmarks/bench_rewarmup.py   # after `make demo-data`; 270 tiny batches (40 minutes here at load 30)
 
 Trains the tiny WSD recipe on the demo corpus (yamls/tiny/wsd.yaml, pre-decay checkpoint at
-batch 120), then runs its 40-batch decay (yamls/tiny/decay.yaml) three ways from that checkpoint:
-with the checkpoint's AdamW state (``checkpoint.load_path``), and from its weights alone
-(``init_from``: fresh moments) with and without the lr re-warmup. Prints, for each, the loss on
+batch 120), then runs its 40-batch decay (yamls/tiny/decay.yaml) four ways from that checkpoint:
+with the checkpoint's AdamW state (``checkpoint.load_path``), from its HF release with its
+training state (``recipes.export --with-training-state``, then ``init_from``: the moments
+restored), and from its weights alone (``init_from``: fresh moments) with and without the lr
+re-warmup. Prints, for each, the loss on
 one fixed validation batch before training and after each of the first steps (the same batch
 for every run, so the numbers compare without data noise), and the mean training loss of the
-decay's last 10 batches.
+decay's last 10 batches, then the gap table: each way's last-10 loss minus the checkpoint's.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from callbacks.jsonl_logger import read_jsonl
 from data.loader import build_dataloader
 from recipes.config import load_train_config
+from recipes.export import export
 from recipes.train import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,8 +73,12 @@ def main() -> None:
     pre_decay = sorted((stable / "checkpoints").glob("pre-decay-*.pt"))[0]
     cfg = load_train_config([ROOT / "yamls/tiny/decay.yaml"], common)
     batch = next(iter(build_dataloader(cfg.data, cfg.tokenizer, 16, split="val").dataloader))
+    release = Path(args.out) / "release"
+    if not (release / "training_state.json").is_file():
+        export(str(pre_decay), "hf", str(release), overwrite=True, with_training_state=True)
     runs = {
         "AdamW state (checkpoint.load_path)": [f"checkpoint.load_path={pre_decay}"],
+        "release with training state (init_from)": [f"init_from.path={release}"],
         "fresh moments, no re-warmup": [f"init_from.path={pre_decay}", "init_from.lr_rewarmup=0ba"],
         f"fresh moments, lr_rewarmup={args.rewarmup}": [
             f"init_from.path={pre_decay}",
@@ -95,6 +102,11 @@ def main() -> None:
     for name, losses, last in rows:
         rise = max(losses[1:]) - losses[0]
         print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in losses) + f" | {rise:+.3f} | {last:.3f} |")
+    print(
+        "\n| decay started from | last-10 train loss | gap to the checkpoint's AdamW state |\n|---|---|---|"
+    )
+    for name, _, last in rows:
+        print(f"| {name} | {last:.4f} | {last - rows[0][2]:+.4f} |")
 
 
 if __name__ == "__main__":
