@@ -8,7 +8,7 @@ SCAN_STAMP := models/_build/.built
 
 .PHONY: install install-gpu test test-e2e mutants test-gpu test-triton test-dist test-faults lint format doctor bench-model bench-block bench-data \
 	bench-threads bench-convert gpu-wheels gpu-check demo demo-data clean-demo ablation-wsd ablation-cosine \
-	ablation-wsd-posweight ablation-tiny decay inheritune-tiny export report needle-tiny lm-eval
+	ablation-wsd-posweight ablation-tiny posweight-tiny decay inheritune-tiny export report needle-tiny lm-eval
 
 install: $(STAMP) $(SCAN_STAMP)
 
@@ -216,6 +216,37 @@ ablation-tiny: install demo-data
 	$(PY) -m eval.ablation $(ABLATION) --variants $(ABLATION_VARIANTS) --seeds $(SEEDS)
 	$(PY) -m eval.report $(foreach s,$(SEEDS),$(foreach v,$(ABLATION_VARIANTS),$(ABLATION)/$(v)-s$(s))) --out $(ABLATION)/report
 
+# Positional weighting, designed so the paper's effect (better top-k at later positions, about the
+# same perplexity) would show if it exists at this scale: long documents at sequence 2048
+# (yamls/data/long_docs.yaml: about 23% of tokens at positions 256-1023 and 64% at 1024+), WSD with
+# and without weighting (yamls/tiny/long_wsd*.yaml), POSWEIGHT_SEEDS seeds each on the same data
+# order (paired), every final checkpoint evaluated by position bucket; then the comparisons with
+# their 95% intervals and verdicts (runs/posweight-tiny/ablation.md, report/findings.md).
+POSWEIGHT := runs/posweight-tiny
+POSWEIGHT_SEEDS ?= 0 1 2 3 4
+POSWEIGHT_ARGS ?=
+POSWEIGHT_VARIANTS := wsd wsd-posweight
+POSWEIGHT_STREAMS := $(POSWEIGHT)/mds/prose/stats.json $(POSWEIGHT)/mds/code/stats.json
+POSWEIGHT_EVALS := $(foreach s,$(POSWEIGHT_SEEDS),$(foreach v,$(POSWEIGHT_VARIANTS),$(POSWEIGHT)/$(v)-s$(s)/evaluation.json))
+
+$(POSWEIGHT)/mds/%/stats.json: $(DEMO)/tokenizer/tokenizer.json
+	$(PY) -m data.convert --tokenizer $(DEMO)/tokenizer --out $(POSWEIGHT)/mds/$* --seq-len 2048 --val-fraction 0.1 \
+		--overwrite --source path=$(DEMO)/src/$*.jsonl
+
+# $* is <variant>-s<seed>; the recipe of variant a-b is yamls/tiny/long_a_b.yaml.
+$(POSWEIGHT)/%/evaluation.json: | $(STAMP) $(POSWEIGHT_STREAMS)
+	stem=$*; variant=$${stem%-s*}; seed=$${stem##*-s}; \
+	OMP_NUM_THREADS=$(if $(filter 1,$(ABLATION_JOBS)),2,1) $(PY) recipes/train.py yamls/tiny/long_$${variant//-/_}.yaml \
+		run_root=$(POSWEIGHT) run_name=$$stem seed=$$seed data.shuffle_seed=$$seed logging.console_interval=50ba \
+		$(POSWEIGHT_ARGS) && \
+	$(PY) -m recipes.evaluate $(POSWEIGHT)/$$stem --no-progress
+
+posweight-tiny: install $(POSWEIGHT_STREAMS)
+	$(MAKE) -j$(ABLATION_JOBS) $(POSWEIGHT_EVALS)
+	$(PY) -m eval.ablation $(POSWEIGHT) --variants $(POSWEIGHT_VARIANTS) --seeds $(POSWEIGHT_SEEDS)
+	$(PY) -m eval.report $(foreach s,$(POSWEIGHT_SEEDS),$(foreach v,$(POSWEIGHT_VARIANTS),$(POSWEIGHT)/$(v)-s$(s))) \
+		--out $(POSWEIGHT)/report
+
 # Your own decay from a pre-decay checkpoint: make decay CKPT=path/pre-decay/pre-decay-ba....pt RECIPE=yamls/decay/....yaml
 decay: install
 	@test -n "$(CKPT)" -a -n "$(RECIPE)" || { echo "usage: make decay CKPT=pre-decay-checkpoint RECIPE=yamls/decay/recipe.yaml [NPROC=8]"; exit 2; }
@@ -248,14 +279,14 @@ report: install
 	done
 	$(PY) -m eval.report $(RUNS) --out $(REPORT_OUT)
 
-# Needle in a haystack at CPU scale: a tiny Mamba and its attention-only twin (rotary positions)
-# trained alike at sequence 256 on the demo corpus plus passkey documents, then asked for the pass
+# Needle in a haystack at CPU scale: a tiny Mamba, a Mamba-2 and their attention-only twin (rotary
+# positions) trained alike at sequence 256 on the demo corpus plus passkey documents, then asked for the pass
 # key at NEEDLE_LENGTHS tokens, 10 depths, NEEDLE_TRIALS numbers per cell, in the demo's prose.
-# The two models train side by side, one thread each.
+# The models train two at a time, one thread each.
 NEEDLE := runs/needle
 NEEDLE_LENGTHS ?= 256,512,1024,2048,4096
 NEEDLE_TRIALS ?= 2
-NEEDLE_MODELS := mamba attention
+NEEDLE_MODELS ?= mamba mamba2 attention
 
 $(NEEDLE)/src/passkey.jsonl: | $(STAMP) $(DEMO)/src/chat.jsonl
 	$(PY) -m data.passkey --haystack $(DEMO)/src/prose.jsonl --out $(NEEDLE)/src --count 6000 --overwrite

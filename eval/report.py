@@ -430,24 +430,32 @@ def findings_tables(text: str) -> str:
 README_BLOCK = re.compile(r"(<!-- findings: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /findings -->)", re.S)
 
 
-def sync_readme(readme: Path) -> list[Path]:
-    """Copy each named findings page's tables into its README block; returns the pages copied."""
+def sync_readme(readme: Path) -> tuple[list[Path], list[str]]:
+    """Copy each named findings page's tables into its README block.
+
+    Returns the pages copied and the blocks left as they are because their page does not exist
+    yet (the experiment has not run on this machine); refuses a README where none could be copied.
+    """
     text = readme.read_text()
     copied: list[Path] = []
+    missing: list[str] = []
 
     def replace(match: re.Match[str]) -> str:
         page = readme.parent / match["path"]
         if not page.is_file():
-            raise cli.UserError(f"{readme}: the findings block names {match['path']}, which does not exist; "
-                                "run the experiment (its make target) first")  # fmt: skip
+            missing.append(match["path"])
+            return match.group(0)
         copied.append(page)
         return match.group(1) + findings_tables(page.read_text()) + match.group(4)
 
     new = README_BLOCK.sub(replace, text)
     if not copied:
-        raise cli.UserError(f"{readme} has no <!-- findings: PATH --> ... <!-- /findings --> block")
+        if not missing:
+            raise cli.UserError(f"{readme} has no <!-- findings: PATH --> ... <!-- /findings --> block")
+        raise cli.UserError(f"{readme}: none of the findings pages its blocks name exists ({', '.join(missing)}); "
+                            "run the experiments (their make targets) first")  # fmt: skip
     atomic_write_text(readme, new)
-    return copied
+    return copied, missing
 
 
 def write_report(
@@ -491,8 +499,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="copy the tables of each findings page a README block names into it (no runs needed)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.sync_readme:
-        for page in sync_readme(Path(args.sync_readme)):
+        copied, missing = sync_readme(Path(args.sync_readme))
+        for page in copied:
             print(f"copied the tables of {page} into {args.sync_readme}")
+        for path in missing:
+            print(
+                f"left the block of {path} as it is: that page does not exist (its experiment has not run here)"
+            )
     if args.runs:
         if not args.out:
             parser.error("--out is required with run folders")

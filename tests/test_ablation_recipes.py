@@ -67,6 +67,18 @@ def test_each_recipe_differs_from_wsd_only_in_what_it_compares(recipes: dict[str
         assert differing - {"run_name", "base"}, f"{recipes[variant]} compares nothing"
 
 
+def test_the_long_document_pair_differs_only_in_the_weighting() -> None:
+    """make posweight-tiny: yamls/tiny/long_wsd.yaml against long_wsd_posweight.yaml."""
+    reference = flat(resolved_dict(load("tiny/long_wsd.yaml")))
+    weighted = flat(resolved_dict(load("tiny/long_wsd_posweight.yaml")))
+    differing = {
+        k for k in reference.keys() | weighted.keys() if reference.get(k, "-") != weighted.get(k, "-")
+    }
+    assert {k.rsplit(".", 1)[0] if k.startswith("algorithms.") else k for k in differing} == {
+        "base", "run_name", "algorithms.positional_weighting",
+    }  # fmt: skip
+
+
 def ramp_clock(world: int, steps: int) -> list[tuple[int, int, int]]:
     """(batch, sample, token) before each of ``steps`` optimizer steps of the paper's ablation.
 

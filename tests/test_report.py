@@ -231,8 +231,19 @@ def test_findings_state_each_comparison_with_its_interval_and_verdict(tmp_path: 
     assert "[-0.3742, -0.1258]" in block and "# Findings" not in block
 
 
-def test_sync_readme_refuses_a_missing_page(tmp_path: Path) -> None:
+def test_sync_readme_leaves_blocks_of_missing_pages_and_refuses_when_none_exists(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
-    readme.write_text("<!-- findings: runs/x/findings.md -->\n<!-- /findings -->\n")
-    with pytest.raises(report.cli.UserError, match=r"names runs/x/findings\.md, which does not exist"):
+    readme.write_text("<!-- findings: runs/x/findings.md -->\nkept\n<!-- /findings -->\n")
+    with pytest.raises(
+        report.cli.UserError, match=r"none of the findings pages .* exists \(runs/x/findings\.md\)"
+    ):
         report.sync_readme(readme)
+    page = tmp_path / "runs" / "y" / "findings.md"
+    page.parent.mkdir(parents=True)
+    page.write_text("# Findings\n\n<!-- tables -->\n| a |\n<!-- /tables -->\n")
+    readme.write_text(readme.read_text() + "<!-- findings: runs/y/findings.md -->\nold\n<!-- /findings -->\n")
+    assert report.sync_readme(readme) == ([page], ["runs/x/findings.md"])
+    assert readme.read_text() == (
+        "<!-- findings: runs/x/findings.md -->\nkept\n<!-- /findings -->\n"
+        "<!-- findings: runs/y/findings.md -->\n| a |\n<!-- /findings -->\n"
+    )
