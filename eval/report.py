@@ -33,11 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from callbacks.jsonl_logger import read_jsonl
 from common import cli
 from common.io import atomic_path, atomic_write_text
+from models.checkpoint_reader import read_composer, tokens_trained
 
 TOKENS = "time/token"
 TRAIN_CE = "metrics/train/LanguageCrossEntropy"
@@ -93,17 +92,20 @@ class Run:
         return ce if ce.values else self.series(TRAIN_LOSS)
 
 
-def start_tokens(run: Path) -> float:
-    """Tokens already trained by the checkpoint a run was started from (0 for a fresh run)."""
+def start_tokens(run: Path, trust: bool = False) -> float:
+    """Tokens already trained by the checkpoint a run was started from (0 for a fresh run).
+
+    The checkpoint is verified and memory-mapped (only its timestamp is read), as data unless
+    ``trust`` (``--trust-checkpoint``): see models/checkpoint_reader.py.
+    """
     info = run / "run.json"
     if not info.is_file():
         return 0.0
     load_path = json.loads(info.read_text())["config"].get("checkpoint", {}).get("load_path")
     if not load_path or not Path(load_path).is_file():
         return 0.0
-    # mmap: only the timestamp is read, not the weights.
-    state = torch.load(load_path, map_location="cpu", weights_only=False, mmap=True)["state"]
-    return float(state["timestamp"]["Timestamp"]["token"])
+    state = read_composer(load_path, trust=trust, label=f"{info}: checkpoint.load_path={load_path}")
+    return float(tokens_trained(state) or 0)
 
 
 def run_names(paths: Sequence[Path]) -> list[str]:
@@ -112,7 +114,7 @@ def run_names(paths: Sequence[Path]) -> list[str]:
     return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
 
 
-def load_runs(paths: Sequence[str | Path]) -> list[Run]:
+def load_runs(paths: Sequence[str | Path], trust: bool = False) -> list[Run]:
     paths = [Path(p) for p in paths]
     if not paths:
         raise cli.UserError("no runs given: pass run folders (with metrics.jsonl)")
@@ -126,7 +128,7 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
             name,
             path,
             read_jsonl(metrics),
-            start_tokens(path),
+            start_tokens(path, trust),
             json.loads(evaluation.read_text()) if evaluation.is_file() else None,
         )
         if not run.train_ce().values:
@@ -344,11 +346,12 @@ def write_report(
     out: str | Path,
     smoothing: float = DEFAULT_SMOOTHING,
     zoom: float = DEFAULT_ZOOM,
+    trust: bool = False,
 ) -> list[Path]:
     """Write the PNGs and summary.md into ``out``; returns the files written."""
     import matplotlib.pyplot as plt
 
-    runs = load_runs(run_paths)
+    runs = load_runs(run_paths, trust)
     out = Path(out)
     written = []
     for name, fig in build_figures(runs, smoothing, zoom).items():
@@ -373,8 +376,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--zoom", type=float, default=DEFAULT_ZOOM,
                         help="fraction of training, from its end, that sets the loss figures' y-range")  # fmt: skip
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="read the checkpoints runs started from with full pickle (it can run code); only if you trust them",
+    )
     args = parser.parse_args(argv)
-    for path in write_report(args.runs, args.out, args.smoothing, args.zoom):
+    for path in write_report(args.runs, args.out, args.smoothing, args.zoom, args.trust_checkpoint):
         print(f"wrote {path}")
 
 

@@ -37,14 +37,18 @@ def export(
     out: str,
     tokenizer: str | None = None,
     overwrite: bool = False,
+    trust: bool = False,
 ) -> str:
-    """Export ``source`` to ``out`` in format ``to``; returns ``out``."""
+    """Export ``source`` to ``out`` in format ``to``; returns ``out``.
+
+    ``source`` is verified and read as data (``trust``: full pickle; see models/checkpoint_reader.py).
+    """
     if to not in FORMATS:
         raise cli.UserError(f"--to {to!r} is not one of {', '.join(FORMATS)}")
     remote_out = is_uri(out)
     if remote_out and not overwrite and remote_exists(f"{out.rstrip('/')}/config.json"):
         raise FileExistsError(f"{out} already holds a model (config.json); pass --overwrite to replace it")
-    weights = read_weights(source)
+    weights = read_weights(source, trust=trust)
     model = weights.build()
     tokenizer = tokenizer or weights.tokenizer or None
     if tokenizer and not is_uri(tokenizer) and not Path(tokenizer).is_dir():
@@ -83,8 +87,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="tokenizer directory for --to hf (default: the one the run recorded)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="read a Composer checkpoint with full pickle (it can run code); only for a source you trust",
+    )
     args = parser.parse_args(argv)
-    export(args.source, args.to, args.out, args.tokenizer, args.overwrite)
+    export(args.source, args.to, args.out, args.tokenizer, args.overwrite, args.trust_checkpoint)
 
 
 if __name__ == "__main__":
