@@ -9,8 +9,9 @@ traceback. Two remedies:
   name in the same folder, fsyncs, and renames (``os.replace``). A sharded (DCP) checkpoint is
   already safe to detect: torch writes its ``.metadata`` last, to a temporary name it renames.
 * ``recover_checkpoint_folder``: before a run resumes, the newest checkpoint of its folder is
-  verified (a monolithic file's zip structure and every entry's CRC-32; a sharded folder's
-  ``.metadata`` and the size of every file it references), moved aside to ``quarantine/`` with a
+  verified (``models.checkpoint_reader.checkpoint_problem``: a monolithic file's zip structure
+  and every entry's CRC-32; a sharded folder's ``.metadata`` and the size of every file it
+  references; once per file per process), moved aside to ``quarantine/`` with a
   warning naming it and why when it is broken, and so on down to the newest good one, which
   the ``latest`` link then points to, so Composer's autoresume continues from it.
 """
@@ -20,12 +21,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import pickle
 import re
 import shutil
 import signal
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 from composer.utils import checkpoint as composer_checkpoint
 
 from common import failpoints
+from models.checkpoint_reader import TRUST_HINT, checkpoint_problem, read_composer, read_dcp_metadata
 
 log = logging.getLogger(__name__)
 
@@ -85,60 +85,6 @@ def install_atomic_checkpoint_writes() -> None:
 
     write_atomically.atomic = True  # type: ignore[attr-defined]
     composer_checkpoint._write_checkpoint_file = write_atomically
-
-
-# ----------------------------------------------------------------------------------------------
-# Verification
-
-
-def checkpoint_problem(path: str | Path) -> str | None:
-    """Why the checkpoint at ``path`` cannot be loaded, or None if it is whole.
-
-    A monolithic ``.pt`` is a zip archive (torch's format): its central directory must be there
-    and every entry must match its CRC-32 (this reads the whole file). A sharded checkpoint is a
-    folder whose ``.metadata`` (written last) must load and whose every referenced byte range must
-    exist. Other formats (compressed ``.pt.zst``, tarballs) are checked for presence only.
-    """
-    path = Path(path)
-    if path.is_dir():
-        return _sharded_problem(path)
-    if not path.is_file():
-        return "it does not exist"
-    if path.stat().st_size == 0:
-        return "it is empty (0 bytes): the write was interrupted"
-    if path.suffix != ".pt":
-        return None
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        return f"it is truncated or not a checkpoint ({exc})"
-    if bad is not None:
-        return f"its entry {bad} fails its CRC-32 check (the file's bytes changed after it was written)"
-    return None
-
-
-def _sharded_problem(folder: Path) -> str | None:
-    metadata = folder / ".metadata"
-    if not metadata.is_file():
-        return "it has no .metadata (torch writes it last: the save was interrupted)"
-    try:
-        with metadata.open("rb") as f:
-            meta = pickle.load(f)
-    except Exception as exc:  # a torn or foreign pickle raises many kinds of errors
-        return f"its .metadata cannot be read ({type(exc).__name__}: {exc})"
-    needed: dict[str, int] = {}
-    for item in (getattr(meta, "storage_data", None) or {}).values():
-        name = str(getattr(item, "relative_path", ""))
-        end = int(getattr(item, "offset", 0)) + int(getattr(item, "length", 0))
-        needed[name] = max(needed.get(name, 0), end)
-    for name, end in sorted(needed.items()):
-        file = folder / name
-        if not file.is_file():
-            return f"its shard file {name} is missing"
-        if file.stat().st_size < end:
-            return f"its shard file {name} is truncated ({file.stat().st_size} bytes, {end} expected)"
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,32 +178,36 @@ def recover_checkpoint_folder(folder: str | Path, latest_name: str = "latest-ran
 # What a checkpoint holds, read without loading its tensors
 
 
-def checkpoint_model_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+def checkpoint_model_shapes(
+    path: str | Path, trust: bool = False, opt_in: str = TRUST_HINT
+) -> dict[str, tuple[int, ...]]:
     """Parameter name (as in ``MambaLMHeadModel``) -> shape, for a Composer checkpoint of this repository.
 
-    A monolithic file is memory-mapped (its tensors are not read); a sharded one is described by
-    its ``.metadata``.
+    A monolithic file is memory-mapped (its tensors are not read) and kept for Composer's own
+    load of it (``models.checkpoint_reader.read_composer(keep=True)``); a sharded one is
+    described by its ``.metadata``. ``trust``: full pickle (see ``read_composer``).
     """
-    import torch
-
     path = Path(path)
     if path.is_dir():
-        with (path / ".metadata").open("rb") as f:
-            meta = pickle.load(f)
+        meta = read_dcp_metadata(path, opt_in=opt_in)
         shapes = {}
         for key, item in meta.state_dict_metadata.items():
             if key.startswith("state.model.") and hasattr(item, "size"):
                 shapes[key.removeprefix("state.model.").removeprefix("model.")] = tuple(item.size)
         return shapes
-    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    state = read_composer(path, trust=trust, opt_in=opt_in, keep=True)
     return {k.removeprefix("model."): tuple(v.shape) for k, v in state["state"]["model"].items()}
 
 
 def shape_problems(
-    path: str | Path, expected: dict[str, tuple[int, ...]], key: str = "checkpoint.load_path"
+    path: str | Path,
+    expected: dict[str, tuple[int, ...]],
+    key: str = "checkpoint.load_path",
+    trust: bool = False,
+    opt_in: str = TRUST_HINT,
 ) -> list[str]:
     """Every difference between the parameters of the checkpoint at ``path`` and ``expected``."""
-    found = checkpoint_model_shapes(path)
+    found = checkpoint_model_shapes(path, trust, opt_in)
     problems = []
     for name in sorted(expected.keys() | found.keys()):
         if name not in found:

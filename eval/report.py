@@ -42,12 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from callbacks.jsonl_logger import read_jsonl
 from common import cli
 from common.io import atomic_path, atomic_write_text
 from eval import ablation
+from models.checkpoint_reader import read_composer, tokens_trained
 
 TOKENS = "time/token"
 TRAIN_CE = "metrics/train/LanguageCrossEntropy"
@@ -103,11 +102,14 @@ class Run:
         return ce if ce.values else self.series(TRAIN_LOSS)
 
 
-def start_tokens(run: Path) -> float:
+def start_tokens(run: Path, trust: bool = False) -> float:
     """Tokens already trained by the checkpoint a run was started from (0 for a fresh run).
 
     A run started with ``init_from`` records what its source had seen (``init_from_source`` in
-    ``run.json``: a release with its training state, or a Composer checkpoint).
+    ``run.json``: a release with its training state, or a Composer checkpoint). Otherwise the
+
+    The checkpoint is verified and memory-mapped (only its timestamp is read), as data unless
+    ``trust`` (``--trust-checkpoint``): see models/checkpoint_reader.py.
     """
     info = run / "run.json"
     if not info.is_file():
@@ -119,9 +121,8 @@ def start_tokens(run: Path) -> float:
     load_path = recorded["config"].get("checkpoint", {}).get("load_path")
     if not load_path or not Path(load_path).is_file():
         return 0.0
-    # mmap: only the timestamp is read, not the weights.
-    state = torch.load(load_path, map_location="cpu", weights_only=False, mmap=True)["state"]
-    return float(state["timestamp"]["Timestamp"]["token"])
+    state = read_composer(load_path, trust=trust, label=f"{info}: checkpoint.load_path={load_path}")
+    return float(tokens_trained(state) or 0)
 
 
 def run_names(paths: Sequence[Path]) -> list[str]:
@@ -130,7 +131,7 @@ def run_names(paths: Sequence[Path]) -> list[str]:
     return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
 
 
-def load_runs(paths: Sequence[str | Path]) -> list[Run]:
+def load_runs(paths: Sequence[str | Path], trust: bool = False) -> list[Run]:
     paths = [Path(p) for p in paths]
     if not paths:
         raise cli.UserError("no runs given: pass run folders (with metrics.jsonl)")
@@ -144,7 +145,7 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
             name,
             path,
             read_jsonl(metrics),
-            start_tokens(path),
+            start_tokens(path, trust),
             json.loads(evaluation.read_text()) if evaluation.is_file() else None,
         )
         if not run.train_ce().values:
@@ -463,11 +464,12 @@ def write_report(
     out: str | Path,
     smoothing: float = DEFAULT_SMOOTHING,
     zoom: float = DEFAULT_ZOOM,
+    trust: bool = False,
 ) -> list[Path]:
     """Write the PNGs, summary.md and findings.md into ``out``; returns the files written."""
     import matplotlib.pyplot as plt
 
-    runs = load_runs(run_paths)
+    runs = load_runs(run_paths, trust)
     shown = [next(iter(g.values())) for g in seed_groups(runs).values()]
     out = Path(out)
     written = []
@@ -495,6 +497,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--zoom", type=float, default=DEFAULT_ZOOM,
                         help="fraction of training, from its end, that sets the loss figures' y-range")  # fmt: skip
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="read the checkpoints runs started from with full pickle (it can run code); only if you trust them",
+    )
     parser.add_argument("--sync-readme", metavar="README",
                         help="copy the tables of each findings page a README block names into it (no runs needed)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -509,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.runs:
         if not args.out:
             parser.error("--out is required with run folders")
-        for path in write_report(args.runs, args.out, args.smoothing, args.zoom):
+        for path in write_report(args.runs, args.out, args.smoothing, args.zoom, args.trust_checkpoint):
             print(f"wrote {path}")
     elif not args.sync_readme:
         parser.error("give run folders (and --out), or --sync-readme README.md")

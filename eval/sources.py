@@ -16,12 +16,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from callbacks.checkpoint_safety import checkpoint_problem
 from common.cli import UserError
 from common.config import config_from_dict
 from models.checkpoint_io import is_uri, read_weights, resolve
+from models.checkpoint_reader import CorruptCheckpoint, UntrustedCheckpoint
 from models.mamba_lm import MambaLMHeadModel
 from recipes.config import TrainConfig
 
@@ -34,7 +32,7 @@ class LoadedModel:
     tokenizer: str | None  # a tokenizer folder, when the source names or holds one
     run_config: TrainConfig | None  # the training config, for a run folder or a checkpoint inside one
     checkpoint: str  # the file or folder the weights were read from
-    tokens_trained: int | None  # the token count of a local monolithic Composer checkpoint
+    tokens_trained: int | None  # the token count of a monolithic Composer checkpoint
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:
@@ -53,22 +51,12 @@ def _run_dir_of(path: Path) -> Path | None:
     return None
 
 
-def _tokens_trained(checkpoint: Path) -> int | None:
-    """The token count in a local Composer checkpoint's timestamp, read without its tensors."""
-    if checkpoint.is_dir():
-        return None  # a sharded checkpoint keeps its timestamp inside the shards' pickled objects
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["state"]
-    except Exception:  # an HF or mamba_ssm file: no Composer timestamp
-        return None
-    tokens = state.get("timestamp", {}).get("Timestamp", {}).get("token")
-    return int(tokens) if tokens is not None else None
-
-
-def load_source(source: str | Path, checkpoint: str | Path | None = None) -> LoadedModel:
+def load_source(source: str | Path, checkpoint: str | Path | None = None, trust: bool = False) -> LoadedModel:
     """A model from a run folder, a Composer checkpoint, or an HF / mamba_ssm folder (see module doc).
 
-    ``checkpoint`` picks a checkpoint of a run folder (default: its latest).
+    ``checkpoint`` picks a checkpoint of a run folder (default: its latest). The checkpoint is
+    verified and read once, as data unless ``trust`` (``--trust-checkpoint``): see
+    ``models.checkpoint_reader``.
     """
     text = str(source)
     if not is_uri(text) and not Path(text).exists():
@@ -79,13 +67,10 @@ def load_source(source: str | Path, checkpoint: str | Path | None = None) -> Loa
             f"--checkpoint applies to a run folder; {text} is not one (pass the checkpoint itself)"
         )
     target = str(checkpoint) if checkpoint is not None else text
-    if not is_uri(target):
-        resolved = Path(resolve(target))
-        composer = resolved.is_file() or (resolved / ".metadata").exists()
-        if composer and (broken := checkpoint_problem(resolved)):
-            raise UserError(f"{target}: the checkpoint {resolved} cannot be read: {broken}")
     try:
-        weights = read_weights(target)
+        weights = read_weights(target, trust=trust)
+    except (CorruptCheckpoint, UntrustedCheckpoint):
+        raise
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     except (
@@ -99,5 +84,6 @@ def load_source(source: str | Path, checkpoint: str | Path | None = None) -> Loa
     tokenizer = weights.tokenizer or (run_cfg.tokenizer if run_cfg else "")
     if not tokenizer and local is not None and (local / "tokenizer.json").is_file():
         tokenizer = str(local)
-    tokens = _tokens_trained(local) if local is not None and weights.format.startswith("composer") else None
-    return LoadedModel(weights.build().eval(), tokenizer or None, run_cfg, weights.source, tokens)
+    return LoadedModel(
+        weights.build().eval(), tokenizer or None, run_cfg, weights.source, weights.tokens_trained
+    )

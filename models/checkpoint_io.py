@@ -31,9 +31,8 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
-import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from composer.loggers import Logger
 from torch import Tensor
 
 from common.config import config_from_dict, to_dict
+from models.checkpoint_reader import TRUST_HINT, read_composer, read_sharded, tokens_trained
 from models.config import MambaConfig
 from models.hf_interop import hf_config_special_ids, load_weights, read_pretrained
 from models.mamba_lm import MambaLMHeadModel
@@ -94,13 +94,23 @@ class ModelWeights:
     tokenizer: str = ""  # the tokenizer a Composer run recorded ("" when unknown)
     # bos/eos/pad/unk ids the run recorded or an HF config states; None when unknown
     special_token_ids: dict[str, int | None] | None = None
+    tokens_trained: int | None = None  # a monolithic Composer checkpoint's token count
+    _given: bool = field(default=False, repr=False)  # whether a built model holds these tensors
 
     def build(self, **overrides: Any) -> MambaLMHeadModel:
-        """A ``MambaLMHeadModel`` with these weights (config fields overridable, e.g. ``impl``)."""
+        """A ``MambaLMHeadModel`` with these weights (config fields overridable, e.g. ``impl``).
+
+        Built on the meta device and given the read tensors themselves (``assign``), so a
+        memory-mapped checkpoint is never copied: the model holds one copy of its weights. A
+        second ``build`` copies them, so two models never share (and train) the same tensors.
+        """
         from dataclasses import replace
 
-        model = MambaLMHeadModel(replace(self.config, **overrides) if overrides else self.config)
-        load_weights(model, self.state_dict, self.source)
+        with torch.device("meta"):
+            model = MambaLMHeadModel(replace(self.config, **overrides) if overrides else self.config)
+        sd = {k: v.clone() for k, v in self.state_dict.items()} if self._given else self.state_dict
+        self._given = True
+        load_weights(model, sd, self.source)
         return model
 
 
@@ -241,60 +251,43 @@ def _config_from_record(record: dict[str, Any] | None, source: str) -> tuple[Mam
     return config_from_dict(MambaConfig, values, source=f"{source} ({RECORD})"), record.get("tokenizer", "")
 
 
-def _read_monolithic(path: Path, label: str) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
-    try:
-        # weights_only=False: Composer checkpoints pickle timestamps, RNG states and metrics.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(
-            f"{label}: not a readable Composer checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
-    if not isinstance(ckpt, dict) or "state" not in ckpt or "model" not in ckpt["state"]:
+def _read_monolithic(
+    path: Path, label: str, trust: bool, opt_in: str
+) -> tuple[dict[str, Tensor], dict[str, Any] | None, int | None]:
+    ckpt = read_composer(path, trust=trust, label=label, opt_in=opt_in)
+    if "model" not in ckpt["state"]:
         raise ValueError(f"{label}: not a Composer checkpoint (no state/model inside)")
     model = ckpt["state"]["model"]
     sd = {k.removeprefix(MODEL_PREFIX): v for k, v in model.items() if k.startswith(MODEL_PREFIX)}
     record = ckpt["state"].get("callbacks", {}).get(RECORD)
-    return sd, record
+    return sd, record, tokens_trained(ckpt)
 
 
-def _read_sharded(path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    reader = dcp.FileSystemReader(str(path))
-    metadata = reader.read_metadata().state_dict_metadata
-    model: dict[str, Tensor] = {}
-    for key, meta in metadata.items():
-        if key.startswith(DCP_MODEL_PREFIX) and isinstance(meta, TensorStorageMetadata):
-            model[key.removeprefix(DCP_MODEL_PREFIX)] = torch.empty(meta.size, dtype=meta.properties.dtype)
-    if not model:
+def _read_sharded(path: Path, label: str, opt_in: str) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    record_prefix = f"state.callbacks.{RECORD}."
+    flat = read_sharded(
+        path, lambda key: key.startswith((DCP_MODEL_PREFIX, record_prefix)), label=label, opt_in=opt_in
+    )
+    sd = {k.removeprefix(DCP_MODEL_PREFIX): v for k, v in flat.items() if k.startswith(DCP_MODEL_PREFIX)}
+    if not sd:
         raise ValueError(f"{path}: a torch.distributed.checkpoint folder without Composer model weights")
-    # The nested layout flattens to the checkpoint's keys (state.model.model.<name>); DCP then
-    # reads every rank's shard of each tensor into these full-size tensors.
-    wanted: dict[str, Any] = {"state": {"model": {MODEL_PREFIX + k: v for k, v in model.items()}}}
-    record_keys = [k for k in metadata if k.startswith(f"state.callbacks.{RECORD}.")]
-    if record_keys:
-        wanted["state"]["callbacks"] = {RECORD: {k.rsplit(".", 1)[-1]: "" for k in record_keys}}
-    with warnings.catch_warnings():
-        # "torch.distributed is disabled ... assuming ... a single process": exactly the intent here.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(wanted, storage_reader=reader, no_dist=True)
-    sd = {k.removeprefix(MODEL_PREFIX): v for k, v in wanted["state"]["model"].items()}
-    return sd, wanted["state"].get("callbacks", {}).get(RECORD)
+    record = {k.removeprefix(record_prefix): v for k, v in flat.items() if k.startswith(record_prefix)}
+    return sd, record or None
 
 
-def _read_local(path: Path, label: str, config: MambaConfig | None) -> ModelWeights:
+def _read_local(path: Path, label: str, config: MambaConfig | None, trust: bool, opt_in: str) -> ModelWeights:
     if path.is_dir() and (path / "config.json").is_file():
         cfg, sd, fmt = read_pretrained(path)
         special = (
             hf_config_special_ids(json.loads((path / "config.json").read_text())) if fmt == "hf" else None
         )
         return ModelWeights(cfg, sd, label, fmt, special_token_ids=special)
+    tokens = None
     if path.is_dir() and (path / ".metadata").is_file():
-        sd, record = _read_sharded(path)
+        sd, record = _read_sharded(path, label, opt_in)
         fmt = "composer-sharded"
     elif path.is_file():
-        sd, record = _read_monolithic(path, label)
+        sd, record, tokens = _read_monolithic(path, label, trust, opt_in)
         fmt = "composer"
     else:
         raise ValueError(
@@ -309,21 +302,38 @@ def _read_local(path: Path, label: str, config: MambaConfig | None) -> ModelWeig
         )
     cfg, tokenizer = (config, found[1] if found else "") if config is not None else found
     special = (record or {}).get("special_token_ids_json") or ""
-    return ModelWeights(cfg, sd, label, fmt, tokenizer, json.loads(special) if special else None)
+    return ModelWeights(
+        cfg,
+        sd,
+        label,
+        fmt,
+        tokenizer,
+        special_token_ids=json.loads(special) if special else None,
+        tokens_trained=tokens,
+    )
 
 
-def read_weights(source: str | Path, config: MambaConfig | None = None) -> ModelWeights:
+def read_weights(
+    source: str | Path,
+    config: MambaConfig | None = None,
+    *,
+    trust: bool = False,
+    opt_in: str = TRUST_HINT,
+) -> ModelWeights:
     """Config and weights from a run folder, Composer checkpoint, HF or mamba_ssm directory, local or remote.
 
     ``config`` is only needed for a Composer checkpoint that records none (see the module doc).
+    Every file is verified once and read lazily through ``models.checkpoint_reader``; a Composer
+    checkpoint is unpickled with ``weights_only=True`` unless ``trust`` (the user's ``opt_in``,
+    named when a checkpoint is refused). A corrupt file raises ``CorruptCheckpoint``.
     """
     resolved = resolve(source)
     label = str(source) if resolved == str(source).rstrip("/") else f"{source} ({resolved})"
     with staged(resolved) as local:
-        weights = _read_local(local, label, config)
+        weights = _read_local(local, label, config, trust, opt_in)
     return weights
 
 
-def load_model(source: str | Path, **overrides: Any) -> MambaLMHeadModel:
-    """``read_weights(source).build(**overrides)``: the model, in eval mode."""
-    return read_weights(source).build(**overrides).eval()
+def load_model(source: str | Path, trust: bool = False, **overrides: Any) -> MambaLMHeadModel:
+    """``read_weights(source, trust=trust).build(**overrides)``: the model, in eval mode."""
+    return read_weights(source, trust=trust).build(**overrides).eval()

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from common.io import atomic_dir
+from models.checkpoint_reader import assign_weights, read_safetensors, read_torch_weights
 from models.config import AttnConfig, MambaConfig, SSMConfig
 from models.mamba_lm import MambaLMHeadModel
 
@@ -614,13 +615,12 @@ def is_hf_config(raw: dict[str, Any]) -> bool:
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
+    """Every weight file of a model folder, memory-mapped and verified (models.checkpoint_reader)."""
     if (path / "model.safetensors").is_file():
-        return load_file(str(path / "model.safetensors"))
+        return read_safetensors(path / "model.safetensors")
     for index_name, reader in (
-        ("model.safetensors.index.json", lambda f: load_file(str(f))),
-        ("pytorch_model.bin.index.json", lambda f: torch.load(f, map_location="cpu", weights_only=True)),
+        ("model.safetensors.index.json", read_safetensors),
+        ("pytorch_model.bin.index.json", read_torch_weights),
     ):
         index = path / index_name
         if index.is_file():
@@ -629,7 +629,7 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
                 sd.update(reader(path / shard))
             return sd
     if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return read_torch_weights(path / "pytorch_model.bin")
     raise FileNotFoundError(
         f"{path} has no model.safetensors, model.safetensors.index.json, pytorch_model.bin(.index.json)"
     )
@@ -675,7 +675,7 @@ def load_weights(model: MambaLMHeadModel, sd: dict[str, Tensor], source: str) ->
             f"{source}: weights do not match the config: missing {missing}, unexpected {unexpected}, "
             f"shapes {wrong}"
         )
-    model.load_state_dict(sd, strict=False)
+    assign_weights(model, sd)
 
 
 def load_pretrained(path: str | Path, **overrides: Any) -> MambaLMHeadModel:
@@ -686,6 +686,7 @@ def load_pretrained(path: str | Path, **overrides: Any) -> MambaLMHeadModel:
     cfg, sd, _ = read_pretrained(path)
     if overrides:
         cfg = replace(cfg, **overrides)
-    model = MambaLMHeadModel(cfg)
+    with torch.device("meta"):
+        model = MambaLMHeadModel(cfg)
     load_weights(model, sd, str(path))
     return model

@@ -37,6 +37,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from torch import Tensor
 
+from models.checkpoint_reader import TRUST_HINT, read_composer, safe_reader_and_planner, verify
 from models.hf_interop import HF_EMBEDDING, OUR_EMBEDDING
 
 TRAINING_STATE = "training_state.json"
@@ -199,15 +200,9 @@ def _optimizer_name(optimizers: dict[str, Any], label: str) -> str:
 
 
 @contextlib.contextmanager
-def _monolithic(path: Path, label: str) -> Iterator[CheckpointTrainingState]:
-    try:
-        # mmap: tensors stay on disk until read. weights_only=False: Composer pickles its
-        # timestamps and RNG states (models/checkpoint_io.py reads the same file the same way).
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:
-        raise ValueError(
-            f"{label}: not a readable Composer checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
+def _monolithic(path: Path, label: str, trust: bool, opt_in: str) -> Iterator[CheckpointTrainingState]:
+    # Verified, memory-mapped (tensors stay on disk until read) and read as data unless trusted.
+    ckpt = read_composer(path, trust=trust, label=label, opt_in=opt_in)
     state = ckpt.get("state", {}) if isinstance(ckpt, dict) else {}
     optimizers = state.get("optimizers") or {}
     if not optimizers:
@@ -242,11 +237,15 @@ def _monolithic(path: Path, label: str) -> Iterator[CheckpointTrainingState]:
 
 
 @contextlib.contextmanager
-def _sharded(path: Path, label: str) -> Iterator[CheckpointTrainingState]:
+def _sharded(path: Path, label: str, trust: bool, opt_in: str) -> Iterator[CheckpointTrainingState]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(str(path))
+    verify(path, label)
+    # Read as data (weights_only unpickling of .metadata and non-tensor entries) unless trusted.
+    reader, planner = (
+        (dcp.FileSystemReader(str(path)), None) if trust else safe_reader_and_planner(path, label, opt_in)
+    )
     metadata = reader.read_metadata().state_dict_metadata
     optim_keys = [k for k in metadata if k.startswith(DCP_OPTIM_PREFIX)]
     names = {k[len(DCP_OPTIM_PREFIX) :].split(".", 1)[0] for k in optim_keys}
@@ -260,7 +259,7 @@ def _sharded(path: Path, label: str) -> Iterator[CheckpointTrainingState]:
         with warnings.catch_warnings():
             # "torch.distributed is disabled ... assuming ... a single process": exactly the intent.
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(keys, storage_reader=reader, no_dist=True)
+            dcp.load(keys, storage_reader=reader, planner=planner, no_dist=True)
         return keys
 
     moments: dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]] = {}
@@ -320,13 +319,16 @@ def _param_groups_from_flat(values: dict[str, Any], prefix: str) -> list[dict[st
 
 
 @contextlib.contextmanager
-def open_checkpoint_state(path: Path, label: str) -> Iterator[CheckpointTrainingState]:
-    """The training state of a local Composer checkpoint (a ``.pt`` file or a sharded folder)."""
+def open_checkpoint_state(
+    path: Path, label: str, trust: bool = False, opt_in: str = TRUST_HINT
+) -> Iterator[CheckpointTrainingState]:
+    """The training state of a local Composer checkpoint (a ``.pt`` file or a sharded folder), read
+    as data unless ``trust`` (see models/checkpoint_reader.py)."""
     if path.is_dir() and (path / ".metadata").is_file():
-        with _sharded(path, label) as found:
+        with _sharded(path, label, trust, opt_in) as found:
             yield found
     elif path.is_file():
-        with _monolithic(path, label) as found:
+        with _monolithic(path, label, trust, opt_in) as found:
             yield found
     else:
         raise ValueError(
@@ -463,13 +465,15 @@ def _model_card(info: dict[str, Any], out: str) -> str:
     return "\n".join(lines)
 
 
-def write_training_state(checkpoint: Path, label: str, out_dir: Path, out_name: str) -> dict[str, Any]:
+def write_training_state(
+    checkpoint: Path, label: str, out_dir: Path, out_name: str, trust: bool = False
+) -> dict[str, Any]:
     """Write ``optimizer.safetensors``, ``training_state.json`` and ``README.md`` into ``out_dir``.
 
     ``checkpoint`` is a local Composer checkpoint (``.pt`` or sharded folder); ``label`` names it in
     messages and in the files; ``out_name`` is where the release will live (for the model card).
     """
-    with open_checkpoint_state(checkpoint, label) as state:
+    with open_checkpoint_state(checkpoint, label, trust) as state:
         names = sorted(state.moments)
         incomplete = [n for n in names if set(state.moments[n]) != set(MOMENTS)]
         if incomplete:

@@ -70,6 +70,9 @@ class CheckpointConfig:
     autoresume: bool = True  # resume from the latest checkpoint in save_folder if there is one
     load_path: str | None = None  # start from this checkpoint (e.g. a pre-decay checkpoint)
     load_weights_only: bool = False
+    # load_path is read as data (weights_only=True): true reads it as full pickle, which can run
+    # code; only for a checkpoint whose origin you trust. The run's own autoresume is always read.
+    trust: bool = False
     # Parts of the loaded checkpoint to ignore (Composer globs). A decay phase started from a
     # pre-decay checkpoint keeps weights and optimizer state but not the old data position,
     # schedule, clock or callback state:

@@ -162,11 +162,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="length of the sample")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed of the sample")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="read a Composer checkpoint with full pickle (it can run code); only for a source you trust",
+    )
     args = parser.parse_args(argv)
 
     buckets = parse_buckets(args.buckets)
     device = resolve_device(args.device)
-    loaded = load_source(args.source, args.checkpoint)
+    loaded = load_source(args.source, args.checkpoint, trust=args.trust_checkpoint)
     tokenizer = args.tokenizer or loaded.tokenizer
     if tokenizer is None:
         raise cli.UserError(

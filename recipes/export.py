@@ -50,18 +50,22 @@ def export(
     tokenizer: str | None = None,
     overwrite: bool = False,
     with_training_state: bool = False,
+    trust: bool = False,
 ) -> str:
-    """Export ``source`` to ``out`` in format ``to``; returns ``out``."""
+    """Export ``source`` to ``out`` in format ``to``; returns ``out``.
+
+    ``source`` is verified and read as data (``trust``: full pickle; see models/checkpoint_reader.py).
+    """
     if to not in FORMATS:
         raise cli.UserError(f"--to {to!r} is not one of {', '.join(FORMATS)}")
     if with_training_state:
         if to != "hf":
             raise cli.UserError("--with-training-state writes beside an HF export: use it with --to hf")
-        return _export_with_training_state(source, out, tokenizer, overwrite)
+        return _export_with_training_state(source, out, tokenizer, overwrite, trust)
     remote_out = is_uri(out)
     if remote_out and not overwrite and remote_exists(f"{out.rstrip('/')}/config.json"):
         raise FileExistsError(f"{out} already holds a model (config.json); pass --overwrite to replace it")
-    weights = read_weights(source)
+    weights = read_weights(source, trust=trust)
     model = weights.build()
     tokenizer = tokenizer or weights.tokenizer or None
     if tokenizer and not is_uri(tokenizer) and not Path(tokenizer).is_dir():
@@ -99,7 +103,9 @@ def export(
     return out
 
 
-def _export_with_training_state(source: str, out: str, tokenizer: str | None, overwrite: bool) -> str:
+def _export_with_training_state(
+    source: str, out: str, tokenizer: str | None, overwrite: bool, trust: bool
+) -> str:
     """The HF export plus AdamW's state, ``training_state.json`` and the model card, all or nothing.
 
     The checkpoint is staged once (downloaded when remote) and read twice: its weights, then its
@@ -114,7 +120,7 @@ def _export_with_training_state(source: str, out: str, tokenizer: str | None, ov
     resolved = resolve(source)
     label = str(source) if resolved == str(source).rstrip("/") else f"{source} ({resolved})"
     with staged(resolved) as checkpoint, tempfile.TemporaryDirectory(prefix="export-") as tmp:
-        weights = read_weights(checkpoint)
+        weights = read_weights(checkpoint, trust=trust)
         if not weights.format.startswith("composer"):
             raise cli.UserError(
                 f"{label}: --with-training-state needs a Composer checkpoint or run folder of this repository; "
@@ -122,12 +128,20 @@ def _export_with_training_state(source: str, out: str, tokenizer: str | None, ov
             )
         weights.source = label
         tok = _usable_tokenizer(tokenizer, weights.tokenizer)
+        if not tok and weights.special_token_ids is None:
+            raise cli.UserError(
+                f"{label} does not record its tokenizer's special-token ids (bos/eos/pad) and no tokenizer "
+                "is reachable: pass --tokenizer DIR (the tokenizer the model was trained with)"
+            )
+        special = weights.special_token_ids
         target = Path(tmp) / "model" if remote_out else Path(out)
         with atomic_dir(target, overwrite=overwrite) as staging:
             with staged(tok) if tok else contextlib.nullcontext() as tok_dir:
-                export_hf(weights.build(), staging, tokenizer_dir=tok_dir, overwrite=True)
+                export_hf(
+                    weights.build(), staging, tokenizer_dir=tok_dir, overwrite=True, special_token_ids=special
+                )
             del weights
-            info = write_training_state(checkpoint, label, staging, out)
+            info = write_training_state(checkpoint, label, staging, out, trust)
         if remote_out:
             upload_dir(target, out.rstrip("/"))
     print(
@@ -167,8 +181,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="--to hf: also write AdamW's state, training_state.json and a model card (a release that continues exactly)",
     )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="read a Composer checkpoint with full pickle (it can run code); only for a source you trust",
+    )
     args = parser.parse_args(argv)
-    export(args.source, args.to, args.out, args.tokenizer, args.overwrite, args.with_training_state)
+    export(
+        args.source,
+        args.to,
+        args.out,
+        args.tokenizer,
+        args.overwrite,
+        args.with_training_state,
+        args.trust_checkpoint,
+    )
 
 
 if __name__ == "__main__":

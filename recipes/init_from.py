@@ -61,6 +61,7 @@ from torch import Tensor
 
 from common.config import report
 from models.checkpoint_io import HandoverRecord, ModelWeights, read_weights
+from models.checkpoint_reader import assign_weights
 from models.config import MambaConfig
 
 if TYPE_CHECKING:
@@ -84,6 +85,9 @@ class InitFromConfig:
     embedding: bool = True  # copy backbone.embedding (False: fresh init)
     final_norm: bool = True  # copy backbone.norm_f
     lm_head: bool = True  # copy lm_head (a tied head follows the embedding)
+    # A Composer checkpoint is read as data (weights_only=True); true reads it with full pickle,
+    # which can run code: only for a checkpoint whose origin you trust.
+    trust: bool = False
     # Ramp the lr from 0 over the run's first batches (or tokens) while AdamW's fresh moments fill.
     lr_rewarmup: str = "20ba"
     # A release with its training state: restore AdamW's moments (then no re-warmup is applied).
@@ -341,10 +345,11 @@ class LrRewarmup(Callback):
 
 
 def load_into(model: torch.nn.Module, weights: dict[str, Tensor]) -> None:
-    """Copy ``weights`` (a subset of ``model``'s state dict, checked by ``select_weights``) into ``model``."""
-    with torch.no_grad():
-        result = model.load_state_dict(weights, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys
+    """Give ``model`` the tensors ``weights`` (a subset of its state dict, checked by ``select_weights``).
+
+    The read tensors become the model's (``assign_weights``): a memory-mapped checkpoint is not copied.
+    """
+    assign_weights(model, weights)
 
 
 def _materialise_if_meta(model: torch.nn.Module, init_fn: Any) -> bool:
@@ -484,7 +489,7 @@ def apply_init_from(cfg: TrainConfig, composer_model: ComposerMambaLM) -> list[C
     # Every rank reads and checks the checkpoint (path, format, shapes, vocabulary), so a mistake
     # stops all of them alike (recipes/train.py shares the verdicts before any collective). Under
     # FSDP2 on GPUs only rank 0 then loads; Composer broadcasts from it (see the module doc).
-    ckpt = read_weights(init.path)
+    ckpt = read_weights(init.path, trust=init.trust, opt_in="init_from.trust=true")
     weights = select_weights(init, cfg.model, ckpt, model.state_dict(), cfg.tokenizer)
     loads_here = not on_meta or cfg.fsdp.version == 1 or dist.get_global_rank() == 0
     if loads_here:

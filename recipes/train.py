@@ -38,7 +38,6 @@ from omegaconf import OmegaConf
 from callbacks import failpoint_hooks, registry
 from callbacks.batch_rampup import BatchRampup, RampedBatches
 from callbacks.checkpoint_safety import (
-    checkpoint_problem,
     install_atomic_checkpoint_writes,
     recover_checkpoint_folder,
     remove_interrupted_writes,
@@ -57,6 +56,7 @@ from common.io import atomic_write_text
 from common.threads import configure_threads
 from data.loader import build_dataloader, check_data
 from data.tokenizer import load_tokenizer
+from models.checkpoint_reader import check_as_data, install_checkpoint_reads, verify
 from models.composer_model import ComposerMambaLM, optimizer_param_groups
 from models.mamba_lm import MambaLMHeadModel
 from recipes.config import TrainConfig, load_train_config, resolved_dict
@@ -271,15 +271,18 @@ def plan_run(cfg: TrainConfig, world: int, save_folder: str) -> Plan:
     to_load = _checkpoint_to_load(cfg, save_folder)
     if to_load is not None:
         key, path = to_load
-        broken = checkpoint_problem(path)
-        if broken:
-            problems.append(f"{key} ({path}) cannot be loaded: {broken}")
-        elif not cfg.checkpoint.load_ignore_keys or not any(
+        verify(path, key)  # a corrupt file is a fault (exit 3), named before anything else
+        own = key != "checkpoint.load_path"  # the run's autoresume: written by this run
+        if not own and not cfg.checkpoint.trust:
+            check_as_data(path, key, opt_in="checkpoint.trust=true")
+        if not cfg.checkpoint.load_ignore_keys or not any(
             "model" in k for k in cfg.checkpoint.load_ignore_keys
         ):
             with torch.device("meta"):
                 expected = {n: tuple(p.shape) for n, p in MambaLMHeadModel(cfg.model).state_dict().items()}
-            problems += shape_problems(path, expected, key)
+            problems += shape_problems(
+                path, expected, key, trust=own or cfg.checkpoint.trust, opt_in="checkpoint.trust=true"
+            )
     if problems:
         raise ConfigError(*problems)
     return Plan(world, cfg.global_train_batch_size // world, precision, seq_len, name, args, notes)
@@ -316,6 +319,10 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
     try:
         plan = plan_run(cfg, world, save_folder)
         install_atomic_checkpoint_writes()
+        # A remote checkpoint.load_path is downloaded by Composer and never checked here: read as data.
+        install_checkpoint_reads(
+            trust_unchecked=cfg.checkpoint.trust or not parse_uri(ckpt.load_path or "")[0]
+        )
         if cfg.fsdp.parallelism(world) is not None:
             os.environ["FSDP_VERSION"] = str(cfg.fsdp.version)  # how Composer 0.32 picks FSDP1 or FSDP2
         reproducibility.seed_all(cfg.seed)
