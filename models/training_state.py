@@ -574,23 +574,13 @@ def fetch_released_state(path: str) -> ReleasedTrainingState | None:
         return read_released_state(Path(tmp), uri)
 
 
-def source_progress(path: str, released: ReleasedTrainingState | None) -> dict[str, Any]:
-    """Tokens and batches the init_from source had trained: from its training state, or from a local
-    Composer checkpoint's timestamp; ``{}`` when unknown (a plain HF release)."""
+def source_progress(released: ReleasedTrainingState | None, tokens_trained: int | None) -> dict[str, Any]:
+    """Tokens (and batches) the init_from source had trained: from its training state, else the
+    token count the checkpoint reader already took from a Composer checkpoint's timestamp (the
+    file is not read again); ``{}`` when unknown (a plain HF release)."""
     if released is not None:
         return {k: released.info.get(k) for k in ("tokens_seen", "batches_seen", "checkpoint")}
-    from models.checkpoint_io import is_uri, resolve
-
-    if is_uri(path):
-        return {}
-    local = Path(resolve(path))
-    if not (local.is_file() or (local / ".metadata").is_file()):
-        return {}
-    try:
-        with open_checkpoint_state(local, path) as state:
-            return {"tokens_seen": state.timestamp.get("token"), "batches_seen": state.timestamp.get("batch")}
-    except ValueError:
-        return {}  # a weights-only file: read_weights names any real problem
+    return {} if tokens_trained is None else {"tokens_seen": tokens_trained}
 
 
 def check_moments(moments: dict[str, dict[str, Tensor]], params: dict[str, Tensor], label: str) -> None:

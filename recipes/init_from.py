@@ -375,7 +375,7 @@ def _special_token_ids(tokenizer: str) -> dict[str, int | None] | None:
 
 
 def _training_state_callbacks(
-    cfg: TrainConfig, init: InitFromConfig, params: dict[str, Tensor]
+    cfg: TrainConfig, init: InitFromConfig, params: dict[str, Tensor], tokens_trained: int | None
 ) -> tuple[list[Callback], dict[str, Any]]:
     """The callbacks that restore a release's training state, and what the run records of its source.
 
@@ -389,7 +389,7 @@ def _training_state_callbacks(
     )
 
     released = fetch_released_state(init.path) if init.training_state or init.data_position else None
-    record: dict[str, Any] = {"path": init.path, **source_progress(init.path, released)}
+    record: dict[str, Any] = {"path": init.path, **source_progress(released, tokens_trained)}
     whole = not init.layers and not init.num_layers and init.embedding and init.final_norm and init.lm_head
     dataset_state = None
     if init.data_position:
@@ -498,7 +498,9 @@ def apply_init_from(cfg: TrainConfig, composer_model: ComposerMambaLM) -> list[C
         log.info("init_from: %d tensors from %s (%s)", len(weights), ckpt.source, ckpt.format)
         if dist.get_global_rank() == 0:
             print(f"[train] init_from: {len(weights)} tensors from {ckpt.source} ({ckpt.format})", flush=True)
-    restore, record = _training_state_callbacks(cfg, init, dict(model.named_parameters()))
+    restore, record = _training_state_callbacks(
+        cfg, init, dict(model.named_parameters()), ckpt.tokens_trained
+    )
     callbacks += [*restore, InitFromSource(record)]
     if record["moments_restored"]:
         print("[train] init_from: AdamW's moments restored from the release; no lr re-warmup", flush=True)
