@@ -32,7 +32,7 @@ import torch
 from composer import Evaluator, Trainer
 from composer.core import Algorithm, Callback, Time, Timestamp, TimeUnit
 from composer.loggers import LoggerDestination
-from composer.utils import dist, get_device, parse_uri, reproducibility
+from composer.utils import dist, format_name_with_dist, get_device, parse_uri, reproducibility
 from omegaconf import OmegaConf
 
 from callbacks import failpoint_hooks, registry
@@ -40,7 +40,7 @@ from callbacks.batch_rampup import BatchRampup, RampedBatches
 from callbacks.checkpoint_safety import (
     checkpoint_problem,
     install_atomic_checkpoint_writes,
-    recover_checkpoint_folder,
+    recover_before_resume,
     shape_problems,
 )
 from callbacks.gloo_grad_average import GlooFSDP2GradAverage
@@ -268,11 +268,20 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
     world = dist.get_world_size()
     ckpt = cfg.checkpoint
     save_folder = ckpt.save_folder or str(cfg.run_dir / "checkpoints")
-    local_save = not parse_uri(save_folder)[0]
-    if ckpt.autoresume and local_save and dist.get_global_rank() == 0:
-        # Before the checks: a broken newest checkpoint is set aside, not reported as a problem.
-        recover_checkpoint_folder(save_folder)
-    dist.barrier()
+    fault = None
+    if ckpt.autoresume and dist.get_global_rank() == 0:
+        # Before the checks: a broken or interrupted newest checkpoint is set aside, not reported
+        # as a problem (nor met as "already exists" when the run writes that step again).
+        pre_decay = (ckpt.pre_decay_folder or _join(save_folder, "pre-decay")) if ckpt.pre_decay else None
+        fault = recover_before_resume(
+            format_name_with_dist(save_folder, cfg.run_name),
+            pre_decay and format_name_with_dist(pre_decay, cfg.run_name),
+        )
+    # Rank 0's verdict reaches every rank (the other ranks wait here): all stop, or all go on.
+    verdict = [fault]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise cli.RunStopped(verdict[0])
     plan = plan_run(cfg, world, save_folder)
     install_atomic_checkpoint_writes()
     if cfg.fsdp.parallelism(world) is not None:
