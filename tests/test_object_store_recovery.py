@@ -4,6 +4,7 @@ loopback (moto's server, tests/s3_server.py)."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -15,8 +16,12 @@ import torch.distributed.checkpoint as dcp
 from composer.utils import S3ObjectStore, create_symlink_file
 
 from callbacks.checkpoint_safety import QUARANTINE, latest_on_object_store, recover_before_resume
+from recipes.config import load_train_config
+from recipes.train import build_trainer
+from tests.conftest import StopAfter, tiny_overrides
 from tests.s3_server import BUCKET, list_keys, s3_bucket  # noqa: F401  (s3_bucket is a fixture)
 
+ROOT = Path(__file__).resolve().parents[1]
 RUN = "runs/r/checkpoints"
 
 
@@ -140,3 +145,46 @@ def test_unreachable_store_is_a_message(tmp_path: Path, monkeypatch: pytest.Monk
     assert message.startswith(f"could not set aside the interrupted checkpoints of s3://{BUCKET}/{RUN}")
     assert "EndpointConnectionError" in message or "Could not connect" in message
     assert os.environ["S3_ENDPOINT_URL"].endswith(str(port))
+
+
+@pytest.mark.slow  # three Trainer runs with Composer's upload workers: ~90 s on 2 busy cores
+def test_a_run_resumes_past_an_interrupted_upload(
+    clean_bucket: str, corpus: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same weights as an uninterrupted run: a stray ep0-ba4 object (a kill during its upload,
+    before latest moved) is set aside, the run resumes from ba3 and writes its own ba4."""
+    monkeypatch.chdir(tmp_path)  # Composer's autoresume caches remote checkpoints under the cwd
+
+    def run(name: str, stop: int | None = None) -> dict[str, torch.Tensor]:
+        cfg = load_train_config(
+            [ROOT / "yamls/tiny/wsd.yaml"],
+            [
+                *tiny_overrides(corpus, tmp_path / name, eval_interval="null", max_duration="6ba"),
+                "scheduler.t_warmup=2ba",
+                "scheduler.t_decay=0.25",
+                "checkpoint.save_interval=1ba",
+                f"checkpoint.save_folder={clean_bucket}/{name}/checkpoints",
+            ],
+        )
+        trainer = build_trainer(cfg, extra_callbacks=[StopAfter(stop)] if stop else None)
+        # Composer polls the store for a checkpoint's objects before it moves latest, every 30 s
+        # by default: on loopback they are there within milliseconds.
+        trainer._checkpoint_saver._symlink_upload_wait_before_next_try_in_seconds = 0.05
+        trainer.fit()
+        weights = copy.deepcopy(trainer.state.model.model.state_dict())
+        trainer.close()
+        return weights
+
+    straight = run("a")
+    run("b", stop=3)
+    folder = "b/checkpoints"
+    assert latest_on_object_store(f"{clean_bucket}/{folder}") == f"{folder}/ep0-ba3-rank0.pt"
+    stray = tmp_path / "stray.pt"
+    stray.write_bytes(_read(f"{folder}/ep0-ba3-rank0.pt", tmp_path)[:1000])  # half-uploaded ba4
+    _store().upload_object(f"{folder}/ep0-ba4-rank0.pt", str(stray))
+    resumed = run("b")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    (moved,) = [k for k in list_keys(f"{folder}/{QUARANTINE}/") if "/ep0-ba4-rank0.pt." in k]
+    assert _read(moved, tmp_path) == stray.read_bytes()
+    assert len(_read(f"{folder}/ep0-ba4-rank0.pt", tmp_path)) > len(stray.read_bytes())  # the run's own
+    assert latest_on_object_store(f"{clean_bucket}/{folder}") == f"{folder}/ep0-ba6-rank0.pt"
