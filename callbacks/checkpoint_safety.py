@@ -14,6 +14,12 @@ traceback. Two remedies:
   references; once per file per process), moved aside to ``quarantine/`` with a
   warning naming it and why when it is broken, and so on down to the newest good one, which
   the ``latest`` link then points to, so Composer's autoresume continues from it.
+* ``recover_object_store_folder``: the same for a save folder on an object store, where Composer
+  uploads a checkpoint object by object and then the ``latest`` pointer (a ``.symlink`` object
+  naming it). A kill between the two leaves objects newer than ``latest``; the restart would
+  resume from ``latest`` and then refuse to write its own checkpoint of that step over them
+  (``overwrite was set to False``). Every checkpoint newer than the one ``latest`` names (all of
+  them when there is none) moves to ``quarantine/`` on the store, with a warning naming it.
 """
 
 from __future__ import annotations
@@ -24,12 +30,20 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
+from composer.utils import (
+    ObjectStoreTransientError,
+    S3ObjectStore,
+    maybe_create_object_store_from_uri,
+    parse_uri,
+)
 from composer.utils import checkpoint as composer_checkpoint
 
 from common import failpoints
@@ -172,6 +186,126 @@ def recover_checkpoint_folder(folder: str | Path, latest_name: str = "latest-ran
         if quarantined:
             log.warning("autoresume continues from %s", good)
     return Recovery(quarantined, str(good))
+
+
+# ----------------------------------------------------------------------------------------------
+# Recovery before a restart, on an object store
+
+SYMLINK_SUFFIX = ".symlink"  # Composer's pointer object: a text file holding the object name it names
+
+
+def _entry_of(relative: str) -> str | None:
+    """The checkpoint a key (relative to the save folder) belongs to: a file or a sharded folder's name."""
+    first, _, rest = relative.partition("/")
+    if first.startswith((".", "latest")) or first == QUARANTINE or _step(first) < 0:
+        return None
+    if rest or first.endswith((".pt", ".pt.zst", ".tar.gz")):
+        return first
+    return None
+
+
+def _move_objects(store: object, moves: list[tuple[str, str]]) -> None:
+    """Copy every (source, target) key, then delete the sources: a failure leaves every source in place."""
+    if not isinstance(store, S3ObjectStore):
+        raise NotImplementedError(
+            f"moving objects is implemented for s3:// stores only (this one is {type(store).__name__}); "
+            f"move {', '.join(src for src, _ in moves)} out of the save folder by hand"
+        )
+    for src, dst in moves:
+        # Managed copy: multipart above 5 GB, the size of a monolithic checkpoint of a 1.6B model.
+        store.client.copy({"Bucket": store.bucket, "Key": src}, store.bucket, dst)
+    for src, _ in moves:
+        store.client.delete_object(Bucket=store.bucket, Key=src)
+
+
+def latest_on_object_store(uri: str, latest_name: str = "latest-rank0.pt") -> str | None:
+    """The object name the ``latest`` pointer of the save folder ``uri`` names, or None without one."""
+    _, _, path = parse_uri(uri)
+    prefix = f"{path.strip('/')}/" if path.strip("/") else ""
+    store = maybe_create_object_store_from_uri(uri)
+    assert store is not None, f"{uri} is a local path"
+    pointer = f"{prefix}{latest_name}{SYMLINK_SUFFIX}"
+    if pointer not in store.list_objects(pointer):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, os.path.basename(pointer))
+        store.download_object(pointer, local)
+        return Path(local).read_text().strip()
+
+
+def recover_object_store_folder(
+    uri: str, latest_name: str = "latest-rank0.pt", keep_up_to: int | None = None
+) -> Recovery:
+    """Move every checkpoint of the save folder ``uri`` newer than the one ``latest`` names to ``quarantine/``.
+
+    With no ``latest`` pointer every checkpoint moves (the restart starts at batch 0 and writes
+    them again). ``keep_up_to`` replaces the pointer's step: the pre-decay folder, which has no
+    pointer of its own, keeps what the regular folder's ``latest`` covers. The checkpoint ``latest``
+    names and older ones are not touched. A moved checkpoint ``ep0-ba2/`` lands under
+    ``quarantine/ep0-ba2.<time>/`` (its objects keep their names). Runs on global rank 0 only.
+    """
+    backend, _, path = parse_uri(uri)
+    assert backend, f"{uri} is a local path: use recover_checkpoint_folder"
+    prefix = f"{path.strip('/')}/" if path.strip("/") else ""
+    store = maybe_create_object_store_from_uri(uri)
+    assert store is not None
+    latest = target = None
+    if keep_up_to is None:
+        target = latest_on_object_store(uri, latest_name)
+        if target is not None:
+            latest = target.rstrip("/").rsplit("/", 1)[-1]
+            keep_up_to = _step(latest)
+    entries: dict[str, list[str]] = {}
+    for key in store.list_objects(prefix):
+        entry = _entry_of(key[len(prefix) :])
+        if entry is not None:
+            entries.setdefault(entry, []).append(key)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    quarantined: list[tuple[str, str]] = []
+    for entry in sorted(entries, key=_step, reverse=True):
+        if keep_up_to is not None and _step(entry) <= keep_up_to:
+            continue
+        reason = (
+            f"it is newer than the checkpoint latest names ({latest or f'batch {keep_up_to}'}): an interrupted upload"
+            if keep_up_to is not None
+            else "no latest pointer names a checkpoint: an interrupted first upload"
+        )
+        moved = f"{prefix}{QUARANTINE}/{entry}.{stamp}"
+        _move_objects(store, [(key, moved + key[len(prefix + entry) :]) for key in sorted(entries[entry])])
+        log.warning(
+            "checkpoint %s is not resumable: %s; moved it to %s",
+            store.get_uri(prefix + entry),
+            reason,
+            store.get_uri(moved),
+        )
+        quarantined.append((store.get_uri(prefix + entry), reason))
+    return Recovery(quarantined, store.get_uri(target) if target else None)
+
+
+def recover_before_resume(save_folder: str, pre_decay_folder: str | None = None) -> str | None:
+    """Global rank 0's recovery before an autoresume: None, or why the folders could not be recovered.
+
+    A local ``save_folder`` goes through ``recover_checkpoint_folder``, one on an object store
+    through ``recover_object_store_folder``; so does ``pre_decay_folder`` when it is on an object
+    store apart from the save folder, keeping what the save folder's ``latest`` covers. A failure
+    talking to the store (or to the disk) is returned as a message for every rank to stop with.
+    """
+    where = save_folder
+    try:
+        if not parse_uri(save_folder)[0]:
+            recover_checkpoint_folder(save_folder)
+            return None
+        kept = recover_object_store_folder(save_folder)
+        if pre_decay_folder and parse_uri(pre_decay_folder)[0] and pre_decay_folder != save_folder:
+            where = pre_decay_folder
+            step = _step(kept.latest.rstrip("/").rsplit("/", 1)[-1]) if kept.latest else -1
+            recover_object_store_folder(pre_decay_folder, keep_up_to=step)
+    except (OSError, BotoCoreError, ClientError, ObjectStoreTransientError, NotImplementedError) as exc:
+        return (
+            f"could not set aside the interrupted checkpoints of {where} before resuming "
+            f"({type(exc).__name__}: {exc}); check that the store is reachable and writable, then restart"
+        )
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from callbacks import failpoint_hooks, registry
 from callbacks.batch_rampup import BatchRampup, RampedBatches
 from callbacks.checkpoint_safety import (
     install_atomic_checkpoint_writes,
-    recover_checkpoint_folder,
+    recover_before_resume,
     remove_interrupted_writes,
     shape_problems,
 )
@@ -51,7 +51,7 @@ from callbacks.scheduled_lr import ScheduledLrAfterLoad
 from callbacks.schedulers import WarmupStableDecayScheduler
 from common import cli
 from common.config import ConfigError
-from common.distributed import agree
+from common.distributed import agree, broadcast_object
 from common.io import atomic_write_text
 from common.threads import configure_threads
 from data.loader import build_dataloader, check_data
@@ -303,16 +303,22 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
     world = dist.get_world_size()
     ckpt = cfg.checkpoint
     save_folder = ckpt.save_folder or str(cfg.run_dir / "checkpoints")
-    local_save = not parse_uri(save_folder)[0]
     pre_decay_folder = ckpt.pre_decay_folder or _join(save_folder, "pre-decay")
+    fault = None
     if ckpt.autoresume and dist.get_global_rank() == 0:
-        # Before the checks: a broken newest checkpoint is set aside, not reported as a problem,
-        # and what killed writes left behind (regular and pre-decay checkpoints) is removed.
-        if local_save:
-            recover_checkpoint_folder(save_folder)
-        if not parse_uri(pre_decay_folder)[0]:
-            remove_interrupted_writes(format_name_with_dist(pre_decay_folder, cfg.run_name))
-    dist.barrier()
+        # Before the checks: a broken or interrupted newest checkpoint is set aside, not reported
+        # as a problem (nor met as "already exists" when the run writes that step again), and what
+        # killed writes left in a local pre-decay folder is removed.
+        pre_decay = format_name_with_dist(pre_decay_folder, cfg.run_name)
+        fault = recover_before_resume(
+            format_name_with_dist(save_folder, cfg.run_name), pre_decay if ckpt.pre_decay else None
+        )
+        if fault is None and not parse_uri(pre_decay)[0]:
+            remove_interrupted_writes(pre_decay)
+    # Rank 0's verdict reaches every rank (the other ranks wait here): all stop, or all go on.
+    fault = broadcast_object(fault)
+    if fault is not None:
+        raise cli.RunStopped(fault)
     # Every check runs on every rank, and no rank goes on alone: the verdicts are shared before the
     # next collective, so a mistake found by any rank stops all of them with the same message.
     problems: list[str] = []
