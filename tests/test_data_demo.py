@@ -21,6 +21,7 @@ def _clean_shm() -> None:
     clean_stale_shared_memory()
 
 
+@pytest.mark.slow  # about a minute on 2 cores: make test-e2e
 def test_demo_corpus_is_deterministic_and_well_formed(tmp_path: Path) -> None:
     for name in ("a", "b"):
         demo_corpus.main(
@@ -35,6 +36,7 @@ def test_demo_corpus_is_deterministic_and_well_formed(tmp_path: Path) -> None:
     assert all(m["role"] in ("system", "user", "assistant") and m["content"] for c in chats for m in c)
 
 
+@pytest.mark.slow  # about a minute on 2 cores: make test-e2e
 def test_demo_pipeline_feeds_both_phases(tmp_path: Path) -> None:
     src, tok, mds = tmp_path / "src", tmp_path / "tokenizer", tmp_path / "mds"
     demo_corpus.main(["--out", str(src), "--code-mb", "0.3", "--prose-mb", "0.2", "--chats", "40"])

@@ -58,6 +58,7 @@ def test_lm_eval_on_an_export_matches_our_loglikelihoods(tmp_path: Path, monkeyp
     assert os.environ["HF_DATASETS_OFFLINE"] == os.environ["HF_HUB_OFFLINE"] == "1"
 
 
+@pytest.mark.slow  # about a minute on 2 cores: make test-e2e
 def test_unknown_task_and_hybrid_are_refused(tmp_path: Path, monkeypatch) -> None:
     from common.cli import UserError
 
