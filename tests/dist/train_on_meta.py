@@ -17,7 +17,7 @@ from models.composer_model import ComposerMambaLM
 from models.mamba_lm import MambaLMHeadModel
 
 
-def build_on_meta(cfg, distributed: bool) -> ComposerMambaLM:
+def build_on_meta(cfg, fsdp: bool) -> ComposerMambaLM:
     # Only the network on meta: the wrapper's torchmetrics states must stay real tensors (Composer
     # moves them with .to(), which a meta tensor refuses).
     with torch.device("meta"):
