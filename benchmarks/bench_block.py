@@ -297,7 +297,7 @@ def load_average() -> str:
 
 
 def export_block(cfg: MambaConfig, out_dir: Path) -> Path:
-    from models.hf_interop import export_hf
+    from handover.hf_mamba import export_hf
     from models.mamba_lm import MambaLMHeadModel
 
     torch.manual_seed(SEED)

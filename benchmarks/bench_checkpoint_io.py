@@ -54,24 +54,24 @@ if case == "evaluate":
     from eval.sources import load_source
     model = load_source(str(path)).model
 elif case == "init_from":
-    from models.checkpoint_io import read_weights
-    from recipes.init_from import InitFromConfig, load_into, select_weights
+    from handover.weights import read_weights
+    from handover.init_from import InitFromConfig, load_into, select_weights
     ckpt = read_weights(str(path))
     model = MambaLMHeadModel(ckpt.config)
     weights = select_weights(InitFromConfig(path=str(path)), ckpt.config, ckpt, model.state_dict())
     load_into(model, weights)
 else:  # resume
-    from callbacks.checkpoint_safety import recover_checkpoint_folder, shape_problems
+    from handover.integrity import recover_checkpoint_folder, shape_problems
     from composer.utils.checkpoint import safe_torch_load
-    from models.checkpoint_io import read_weights  # noqa: F401 (imports as the Trainer would)
+    from handover.weights import read_weights  # noqa: F401 (imports as the Trainer would)
     recover_checkpoint_folder(path.parent)
     try:
-        from models.checkpoint_reader import install_checkpoint_reads, verify
+        from handover.reader import install_checkpoint_reads, verify
         verify(path)
         install_checkpoint_reads()
         own = {"trust": True}
     except ImportError:  # main's code: the plan checks the file again
-        from callbacks.checkpoint_safety import checkpoint_problem
+        from handover.integrity import checkpoint_problem
         checkpoint_problem(path)
         own = {}
     from common.config import config_from_dict
@@ -93,7 +93,7 @@ def write_checkpoint(path: Path, cfg_overrides: dict) -> tuple[int, dict]:
     import torch
 
     from common.config import to_dict
-    from models.checkpoint_io import RECORD
+    from handover.weights import RECORD
     from models.config import preset
     from models.mamba_lm import MambaLMHeadModel
 

@@ -16,7 +16,7 @@ Implementations (the ``impl`` column):
 - ``hf-torch``    HF ``Mamba2ForCausalLM``'s ``torch_forward`` (Mamba-2 shapes).
 
 Every HF model is loaded with ``AutoModelForCausalLM.from_pretrained`` from our own
-``models.hf_interop.export_hf`` of the same seeded model, so its shapes and weights equal ours.
+``handover.hf_mamba.export_hf`` of the same seeded model, so its shapes and weights equal ours.
 
 Shapes (the ``shape`` column): ``debug`` and ``130m`` are our presets; ``tiny`` is the demo's
 model (yamls/tiny: d_model 128, 4 layers, vocab 4096); ``debug-mamba2`` is
@@ -73,8 +73,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from handover.hf_mamba import export_hf
 from models.config import MambaConfig, SSMConfig, preset
-from models.hf_interop import export_hf
 from models.mamba_lm import MambaLMHeadModel
 
 SHAPES: dict[str, MambaConfig] = {

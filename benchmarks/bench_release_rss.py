@@ -9,7 +9,7 @@ process, the peak resident memory (``VmHWM``) of
 
 - the whole export (``python -m recipes.export CKPT --to hf --out DIR --with-training-state``);
 - Python with the imports alone (the floor);
-- the optimizer part alone (``models.training_state.write_training_state``: the moments read
+- the optimizer part alone (``handover.training_state.write_training_state``: the moments read
   from the memory-mapped checkpoint and written tensor by tensor).
 
 The checkpoint is built in memory with ``torch.save``, so building it needs about twice its size
@@ -93,9 +93,9 @@ def main() -> None:
     try:
         ckpt = work / "ckpt.pt"
         n_params, size = build_checkpoint(args.preset, ckpt)
-        baseline = peak_rss("import models.training_state, recipes.export")
+        baseline = peak_rss("import handover.training_state, recipes.export")
         optimizer_only = peak_rss(
-            "from pathlib import Path; import os; from models.training_state import write_training_state; "
+            "from pathlib import Path; import os; from handover.training_state import write_training_state; "
             f"out = Path({str(work / 'opt')!r}); os.makedirs(out, exist_ok=True); "
             f"write_training_state(Path({str(ckpt)!r}), 'ckpt', out, str(out))"
         )

@@ -4,7 +4,7 @@
     python -m eval.harness out/hf --tasks hellaswag --num-fewshot 10 --batch-size 8   # data in the HF cache
 
 The source is anything ``eval.sources`` reads (run folder, Composer checkpoint, HF / mamba_ssm
-folder); unless it is already an HF folder, it is exported first (``models.hf_interop.export_hf``,
+folder); unless it is already an HF folder, it is exported first (``handover.hf_mamba.export_hf``,
 with the tokenizer) into a temporary folder, which lm-eval's HF backend (``HFLM``:
 ``AutoModelForCausalLM`` loads ``MambaForCausalLM`` / ``Mamba2ForCausalLM``) then evaluates.
 Hybrids (attention layers, MLPs) have no HF class and are refused.
@@ -42,7 +42,7 @@ def hf_folder(source: str, checkpoint: str | None, tokenizer: str | None, workdi
             )
         return path
     from eval.sources import load_source
-    from models.hf_interop import export_hf
+    from handover.hf_mamba import export_hf
 
     loaded = load_source(source, checkpoint)
     tokenizer = tokenizer or loaded.tokenizer

@@ -46,7 +46,7 @@ from callbacks.jsonl_logger import read_jsonl
 from common import cli
 from common.io import atomic_path, atomic_write_text
 from eval import ablation
-from models.checkpoint_reader import read_composer, tokens_trained
+from handover.reader import read_composer, tokens_trained
 
 TOKENS = "time/token"
 TRAIN_CE = "metrics/train/LanguageCrossEntropy"
@@ -109,7 +109,7 @@ def start_tokens(run: Path, trust: bool = False) -> float:
     ``run.json``: a release with its training state, or a Composer checkpoint). Otherwise the
 
     The checkpoint is verified and memory-mapped (only its timestamp is read), as data unless
-    ``trust`` (``--trust-checkpoint``): see models/checkpoint_reader.py.
+    ``trust`` (``--trust-checkpoint``): see handover/reader.py.
     """
     info = run / "run.json"
     if not info.is_file():

@@ -1,6 +1,6 @@
 """Where evaluation gets a model from: one function, ``load_source``.
 
-A source is anything ``models.checkpoint_io.read_weights`` reads, local or on an object store:
+A source is anything ``handover.weights.read_weights`` reads, local or on an object store:
 
 - a training run folder (``run.json`` + ``checkpoints/``): its latest checkpoint, or the one
   ``checkpoint`` names, with the run's config, tokenizer and data;
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from common.cli import UserError
 from common.config import config_from_dict
-from models.checkpoint_io import is_uri, read_weights, resolve
-from models.checkpoint_reader import CorruptCheckpoint, UntrustedCheckpoint
+from handover.reader import CorruptCheckpoint, UntrustedCheckpoint
+from handover.weights import is_uri, read_weights, resolve
 from models.mamba_lm import MambaLMHeadModel
 from recipes.config import TrainConfig
 
@@ -56,7 +56,7 @@ def load_source(source: str | Path, checkpoint: str | Path | None = None, trust:
 
     ``checkpoint`` picks a checkpoint of a run folder (default: its latest). The checkpoint is
     verified and read once, as data unless ``trust`` (``--trust-checkpoint``): see
-    ``models.checkpoint_reader``.
+    ``handover.reader``.
     """
     text = str(source)
     if not is_uri(text) and not Path(text).exists():

@@ -3,7 +3,7 @@
 Module and parameter names are mamba_ssm's (``MambaLMHeadModel``: ``backbone.embedding``,
 ``backbone.layers.{i}.norm/mixer/norm2/mlp``, ``backbone.norm_f``, ``lm_head``), so a state
 dict maps 1:1 onto mamba_ssm checkpoints and, renaming ``embedding`` to ``embeddings``, onto
-HF transformers' ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` (models/hf_interop.py).
+HF transformers' ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` (handover/hf_mamba.py).
 
 Every mixer runs either the mamba_ssm / causal_conv1d CUDA kernels or the PyTorch operators
 of ``models/ops.py`` over the same parameters (``models/kernels.py`` picks per forward).

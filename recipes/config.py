@@ -29,8 +29,8 @@ from callbacks.batch_rampup import BatchRampupConfig
 from callbacks.registry import REGISTRIES
 from common.config import ConfigError, load_sources, read_sources, report, to_dict
 from data.loader import DataConfig
+from handover.init_from import InitFromConfig
 from models.config import PRESETS, MambaConfig, preset
-from recipes.init_from import InitFromConfig
 
 Precision = Literal["auto", "fp32", "amp_bf16"]
 
@@ -135,7 +135,7 @@ class TrainConfig:
     seed: int = 17
     model_preset: str | None = None  # a models/config.py preset applied before `model:` fields
     model: MambaConfig = field(default_factory=MambaConfig)
-    init_from: InitFromConfig | None = None  # start the model from a checkpoint (recipes/init_from.py)
+    init_from: InitFromConfig | None = None  # start the model from a checkpoint (handover/init_from.py)
     tokenizer: str = MISSING  # the tokenizer directory the shards were converted with
     data: DataConfig = field(default_factory=DataConfig)
     eval_interval: str | None = "500ba"  # null disables evaluation

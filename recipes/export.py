@@ -17,13 +17,13 @@ bos/eos/pad ids in ``config.json`` and a ``generation_config.json``: ``AutoModel
 tokenizer the ids come from the checkpoint's record (or the source HF config); where neither
 states them the export is refused, naming ``--tokenizer``, rather than guessing. ``--to mamba_ssm``:
 ``config.json`` + ``pytorch_model.bin`` as ``mamba_ssm.MambaLMHeadModel.from_pretrained`` reads
-them. Hybrids go to HF as ``BambaForCausalLM`` (models/hf_hybrids.py) when Bamba can hold
+them. Hybrids go to HF as ``BambaForCausalLM`` (handover/bamba.py) when Bamba can hold
 them, and to mamba_ssm always.
 
 ``--with-training-state`` (``--to hf``, from a Composer checkpoint or run folder): beside the HF
 model, AdamW's state in ``optimizer.safetensors`` (HF names, written tensor by tensor),
 ``training_state.json`` (tokens seen, lr and schedule, data mix and position, tokenizer, recipe)
-and a model card ``README.md`` with the command that continues it (``models/training_state.py``).
+and a model card ``README.md`` with the command that continues it (``handover/training_state.py``).
 A run started with ``init_from`` of it continues exactly as from the Composer checkpoint.
 """
 
@@ -36,9 +36,9 @@ from pathlib import Path
 
 from common import cli
 from common.io import atomic_dir
-from models.checkpoint_io import is_uri, read_weights, remote_exists, resolve, staged, upload_dir
-from models.hf_interop import export_hf, export_mamba_ssm
-from models.training_state import write_training_state
+from handover.hf_mamba import export_hf, export_mamba_ssm
+from handover.training_state import write_training_state
+from handover.weights import is_uri, read_weights, remote_exists, resolve, staged, upload_dir
 
 FORMATS = ("hf", "mamba_ssm")
 
@@ -54,7 +54,7 @@ def export(
 ) -> str:
     """Export ``source`` to ``out`` in format ``to``; returns ``out``.
 
-    ``source`` is verified and read as data (``trust``: full pickle; see models/checkpoint_reader.py).
+    ``source`` is verified and read as data (``trust``: full pickle; see handover/reader.py).
     """
     if to not in FORMATS:
         raise cli.UserError(f"--to {to!r} is not one of {', '.join(FORMATS)}")

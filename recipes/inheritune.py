@@ -3,7 +3,7 @@
     python -m recipes.inheritune yamls/tiny/inheritune.yaml --reference runs/inheritune/reference
 
 1. Inherit: a model made of the reference's first n blocks (default n = half its depth), with
-   its embedding, final norm and head (``init_from.num_layers``; recipes/init_from.py).
+   its embedding, final norm and head (``init_from.num_layers``; handover/init_from.py).
 2. Train it for T steps (the recipe's ``max_duration``; its schedule runs once per round).
 3. Evaluate on the validation split against the reference's validation loss; while it is
    worse and the depth limit is not reached, grow: append the reference's next k blocks
@@ -35,10 +35,10 @@ from torch import Tensor
 
 from common import cli
 from common.io import atomic_write_text
-from models.checkpoint_io import read_weights
+from handover.init_from import InitFromConfig, LrRewarmup, inherited_config
+from handover.weights import read_weights
 from models.config import MambaConfig
 from recipes.config import TrainConfig, load_train_config
-from recipes.init_from import InitFromConfig, LrRewarmup, inherited_config
 
 REWARMUP_DEFAULT = InitFromConfig.__dataclass_fields__["lr_rewarmup"].default
 

@@ -37,12 +37,6 @@ from omegaconf import OmegaConf
 
 from callbacks import failpoint_hooks, registry
 from callbacks.batch_rampup import BatchRampup, RampedBatches
-from callbacks.checkpoint_safety import (
-    install_atomic_checkpoint_writes,
-    recover_before_resume,
-    remove_interrupted_writes,
-    shape_problems,
-)
 from callbacks.gloo_grad_average import GlooFSDP2GradAverage
 from callbacks.jsonl_logger import JSONLinesLogger
 from callbacks.nonfinite_guard import NonFiniteGuard
@@ -56,11 +50,17 @@ from common.io import atomic_write_text
 from common.threads import configure_threads
 from data.loader import build_dataloader, check_data
 from data.tokenizer import load_tokenizer
-from models.checkpoint_reader import check_as_data, install_checkpoint_reads, verify
+from handover.init_from import apply_init_from, source_record
+from handover.integrity import (
+    install_atomic_checkpoint_writes,
+    recover_before_resume,
+    remove_interrupted_writes,
+    shape_problems,
+)
+from handover.reader import check_as_data, install_checkpoint_reads, verify
 from models.composer_model import ComposerMambaLM, optimizer_param_groups
 from models.mamba_lm import MambaLMHeadModel
 from recipes.config import TrainConfig, load_train_config, resolved_dict
-from recipes.init_from import apply_init_from, source_record
 from recipes.units import CONVERTIBLE, Geometry, convert_schedule_times
 
 METRIC_NAMES = ["LanguageCrossEntropy", "LanguagePerplexity", "Top1Accuracy", "Top3Accuracy", "Top10Accuracy"]

@@ -46,9 +46,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from callbacks.checkpoint_safety import checkpoint_problem  # noqa: E402
 from callbacks.sample_audit import read_audit  # noqa: E402
-from models.checkpoint_io import read_weights  # noqa: E402
+from handover.integrity import checkpoint_problem  # noqa: E402
+from handover.weights import read_weights  # noqa: E402
 from tests.data_helpers import make_docs, make_tokenizer, write_jsonl, write_mixture  # noqa: E402
 from tests.s3_server import BUCKET, moto_s3  # noqa: E402
 

@@ -30,8 +30,8 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "batch_rampup": ("callbacks/batch_rampup.py", ["tests/test_batch_rampup.py"]),
     "loader": ("data/loader.py", ["tests/test_data_loader.py"]),
     "nonfinite_guard": ("callbacks/nonfinite_guard.py", ["tests/test_reliability.py"]),
-    "checkpoint_safety": ("callbacks/checkpoint_safety.py", ["tests/test_reliability.py"]),
-    "init_from": ("recipes/init_from.py", ["tests/test_init_from.py"]),
+    "integrity": ("handover/integrity.py", ["tests/test_reliability.py"]),
+    "init_from": ("handover/init_from.py", ["tests/test_init_from.py"]),
 }
 PYTEST_ARGS = [
     "-p",

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import BambaConfig, BambaForCausalLM
 
-from models.hf_interop import (
+from handover.hf_mamba import (
     UnsupportedCheckpoint,
     config_from_hf,
     export_hf,
@@ -137,7 +137,7 @@ def _other_hybrid_configs() -> dict[str, object]:
 
 @pytest.mark.parametrize("model_type", sorted(_other_hybrid_configs()))
 def test_other_hybrid_families_are_refused_naming_what_they_have(model_type: str, tmp_path: Path) -> None:
-    from models.hf_hybrids import OTHER_HYBRIDS
+    from handover.bamba import OTHER_HYBRIDS
 
     config = _other_hybrid_configs()[model_type]()
     config.save_pretrained(tmp_path)  # the config.json transformers writes for that family
@@ -153,8 +153,8 @@ def test_decay_of_a_transformers_bamba_end_to_end(corpus: dict[str, Path], tmp_p
     """yamls/tiny/bamba_decay.yaml from a tiny Bamba saved by transformers: init_from loads it exactly,
     the decay trains, and the run exports back to HF Bamba and to mamba_ssm with the same logits."""
     from common import cli
-    from models.checkpoint_io import load_model
-    from models.hf_hybrids import bamba_state_dict_to_ours
+    from handover.bamba import bamba_state_dict_to_ours
+    from handover.weights import load_model
     from recipes.config import load_train_config
     from recipes.export import main as export_main
     from recipes.train import build_trainer

@@ -1,4 +1,4 @@
-"""models/checkpoint_reader.py: every command reads a checkpoint once, verifies it the same way, and
+"""handover/reader.py: every command reads a checkpoint once, verifies it the same way, and
 never runs what a checkpoint from elsewhere pickled."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from common import cli
-from models import checkpoint_reader
-from models.checkpoint_reader import SAFE_GLOBALS
+from handover import reader
+from handover.reader import SAFE_GLOBALS
 from recipes import evaluate, export, train
 from recipes.config import load_train_config
 from recipes.train import build_trainer
@@ -55,10 +55,10 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], tuple[int, int,
 
     The reader's memory of checked files is emptied first: each test is one command.
     """
-    monkeypatch.setattr(checkpoint_reader, "_VERIFIED", {})
-    monkeypatch.setattr(checkpoint_reader, "_KEPT", {})
-    monkeypatch.setattr(checkpoint_reader, "CHECKS", checkpoint_reader.collections.Counter())
-    monkeypatch.setattr(checkpoint_reader, "READS", checkpoint_reader.collections.Counter())
+    monkeypatch.setattr(reader, "_VERIFIED", {})
+    monkeypatch.setattr(reader, "_KEPT", {})
+    monkeypatch.setattr(reader, "CHECKS", reader.collections.Counter())
+    monkeypatch.setattr(reader, "READS", reader.collections.Counter())
     loads: dict[str, int] = {}
     crc_reads: dict[str, int] = {}
     original_load, original_testzip = torch.load, zipfile.ZipFile.testzip
@@ -79,7 +79,7 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], tuple[int, int,
 
     def count(path: Path) -> tuple[int, int, int]:
         key = str(path.resolve())
-        return crc_reads.get(key, 0), checkpoint_reader.READS[key], loads.get(key, 0)
+        return crc_reads.get(key, 0), reader.READS[key], loads.get(key, 0)
 
     return count
 
@@ -123,7 +123,7 @@ def test_resume_and_init_from_read_the_checkpoint_once(
     build_trainer(load_train_config([WSD], overrides)).close()
     assert counted(checkpoint) == (1, 1, 1)
     # init_from, a second command: again one check and one read.
-    checkpoint_reader._VERIFIED.clear()
+    reader._VERIFIED.clear()
     overrides = _overrides(corpus, tmp_path, "init", **{"init_from.path": checkpoint})
     trainer = build_trainer(load_train_config([WSD], overrides))
     with torch.serialization.safe_globals(SAFE_GLOBALS):

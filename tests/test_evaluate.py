@@ -13,8 +13,8 @@ from data.shared_memory import clean_stale_shared_memory
 from data.sources import SourceSpec
 from eval.metrics import PositionMetrics, bucket_names
 from eval.sources import load_source
+from handover.hf_mamba import export_hf, export_mamba_ssm
 from models.config import preset
-from models.hf_interop import export_hf, export_mamba_ssm
 from models.mamba_lm import MambaLMHeadModel
 from recipes import evaluate
 from recipes.config import load_train_config
@@ -181,7 +181,7 @@ def test_run_folder_and_checkpoint_sources(corpus: dict[str, Path], tmp_path: Pa
     [
         (lambda p: p / "missing", "does not exist", 2),
         (lambda p: (p / "empty").mkdir() or p / "empty", "not a checkpoint", 2),
-        (  # a corrupt checkpoint is a fault (exit 3), as for every reader (models/checkpoint_reader.py)
+        (  # a corrupt checkpoint is a fault (exit 3), as for every reader (handover/reader.py)
             lambda p: (p / "shard").mkdir() or (p / "shard" / ".metadata").touch() or p / "shard",
             ".metadata cannot be read",
             3,

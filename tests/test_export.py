@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.checkpoint_io import read_weights
-from models.hf_interop import load_pretrained
+from handover.hf_mamba import load_pretrained
+from handover.weights import read_weights
 from recipes.config import load_train_config
 from recipes.export import main as export_main
 from recipes.train import build_trainer

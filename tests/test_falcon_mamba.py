@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import FalconMambaConfig, FalconMambaForCausalLM
 
-from models.checkpoint_io import load_model
+from handover.hf_mamba import export_hf, export_mamba_ssm, load_pretrained
+from handover.weights import load_model
 from models.config import MambaConfig, SSMConfig
-from models.hf_interop import export_hf, export_mamba_ssm, load_pretrained
 from models.mamba_lm import MambaLMHeadModel
 
 TOL = dict(rtol=1e-4, atol=1e-4)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from handover.hf_mamba import export_mamba_ssm
 from models.config import MambaConfig, SSMConfig, preset
-from models.hf_interop import export_mamba_ssm
 from models.mamba_lm import MambaLMHeadModel
 
 pytestmark = pytest.mark.gpu

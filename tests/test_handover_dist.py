@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.checkpoint_io import read_weights
+from handover.weights import read_weights
 from tests.conftest import tiny_overrides
 from tests.test_train import ROOT, free_port
 
@@ -68,8 +68,8 @@ def test_init_from_under_two_processes(corpus: dict[str, Path], tmp_path: Path) 
     """An HF checkpoint as init_from of a 2-process FSDP2 run, loaded by every rank (CPU), and by rank 0
     alone into a meta-device model (the GPU path). At a negligible lr one step barely moves the
     weights, so the first saved checkpoint must still equal the source (a fresh init would not)."""
+    from handover.hf_mamba import export_hf
     from models.config import MambaConfig, SSMConfig
-    from models.hf_interop import export_hf
     from models.mamba_lm import MambaLMHeadModel
 
     source = MambaLMHeadModel(MambaConfig(d_model=32, n_layer=2, vocab_size=300, ssm=SSMConfig(d_state=8)))

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Mamba2ForCausalLM, MambaForCausalLM
 
+from handover.hf_mamba import HF_EMBEDDING, OUR_EMBEDDING, export_hf, export_mamba_ssm, load_pretrained
 from models.config import AttnConfig, MambaConfig, SSMConfig
-from models.hf_interop import HF_EMBEDDING, OUR_EMBEDDING, export_hf, export_mamba_ssm, load_pretrained
 from models.mamba_lm import MambaLMHeadModel
 
 MAMBA1_CONFIGS = {

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from common import cli
+from handover.hf_mamba import export_mamba_ssm
+from handover.init_from import inherited_config
 from models.config import AttnConfig, MambaConfig, SSMConfig
-from models.hf_interop import export_mamba_ssm
 from models.mamba_lm import MambaLMHeadModel
 from recipes.inheritune import grown_state, load_optimizer_state_by_name, optimizer_state_by_name, run
-from recipes.init_from import inherited_config
 from tests.conftest import tiny_overrides
 from tests.test_train import ROOT
 

@@ -13,12 +13,12 @@ from transformers import MambaConfig as HFMambaConfig
 from transformers import MambaForCausalLM
 
 from callbacks.jsonl_logger import read_jsonl
-from models.checkpoint_io import ModelWeights, read_weights
+from handover.hf_mamba import export_hf, export_mamba_ssm
+from handover.init_from import InitFromConfig, inherited_config, select_weights
+from handover.weights import ModelWeights, read_weights
 from models.config import AttnConfig, MambaConfig, SSMConfig
-from models.hf_interop import export_hf, export_mamba_ssm
 from models.mamba_lm import MambaLMHeadModel
 from recipes.config import load_train_config
-from recipes.init_from import InitFromConfig, inherited_config, select_weights
 from recipes.train import build_trainer
 from tests.conftest import tiny_overrides
 from tests.test_train import ROOT

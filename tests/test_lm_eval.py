@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from eval import harness
+from handover.hf_mamba import export_mamba_ssm
 from models.config import AttnConfig, preset
-from models.hf_interop import export_mamba_ssm
 from models.mamba_lm import MambaLMHeadModel
 from tests.data_helpers import make_tokenizer
 

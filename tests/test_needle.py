@@ -14,8 +14,8 @@ import torch
 from common.cli import UserError
 from data import passkey
 from eval import needle
+from handover.hf_mamba import export_hf
 from models.config import preset
-from models.hf_interop import export_hf
 from models.mamba_lm import MambaLMHeadModel
 from tests.data_helpers import make_tokenizer
 

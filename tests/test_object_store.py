@@ -13,7 +13,7 @@ import torch
 from callbacks.jsonl_logger import read_jsonl
 from data.convert import ConvertConfig, convert
 from data.sources import SourceSpec
-from models.checkpoint_io import download, read_weights
+from handover.weights import download, read_weights
 from recipes.config import load_train_config
 from recipes.export import export
 from recipes.train import build_trainer

@@ -1,5 +1,5 @@
 """Interrupted checkpoint uploads on an object store are set aside before an autoresume
-(callbacks/checkpoint_safety.py ``recover_object_store_folder``), against a real S3 endpoint on
+(handover/integrity.py ``recover_object_store_folder``), against a real S3 endpoint on
 loopback (moto's server, tests/s3_server.py)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from composer.utils import S3ObjectStore, create_symlink_file
 
-from callbacks.checkpoint_safety import QUARANTINE, latest_on_object_store, recover_before_resume
+from handover.integrity import QUARANTINE, latest_on_object_store, recover_before_resume
 from recipes.config import load_train_config
 from recipes.train import build_trainer
 from tests.conftest import StopAfter, tiny_overrides

@@ -110,8 +110,8 @@ def test_a_wrong_init_from_path_stops_both_ranks(corpus: dict[str, Path], tmp_pa
 
 
 def test_an_init_from_of_another_shape_stops_both_ranks(corpus: dict[str, Path], tmp_path: Path) -> None:
+    from handover.hf_mamba import export_hf
     from models.config import MambaConfig, SSMConfig
-    from models.hf_interop import export_hf
     from models.mamba_lm import MambaLMHeadModel
 
     wider = MambaLMHeadModel(MambaConfig(d_model=48, n_layer=2, vocab_size=300, ssm=SSMConfig(d_state=8)))

@@ -112,7 +112,7 @@ def test_every_shipped_recipe_starts(recipe: str, corpus: dict[str, Path], tmp_p
     name = cfg.scheduler["name"]
     if cfg.init_from is not None:
         # Continuing or decaying a released model: the schedule starts at its peak and the re-warmup
-        # scales it by (n + 1) / T at the end of batch n (recipes/init_from.py).
+        # scales it by (n + 1) / T at the end of batch n (handover/init_from.py).
         rewarmup = Time.from_timestring(cfg.init_from.lr_rewarmup)
         assert rewarmup.unit.value == "ba"
         schedule = [1.0, 1.0]  # wsd without warmup: the stable peak

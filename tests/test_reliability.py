@@ -17,17 +17,17 @@ from composer.loggers import Logger
 from composer.utils import checkpoint as composer_checkpoint
 from torch.utils.data import DataLoader, Dataset
 
-from callbacks.checkpoint_safety import (
-    QUARANTINE,
-    checkpoint_problem,
-    install_atomic_checkpoint_writes,
-    recover_checkpoint_folder,
-)
 from callbacks.jsonl_logger import read_jsonl
 from callbacks.loss_spike import LossSpikeRollback
 from callbacks.nonfinite_guard import NonFiniteError, NonFiniteGuard
 from callbacks.schedulers import WarmupStableDecayScheduler
 from common.config import ConfigError
+from handover.integrity import (
+    QUARANTINE,
+    checkpoint_problem,
+    install_atomic_checkpoint_writes,
+    recover_checkpoint_folder,
+)
 from models.composer_model import ComposerMambaLM
 from models.config import preset
 from recipes.config import load_train_config

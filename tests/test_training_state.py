@@ -16,7 +16,7 @@ from composer.loggers import Logger
 
 from callbacks.jsonl_logger import read_jsonl
 from eval.report import start_tokens
-from models.training_state import PendingTensor, write_safetensors
+from handover.training_state import PendingTensor, write_safetensors
 from recipes.config import load_train_config
 from recipes.export import main as export_main
 from recipes.train import build_trainer
@@ -281,7 +281,7 @@ def test_release_to_and_from_an_object_store(
 ) -> None:
     """The pre-decay checkpoint on s3://, exported to s3:// with its training state; a decay started
     from the s3:// release equals the decay from the local Composer checkpoint."""
-    from models.checkpoint_io import _store_and_key, download
+    from handover.weights import _store_and_key, download
 
     run, _ = stable_run
     pre_decay = run / "checkpoints" / "pre-decay" / "pre-decay-ba9.pt"

@@ -15,7 +15,7 @@
 - ``README.md``: a model card saying what the checkpoint is (pre-decay, final or intermediate,
   tokens seen, lr, schedule) and the command that continues it.
 
-``init_from`` of such a release (``recipes/init_from.py``) restores the moments and step counts
+``init_from`` of such a release (``handover/init_from.py``) restores the moments and step counts
 (``RestoreTrainingState``: no lr re-warmup needed) and, with ``init_from.data_position: true``,
 Streaming's position in the same mix. The decay it then runs equals the decay started from the
 Composer checkpoint with ``checkpoint.load_path`` (tests/test_training_state.py).
@@ -37,8 +37,8 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from torch import Tensor
 
-from models.checkpoint_reader import TRUST_HINT, read_composer, safe_reader_and_planner, verify
-from models.hf_interop import HF_EMBEDDING, OUR_EMBEDDING
+from handover.hf_mamba import HF_EMBEDDING, OUR_EMBEDDING
+from handover.reader import TRUST_HINT, read_composer, safe_reader_and_planner, verify
 
 TRAINING_STATE = "training_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -323,7 +323,7 @@ def open_checkpoint_state(
     path: Path, label: str, trust: bool = False, opt_in: str = TRUST_HINT
 ) -> Iterator[CheckpointTrainingState]:
     """The training state of a local Composer checkpoint (a ``.pt`` file or a sharded folder), read
-    as data unless ``trust`` (see models/checkpoint_reader.py)."""
+    as data unless ``trust`` (see handover/reader.py)."""
     if path.is_dir() and (path / ".metadata").is_file():
         with _sharded(path, label, trust, opt_in) as found:
             yield found
@@ -557,7 +557,7 @@ def read_released_state(directory: Path, label: str) -> ReleasedTrainingState | 
 def fetch_released_state(path: str) -> ReleasedTrainingState | None:
     """``read_released_state`` of a local directory or an object-store folder (only its two files are
     downloaded); None when ``path`` is not a release with a training state."""
-    from models.checkpoint_io import download, is_uri, remote_exists
+    from handover.weights import download, is_uri, remote_exists
 
     if not is_uri(path):
         local = Path(path)

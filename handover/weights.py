@@ -9,7 +9,7 @@ CPU tensors) from any of:
   ``pre-decay-ba100.pt``) or sharded (a torch.distributed.checkpoint folder: ``.metadata`` and
   ``__{rank}_0.distcp``, what FSDP runs write with ``fsdp.state_dict_type: sharded``);
 - an HF transformers directory (``MambaForCausalLM`` / ``Mamba2ForCausalLM``) or a mamba_ssm
-  directory (``config.json`` + ``pytorch_model.bin``), via ``models.hf_interop``;
+  directory (``config.json`` + ``pytorch_model.bin``), via ``handover.hf_mamba``;
 
 each local or on an object store (``s3://``, ``gs://``, ``oci://``, ``azure://``), through
 Composer's own object-store layer (``composer.utils.maybe_create_object_store_from_uri``, which
@@ -42,9 +42,9 @@ from composer.loggers import Logger
 from torch import Tensor
 
 from common.config import config_from_dict, to_dict
-from models.checkpoint_reader import TRUST_HINT, read_composer, read_sharded, tokens_trained
+from handover.hf_mamba import hf_config_special_ids, load_weights, read_pretrained
+from handover.reader import TRUST_HINT, read_composer, read_sharded, tokens_trained
 from models.config import MambaConfig
-from models.hf_interop import hf_config_special_ids, load_weights, read_pretrained
 from models.mamba_lm import MambaLMHeadModel
 
 RECORD = "HandoverRecord"  # the callback's name in a Composer checkpoint's state/callbacks
@@ -323,7 +323,7 @@ def read_weights(
     """Config and weights from a run folder, Composer checkpoint, HF or mamba_ssm directory, local or remote.
 
     ``config`` is only needed for a Composer checkpoint that records none (see the module doc).
-    Every file is verified once and read lazily through ``models.checkpoint_reader``; a Composer
+    Every file is verified once and read lazily through ``handover.reader``; a Composer
     checkpoint is unpickled with ``weights_only=True`` unless ``trust`` (the user's ``opt_in``,
     named when a checkpoint is refused). A corrupt file raises ``CorruptCheckpoint``.
     """

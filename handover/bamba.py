@@ -69,7 +69,7 @@ OTHER_HYBRIDS: dict[str, tuple[str, str]] = {
 
 def refuse_other_hybrid(model_type: str, source: str) -> None:
     """Raise naming the family and what it has, if ``model_type`` is a hybrid this repository lacks."""
-    from models.hf_interop import UnsupportedCheckpoint
+    from handover.hf_mamba import UnsupportedCheckpoint
 
     if model_type in OTHER_HYBRIDS:
         family, has = OTHER_HYBRIDS[model_type]
@@ -84,7 +84,7 @@ def config_from_bamba(raw: dict[str, Any], source: str) -> MambaConfig:
     """Our config from an HF ``BambaConfig`` ``config.json`` (transformers' own defaults applied)."""
     from transformers import BambaConfig
 
-    from models.hf_interop import UnsupportedCheckpoint, _integral_expand, _require
+    from handover.hf_mamba import UnsupportedCheckpoint, _integral_expand, _require
 
     try:
         hf = BambaConfig.from_dict(raw)

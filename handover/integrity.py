@@ -9,7 +9,7 @@ traceback. Two remedies:
   name in the same folder, fsyncs, and renames (``os.replace``). A sharded (DCP) checkpoint is
   already safe to detect: torch writes its ``.metadata`` last, to a temporary name it renames.
 * ``recover_checkpoint_folder``: before a run resumes, the newest checkpoint of its folder is
-  verified (``models.checkpoint_reader.checkpoint_problem``: a monolithic file's zip structure
+  verified (``handover.reader.checkpoint_problem``: a monolithic file's zip structure
   and every entry's CRC-32; a sharded folder's ``.metadata`` and the size of every file it
   references; once per file per process), moved aside to ``quarantine/`` with a
   warning naming it and why when it is broken, and so on down to the newest good one, which
@@ -47,7 +47,7 @@ from composer.utils import (
 from composer.utils import checkpoint as composer_checkpoint
 
 from common import failpoints
-from models.checkpoint_reader import TRUST_HINT, checkpoint_problem, read_composer, read_dcp_metadata
+from handover.reader import TRUST_HINT, checkpoint_problem, read_composer, read_dcp_metadata
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ def checkpoint_model_shapes(
     """Parameter name (as in ``MambaLMHeadModel``) -> shape, for a Composer checkpoint of this repository.
 
     A monolithic file is memory-mapped (its tensors are not read) and kept for Composer's own
-    load of it (``models.checkpoint_reader.read_composer(keep=True)``); a sharded one is
+    load of it (``handover.reader.read_composer(keep=True)``); a sharded one is
     described by its ``.metadata``. ``trust``: full pickle (see ``read_composer``).
     """
     path = Path(path)

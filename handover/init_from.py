@@ -1,7 +1,7 @@
 """``init_from``: start a run's model from any checkpoint, and never silently change its numbers.
 
 The ``init_from`` section of a training recipe initialises the *model* of a new run from a
-released or earlier checkpoint (``models/checkpoint_io.py`` reads all of them: a run folder, a
+released or earlier checkpoint (``handover/weights.py`` reads all of them: a run folder, a
 Composer checkpoint monolithic or sharded, an HF or mamba_ssm directory, local or on an object
 store). The clock, the schedule, the data position and the optimizer start fresh: to continue a
 run of this repository *with* its AdamW state, use ``checkpoint.load_path`` instead.
@@ -30,7 +30,7 @@ and step counts, ``training_state.json``) continues exactly: with ``init_from.tr
 whole-model copy restores moments (a block selection starts fresh, with the re-warmup). Every
 run started with ``init_from`` records the tokens its source had seen (``run.json`` key
 ``init_from_source``, the ``init_from/tokens_seen`` hyperparameter), so ``eval.report`` draws it
-from there (models/training_state.py).
+from there (handover/training_state.py).
 
 Where the weights are loaded. ``apply_init_from`` runs right after the model is built and
 before the optimizer exists. On CPU (and single-GPU) runs every process holds the full model:
@@ -60,8 +60,8 @@ from omegaconf import MISSING
 from torch import Tensor
 
 from common.config import report
-from models.checkpoint_io import HandoverRecord, ModelWeights, read_weights
-from models.checkpoint_reader import assign_weights
+from handover.reader import assign_weights
+from handover.weights import HandoverRecord, ModelWeights, read_weights
 from models.config import MambaConfig
 
 if TYPE_CHECKING:
@@ -365,7 +365,7 @@ def _materialise_if_meta(model: torch.nn.Module, init_fn: Any) -> bool:
 def _special_token_ids(tokenizer: str) -> dict[str, int | None] | None:
     """The run's tokenizer's bos/eos/pad/unk ids for the checkpoints' record (None, with a warning,
     when transformers cannot read it: an export of the run then needs ``--tokenizer``)."""
-    from models.hf_interop import tokenizer_special_ids
+    from handover.hf_mamba import tokenizer_special_ids
 
     try:
         return tokenizer_special_ids(tokenizer)
@@ -381,7 +381,7 @@ def _training_state_callbacks(
 
     Every rank decides from the same files, so every rank reaches the same verdict.
     """
-    from models.training_state import (
+    from handover.training_state import (
         RestoreTrainingState,
         check_moments,
         fetch_released_state,
@@ -467,7 +467,7 @@ def apply_init_from(cfg: TrainConfig, composer_model: ComposerMambaLM) -> list[C
     exported or used as ``init_from`` later) and, with ``init_from``, the ``LrRewarmup``.
     Call it after the model is built, before the optimizer exists, and put the callbacks first.
     """
-    from models.training_state import TrainingRecord
+    from handover.training_state import TrainingRecord
     from recipes.config import resolved_dict
 
     # The model config and the resolved recipe in every checkpoint: what an export needs to know.

@@ -3,7 +3,7 @@
 - ``export_hf``: a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads
   offline (``MambaForCausalLM`` for Mamba-1, ``FalconMambaForCausalLM`` for Mamba-1 with
   ``ssm.b_c_dt_rms``, ``Mamba2ForCausalLM`` for Mamba-2, ``BambaForCausalLM`` for hybrids:
-  models/hf_hybrids.py): config.json,
+  handover/bamba.py): config.json,
   model.safetensors and, when given, the tokenizer files. HF's state-dict names equal ours
   except ``backbone.embedding`` -> ``backbone.embeddings``.
 - ``export_mamba_ssm``: config.json + pytorch_model.bin as ``mamba_ssm.MambaLMHeadModel``
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from common.io import atomic_dir
-from models.checkpoint_reader import assign_weights, read_safetensors, read_torch_weights
+from handover.reader import assign_weights, read_safetensors, read_torch_weights
 from models.config import AttnConfig, MambaConfig, SSMConfig
 from models.mamba_lm import MambaLMHeadModel
 
@@ -39,7 +39,7 @@ def hf_config_dict(cfg: MambaConfig) -> dict[str, Any]:
     """The HF ``MambaConfig`` / ``FalconMambaConfig`` / ``Mamba2Config`` fields equivalent to ``cfg``, or
     ``BambaConfig``'s for a hybrid (attention layers or MLPs); raises naming what none can hold."""
     if cfg.attn_layer_idx or cfg.d_intermediate:
-        from models.hf_hybrids import bamba_config_dict
+        from handover.bamba import bamba_config_dict
 
         return bamba_config_dict(cfg)
     problems = []
@@ -163,7 +163,7 @@ def export_hf(
     config = hf_config_dict(model.config)
     sd = _state_dict_for_export(model)
     if config["model_type"] == "bamba":
-        from models.hf_hybrids import ours_to_bamba_state_dict
+        from handover.bamba import ours_to_bamba_state_dict
 
         sd = ours_to_bamba_state_dict(sd, model.config)
     else:
@@ -536,7 +536,7 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> MambaCon
     from transformers import Mamba2Config as HFMamba2Config
     from transformers import MambaConfig as HFMambaConfig
 
-    from models.hf_hybrids import config_from_bamba, refuse_other_hybrid
+    from handover.bamba import config_from_bamba, refuse_other_hybrid
 
     model_type = raw.get("model_type")
     refuse_other_hybrid(str(model_type), source)
@@ -615,7 +615,7 @@ def is_hf_config(raw: dict[str, Any]) -> bool:
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
-    """Every weight file of a model folder, memory-mapped and verified (models.checkpoint_reader)."""
+    """Every weight file of a model folder, memory-mapped and verified (handover.reader)."""
     if (path / "model.safetensors").is_file():
         return read_safetensors(path / "model.safetensors")
     for index_name, reader in (
@@ -649,7 +649,7 @@ def read_pretrained(path: str | Path) -> tuple[MambaConfig, dict[str, Tensor], s
     cfg = config_from_hf(raw, str(config_path)) if is_hf else config_from_mamba_ssm(raw, str(config_path))
     sd = _read_weights(path)
     if is_hf and raw.get("model_type") == "bamba":
-        from models.hf_hybrids import bamba_state_dict_to_ours
+        from handover.bamba import bamba_state_dict_to_ours
 
         sd = bamba_state_dict_to_ours(sd, cfg)
     if is_hf and HF_EMBEDDING in sd:
