@@ -21,7 +21,10 @@ import argparse
 import errno
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    import torch
 
 USAGE_ERROR = 2  # the exit status of a user mistake (argparse's own, too)
 STOPPED = 3  # the exit status of a run that a safety check stopped
@@ -99,3 +102,16 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(0)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device auto|cpu|cuda`` of the evaluation commands: auto takes the GPU when one is visible."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r} must be auto, cpu or cuda")
+    return torch.device(name)

@@ -103,12 +103,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from lm_eval.utils import make_table
 
-    from recipes.evaluate import resolve_device
-
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise cli.UserError("--tasks is empty: name at least one task")
-    device = str(resolve_device(args.device))
+    device = str(cli.resolve_device(args.device))
     with tempfile.TemporaryDirectory() as workdir:
         hf_dir = hf_folder(args.source, args.checkpoint, args.tokenizer, Path(workdir))
         results = run_lm_eval(

@@ -318,13 +318,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    from recipes.evaluate import resolve_device
-
     lengths = parse_ints(args.lengths, "--lengths")
     depths = depth_grid(args.depths)
     if args.trials < 1:
         raise cli.UserError(f"--trials {args.trials} must be >= 1")
-    lm, tok = load_lm(args.source, args.checkpoint, args.tokenizer, resolve_device(args.device))
+    lm, tok = load_lm(args.source, args.checkpoint, args.tokenizer, cli.resolve_device(args.device))
     prompts = Prompts(tok, haystack_tokens(tok, args.haystack, max(lengths)))
     trials = run_needle(lm, prompts, lengths, depths, args.trials, args.seed, progress=not args.no_progress)
     _, _, grid = accuracy_grid(trials)

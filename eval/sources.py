@@ -17,11 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import UserError
-from common.config import config_from_dict
 from handover.reader import CorruptCheckpoint, UntrustedCheckpoint
 from handover.weights import is_uri, read_weights, resolve
 from models.mamba_lm import MambaLMHeadModel
-from recipes.config import TrainConfig
 
 
 @dataclass
@@ -30,17 +28,18 @@ class LoadedModel:
 
     model: MambaLMHeadModel
     tokenizer: str | None  # a tokenizer folder, when the source names or holds one
-    run_config: TrainConfig | None  # the training config, for a run folder or a checkpoint inside one
+    run_dir: Path | None  # the training run folder, for a run folder or a checkpoint inside one
     checkpoint: str  # the file or folder the weights were read from
     tokens_trained: int | None  # the token count of a monolithic Composer checkpoint
 
 
-def load_run_config(run_dir: str | Path) -> TrainConfig:
-    """The resolved training config a run saved in ``run.json``."""
-    path = Path(run_dir) / "run.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a training run folder?")
-    return config_from_dict(TrainConfig, json.loads(path.read_text())["config"], source=str(path))
+def run_tokenizer(run_dir: Path) -> str:
+    """The tokenizer a run trained with, as its ``run.json`` records it ("" if none)."""
+    path = run_dir / "run.json"
+    try:
+        return str(json.loads(path.read_text())["config"].get("tokenizer") or "")
+    except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+        raise UserError(f"{path} is not a run record ({exc}): pass the checkpoint itself") from exc
 
 
 def _run_dir_of(path: Path) -> Path | None:
@@ -79,11 +78,10 @@ def load_source(source: str | Path, checkpoint: str | Path | None = None, trust:
         if not is_uri(target):
             raise
         raise UserError(f"cannot read {target} ({type(exc).__name__}: {exc})") from exc
-    run_cfg = load_run_config(run_dir) if run_dir is not None else None
     local = None if is_uri(target) else Path(resolve(target))
-    tokenizer = weights.tokenizer or (run_cfg.tokenizer if run_cfg else "")
+    tokenizer = weights.tokenizer or (run_tokenizer(run_dir) if run_dir is not None else "")
     if not tokenizer and local is not None and (local / "tokenizer.json").is_file():
         tokenizer = str(local)
     return LoadedModel(
-        weights.build().eval(), tokenizer or None, run_cfg, weights.source, weights.tokens_trained
+        weights.build().eval(), tokenizer or None, run_dir, weights.source, weights.tokens_trained
     )

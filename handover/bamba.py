@@ -34,6 +34,7 @@ from typing import Any
 
 from torch import Tensor
 
+from handover.unsupported import UnsupportedCheckpoint, integral_expand, require
 from models.config import AttnConfig, MambaConfig, SSMConfig
 from models.mamba_lm import MLP_MULTIPLE_OF
 
@@ -69,8 +70,6 @@ OTHER_HYBRIDS: dict[str, tuple[str, str]] = {
 
 def refuse_other_hybrid(model_type: str, source: str) -> None:
     """Raise naming the family and what it has, if ``model_type`` is a hybrid this repository lacks."""
-    from handover.hf_mamba import UnsupportedCheckpoint
-
     if model_type in OTHER_HYBRIDS:
         family, has = OTHER_HYBRIDS[model_type]
         raise UnsupportedCheckpoint(
@@ -84,15 +83,13 @@ def config_from_bamba(raw: dict[str, Any], source: str) -> MambaConfig:
     """Our config from an HF ``BambaConfig`` ``config.json`` (transformers' own defaults applied)."""
     from transformers import BambaConfig
 
-    from handover.hf_mamba import UnsupportedCheckpoint, _integral_expand, _require
-
     try:
         hf = BambaConfig.from_dict(raw)
     except (ValueError, TypeError) as exc:
         raise UnsupportedCheckpoint(f"{source}: transformers refuses this config: {exc}") from exc
     if hf.hidden_act not in ("silu", "swish"):
-        _require(hf.hidden_act, "silu", "hidden_act", "SiLU gates in the mixer and the MLP", source)
-    _require(bool(hf.mlp_bias), False, "mlp_bias", "this repository's gated MLP has no biases", source)
+        require(hf.hidden_act, "silu", "hidden_act", "SiLU gates in the mixer and the MLP", source)
+    require(bool(hf.mlp_bias), False, "mlp_bias", "this repository's gated MLP has no biases", source)
     if hf.intermediate_size % MLP_MULTIPLE_OF:
         raise UnsupportedCheckpoint(
             f"{source}: intermediate_size={hf.intermediate_size} is not a multiple of {MLP_MULTIPLE_OF}: this "
@@ -107,10 +104,8 @@ def config_from_bamba(raw: dict[str, Any], source: str) -> MambaConfig:
     attn_layer_idx = sorted(hf.attn_layer_indices or [])
     attn = AttnConfig()
     if attn_layer_idx:
-        _require(getattr(hf, "rope_scaling", None), None, "rope_scaling", "scaled or extended RoPE", source)
-        _require(
-            float(hf.attention_dropout), 0.0, "attention_dropout", "dropout on attention weights", source
-        )
+        require(getattr(hf, "rope_scaling", None), None, "rope_scaling", "scaled or extended RoPE", source)
+        require(float(hf.attention_dropout), 0.0, "attention_dropout", "dropout on attention weights", source)
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         rotary = int(head_dim * hf.partial_rotary_factor)
         if rotary % 2:
@@ -139,7 +134,7 @@ def config_from_bamba(raw: dict[str, Any], source: str) -> MambaConfig:
                 layer="mamba2",
                 d_state=hf.mamba_d_state,
                 d_conv=hf.mamba_d_conv,
-                expand=_integral_expand(hf.mamba_expand, "mamba_expand", source),
+                expand=integral_expand(hf.mamba_expand, "mamba_expand", source),
                 headdim=hf.mamba_d_head,
                 ngroups=hf.mamba_n_groups,
                 chunk_size=hf.mamba_chunk_size,

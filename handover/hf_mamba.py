@@ -28,6 +28,7 @@ from torch import Tensor
 
 from common.io import atomic_dir
 from handover.reader import assign_weights, read_safetensors, read_torch_weights
+from handover.unsupported import UnsupportedCheckpoint, integral_expand, merge_defaults, require
 from models.config import AttnConfig, MambaConfig, SSMConfig
 from models.mamba_lm import MambaLMHeadModel
 
@@ -371,50 +372,17 @@ MAMBA_SSM_MHA_DEFAULTS: dict[str, Any] = {
 SPEED_ONLY = {"use_fast_path", "use_mem_eff_path", "sequence_parallel", "fused_add_norm"}
 
 
-class UnsupportedCheckpoint(ValueError):
-    """A checkpoint setting this repository cannot represent: loading it would change its numbers."""
-
-
-def _merge_defaults(
-    given: dict[str, Any], defaults: dict[str, Any], where: str, source: str
-) -> dict[str, Any]:
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise UnsupportedCheckpoint(
-            f"{source}: {where} has {unknown}, which mamba_ssm 2.3.1 does not accept either "
-            f"(valid: {', '.join(sorted(defaults))}); fix the config.json"
-        )
-    return {**defaults, **given}
-
-
-def _integral_expand(expand: Any, where: str, source: str) -> int:
-    if float(expand) != int(expand):
-        raise UnsupportedCheckpoint(
-            f"{source}: {where}={expand}: this repository's model.ssm.expand is an integer "
-            "(d_inner = expand * d_model)"
-        )
-    return int(expand)
-
-
-def _require(value: Any, supported: Any, setting: str, why: str, source: str) -> None:
-    if value != supported:
-        raise UnsupportedCheckpoint(
-            f"{source}: {setting}={value!r} is not supported ({why}); only {supported!r} loads with the "
-            "checkpoint's own numbers, so it is refused"
-        )
-
-
 def config_from_mamba_ssm(raw: dict[str, Any], source: str = "config.json") -> MambaConfig:
     """Our config from a mamba_ssm ``config.json``, with mamba_ssm's defaults for what it leaves out."""
-    ms = _merge_defaults(raw, MAMBA_SSM_MODEL_DEFAULTS, "the top level", source)
+    ms = merge_defaults(raw, MAMBA_SSM_MODEL_DEFAULTS, "the top level", source)
     ssm_in = dict(ms["ssm_cfg"] or {})
     layer = ssm_in.pop("layer", "Mamba1")
     if layer not in MAMBA_SSM_LAYER_DEFAULTS:
         raise UnsupportedCheckpoint(
             f"{source}: ssm_cfg.layer={layer!r} is not Mamba1 or Mamba2 (mamba_ssm's choices)"
         )
-    s = _merge_defaults(ssm_in, MAMBA_SSM_LAYER_DEFAULTS[layer], f"ssm_cfg ({layer})", source)
-    expand = _integral_expand(s["expand"], "ssm_cfg.expand", source)
+    s = merge_defaults(ssm_in, MAMBA_SSM_LAYER_DEFAULTS[layer], f"ssm_cfg ({layer})", source)
+    expand = integral_expand(s["expand"], "ssm_cfg.expand", source)
     ssm: dict[str, Any] = {
         "layer": layer.lower(),
         "d_state": s["d_state"],
@@ -435,22 +403,22 @@ def config_from_mamba_ssm(raw: dict[str, Any], source: str = "config.json") -> M
     else:
         d_inner = expand * ms["d_model"]
         if s["d_ssm"] is not None:
-            _require(
+            require(
                 s["d_ssm"],
                 d_inner,
                 "ssm_cfg.d_ssm",
                 "an SSM on part of d_inner with a gated MLP beside it",
                 source,
             )
-        _require(
+        require(
             bool(s["D_has_hdim"]), False, "ssm_cfg.D_has_hdim", "D per channel instead of per head", source
         )
-        _require(bool(s["rmsnorm"]), True, "ssm_cfg.rmsnorm", "Mamba-2 without its gated output norm", source)
-        _require(
+        require(bool(s["rmsnorm"]), True, "ssm_cfg.rmsnorm", "Mamba-2 without its gated output norm", source)
+        require(
             bool(s["norm_before_gate"]), False, "ssm_cfg.norm_before_gate", "norm before the z gate", source
         )
         dt_limit = [float(v) for v in s["dt_limit"]]
-        _require(dt_limit, [0.0, math.inf], "ssm_cfg.dt_limit", "clamping dt", source)
+        require(dt_limit, [0.0, math.inf], "ssm_cfg.dt_limit", "clamping dt", source)
         if s["conv_init"] is not None:
             warnings.warn(
                 f"{source}: ssm_cfg.conv_init={s['conv_init']} only sets the conv weights' initial range; "
@@ -470,19 +438,19 @@ def config_from_mamba_ssm(raw: dict[str, Any], source: str = "config.json") -> M
     attn_layer_idx = list(ms["attn_layer_idx"] or [])
     attn = AttnConfig()
     if attn_layer_idx:
-        a = _merge_defaults(dict(ms["attn_cfg"] or {}), MAMBA_SSM_MHA_DEFAULTS, "attn_cfg", source)
+        a = merge_defaults(dict(ms["attn_cfg"] or {}), MAMBA_SSM_MHA_DEFAULTS, "attn_cfg", source)
         if a["num_heads"] is None:
             raise UnsupportedCheckpoint(f"{source}: attn_cfg has no num_heads (mamba_ssm's MHA requires it)")
-        _require(
+        require(
             bool(a["causal"]),
             True,
             "attn_cfg.causal",
             "mamba_ssm's MHA default is non-causal attention",
             source,
         )
-        _require(a["d_conv"], 0, "attn_cfg.d_conv", "a depthwise convolution on q, k, v", source)
-        _require(a["mlp_dim"], 0, "attn_cfg.mlp_dim", "an MLP fused into the attention projections", source)
-        _require(
+        require(a["d_conv"], 0, "attn_cfg.d_conv", "a depthwise convolution on q, k, v", source)
+        require(a["mlp_dim"], 0, "attn_cfg.mlp_dim", "an MLP fused into the attention projections", source)
+        require(
             bool(a["rotary_emb_interleaved"]),
             False,
             "attn_cfg.rotary_emb_interleaved",
@@ -491,7 +459,7 @@ def config_from_mamba_ssm(raw: dict[str, Any], source: str = "config.json") -> M
         )
         head_dim = a["head_dim"] or ms["d_model"] // a["num_heads"]
         if a["softmax_scale"] is not None and not math.isclose(a["softmax_scale"], head_dim**-0.5):
-            _require(
+            require(
                 a["softmax_scale"],
                 None,
                 "attn_cfg.softmax_scale",
@@ -553,8 +521,8 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> MambaCon
     except (ValueError, TypeError) as exc:
         raise UnsupportedCheckpoint(f"{source}: transformers refuses this config: {exc}") from exc
     if hf.hidden_act not in ("silu", "swish"):
-        _require(hf.hidden_act, "silu", "hidden_act", "Mamba's activation is SiLU", source)
-    expand = _integral_expand(hf.expand, "expand", source)
+        require(hf.hidden_act, "silu", "hidden_act", "Mamba's activation is SiLU", source)
+    expand = integral_expand(hf.expand, "expand", source)
     vocab = hf.vocab_size
     ssm: dict[str, Any] = dict(
         d_state=hf.state_size,
@@ -582,7 +550,7 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> MambaCon
                 f"= {expand * hf.hidden_size}"
             )
         limit = [float(v) for v in hf.time_step_limit]
-        _require(limit, [0.0, math.inf], "time_step_limit", "clamping dt after the softplus", source)
+        require(limit, [0.0, math.inf], "time_step_limit", "clamping dt after the softplus", source)
         ssm.update(
             layer="mamba2",
             headdim=hf.head_dim,

@@ -65,8 +65,8 @@ from handover.weights import HandoverRecord, ModelWeights, read_weights
 from models.config import MambaConfig
 
 if TYPE_CHECKING:
+    from data.loader import DataConfig
     from models.composer_model import ComposerMambaLM
-    from recipes.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +375,7 @@ def _special_token_ids(tokenizer: str) -> dict[str, int | None] | None:
 
 
 def _training_state_callbacks(
-    cfg: TrainConfig, init: InitFromConfig, params: dict[str, Tensor], tokens_trained: int | None
+    data: DataConfig, init: InitFromConfig, params: dict[str, Tensor], tokens_trained: int | None
 ) -> tuple[list[Callback], dict[str, Any]]:
     """The callbacks that restore a release's training state, and what the run records of its source.
 
@@ -398,7 +398,7 @@ def _training_state_callbacks(
                 f"init_from.data_position=true but init_from.path={init.path} carries no training state "
                 "(export it with recipes.export --with-training-state); set init_from.data_position=false"
             )
-        dataset_state = _checked_data_position(cfg, init, released.info)
+        dataset_state = _checked_data_position(data, init, released.info)
     restore = released if released is not None and init.training_state and whole else None
     if restore is not None:
         check_moments(restore.moments, params, init.path)
@@ -416,27 +416,25 @@ def _training_state_callbacks(
     return callbacks, record
 
 
-def _checked_data_position(cfg: TrainConfig, init: InitFromConfig, info: dict[str, Any]) -> dict[str, Any]:
+def _checked_data_position(cfg: DataConfig, init: InitFromConfig, info: dict[str, Any]) -> dict[str, Any]:
     from data.loader import mix_id
     from data.mixture import load_mixture, phase_streams
 
-    data = info.get("data") or {}
-    position = data.get("dataset_state")
+    recorded = info.get("data") or {}
+    position = recorded.get("dataset_state")
     if not position:
         raise ValueError(
             f"init_from.data_position=true but {init.path}'s training state records no data position; "
             "set init_from.data_position=false"
         )
-    overrides = [f"root={cfg.data.root}"] if cfg.data.root is not None else []
-    streams = phase_streams(
-        load_mixture(cfg.data.mixture, overrides), cfg.data.phase, source=cfg.data.mixture
-    )
-    ours = mix_id(cfg.data, streams, "train")
+    overrides = [f"root={cfg.root}"] if cfg.root is not None else []
+    streams = phase_streams(load_mixture(cfg.mixture, overrides), cfg.phase, source=cfg.mixture)
+    ours = mix_id(cfg, streams, "train")
     if position.get("mix_id") not in (None, ours):
         raise ValueError(
             f"init_from.data_position=true: the release stood in another data mix (data.mixture="
-            f"{data.get('mixture')}, data.phase={data.get('phase')}) than this run reads (data.mixture="
-            f"{cfg.data.mixture}, data.phase={cfg.data.phase}, or other weights, epoch_size or shuffle_seed); "
+            f"{recorded.get('mixture')}, data.phase={recorded.get('phase')}) than this run reads (data.mixture="
+            f"{cfg.mixture}, data.phase={cfg.phase}, or other weights, epoch_size or shuffle_seed); "
             "use the release's mix, or set init_from.data_position=false to start this mix from its first sample"
         )
     return position
@@ -460,27 +458,37 @@ class InitFromSource(Callback):
         logger.log_hyperparameters({f"init_from/{k}": v for k, v in self.record.items()})
 
 
-def apply_init_from(cfg: TrainConfig, composer_model: ComposerMambaLM) -> list[Callback]:
-    """Load ``cfg.init_from`` into the freshly built model; the callbacks the run then needs.
+def apply_init_from(
+    init: InitFromConfig | None,
+    composer_model: ComposerMambaLM,
+    *,
+    model_cfg: MambaConfig,
+    tokenizer: str,
+    recipe: dict[str, Any],
+    data: DataConfig,
+    fsdp_version: int,
+    load_path: str | None,
+) -> list[Callback]:
+    """Load ``init`` (the recipe's ``init_from``) into the freshly built model; the callbacks the
+    run then needs.
 
     Always returns the ``HandoverRecord`` (the model config in every checkpoint, so it can be
-    exported or used as ``init_from`` later) and, with ``init_from``, the ``LrRewarmup``.
-    Call it after the model is built, before the optimizer exists, and put the callbacks first.
+    exported or used as ``init_from`` later) and the ``TrainingRecord`` (``recipe``, the resolved
+    config) and, with ``init_from``, the ``LrRewarmup``. Call it after the model is built, before
+    the optimizer exists, and put the callbacks first.
     """
     from handover.training_state import TrainingRecord
-    from recipes.config import resolved_dict
 
     # The model config and the resolved recipe in every checkpoint: what an export needs to know.
     callbacks: list[Callback] = [
-        HandoverRecord(cfg.model, cfg.tokenizer, _special_token_ids(cfg.tokenizer)),
-        TrainingRecord(resolved_dict(cfg)),
+        HandoverRecord(model_cfg, tokenizer, _special_token_ids(tokenizer)),
+        TrainingRecord(recipe),
     ]
-    init: InitFromConfig | None = getattr(cfg, "init_from", None)
     if init is None:
         return callbacks
-    if cfg.checkpoint.load_path:
+    if load_path:
         raise ValueError(
-            f"init_from.path={init.path} and checkpoint.load_path={cfg.checkpoint.load_path} are both set: "
+            f"init_from.path={init.path} and checkpoint.load_path={load_path} are both set: "
             "init_from starts a new run from a model's weights; load_path loads a Composer checkpoint "
             "(weights and optimizer state). Keep one"
         )
@@ -490,8 +498,8 @@ def apply_init_from(cfg: TrainConfig, composer_model: ComposerMambaLM) -> list[C
     # stops all of them alike (recipes/train.py shares the verdicts before any collective). Under
     # FSDP2 on GPUs only rank 0 then loads; Composer broadcasts from it (see the module doc).
     ckpt = read_weights(init.path, trust=init.trust, opt_in="init_from.trust=true")
-    weights = select_weights(init, cfg.model, ckpt, model.state_dict(), cfg.tokenizer)
-    loads_here = not on_meta or cfg.fsdp.version == 1 or dist.get_global_rank() == 0
+    weights = select_weights(init, model_cfg, ckpt, model.state_dict(), tokenizer)
+    loads_here = not on_meta or fsdp_version == 1 or dist.get_global_rank() == 0
     if loads_here:
         _materialise_if_meta(model, model.param_init_fn)
         load_into(model, weights)
@@ -499,7 +507,7 @@ def apply_init_from(cfg: TrainConfig, composer_model: ComposerMambaLM) -> list[C
         if dist.get_global_rank() == 0:
             print(f"[train] init_from: {len(weights)} tensors from {ckpt.source} ({ckpt.format})", flush=True)
     restore, record = _training_state_callbacks(
-        cfg, init, dict(model.named_parameters()), ckpt.tokens_trained
+        data, init, dict(model.named_parameters()), ckpt.tokens_trained
     )
     callbacks += [*restore, InitFromSource(record)]
     if record["moments_restored"]:

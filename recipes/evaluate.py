@@ -27,38 +27,40 @@ import torch
 from tqdm import tqdm
 
 from common import cli
+from common.config import config_from_dict
 from common.io import atomic_write_text
 from data.loader import DataConfig, build_dataloader
 from data.tokenizer import load_tokenizer, tokenizer_info
 from eval.metrics import DEFAULT_BUCKETS, PositionMetrics, bucket_names, format_table, parse_buckets
-from eval.sources import LoadedModel, load_run_config, load_source
+from eval.sources import LoadedModel, load_source
 from models.composer_model import ComposerMambaLM
 from models.mamba_lm import MambaLMHeadModel
+from recipes.config import TrainConfig
 
 __all__ = ["evaluate", "load_run_config", "main"]
 
 DEFAULT_BATCH_SIZE = 8  # sequences per forward when neither --batch-size nor the run sets one
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise cli.UserError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise cli.UserError(f"--device {name!r} must be auto, cpu or cuda")
-    return torch.device(name)
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The resolved training config a run saved in ``run.json``."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a training run folder?")
+    return config_from_dict(TrainConfig, json.loads(path.read_text())["config"], source=str(path))
 
 
-def data_config(loaded: LoadedModel, data: str | None, phase: str | None, workdir: Path) -> DataConfig:
+def data_config(
+    run: TrainConfig | None, loaded: LoadedModel, data: str | None, phase: str | None, workdir: Path
+) -> DataConfig:
     """What to score: --data (a mixture YAML or a converted stream folder), else the run's own data."""
     if data is None:
-        if loaded.run_config is None:
+        if run is None:
             raise cli.UserError(
                 f"{loaded.checkpoint} is not a training run: name the data with --data "
                 "(a mixture YAML, or a folder written by data.convert)"
             )
-        base = loaded.run_config.data  # the run's streams and settings (cache, hashes, remote)
+        base = run.data  # the run's streams and settings (cache, hashes, remote)
         return dataclasses.replace(base, phase=phase or base.phase)
     path = Path(data)
     if path.is_dir():
@@ -170,20 +172,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     buckets = parse_buckets(args.buckets)
-    device = resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     loaded = load_source(args.source, args.checkpoint, trust=args.trust_checkpoint)
     tokenizer = args.tokenizer or loaded.tokenizer
     if tokenizer is None:
         raise cli.UserError(
             f"{args.source} holds no tokenizer: pass --tokenizer (the one the data was converted with)"
         )
-    run = loaded.run_config
+    run = load_run_config(loaded.run_dir) if loaded.run_dir is not None else None
     # An HF export records the padded vocabulary as its vocab_size; the tokenizer knows the real one,
     # and top-k must not rank the padding rows of the head.
     vocab_size = min(loaded.model.config.vocab_size, tokenizer_info(load_tokenizer(tokenizer)).vocab_size)
     batch_size = args.batch_size or (run.device_eval_batch_size if run else DEFAULT_BATCH_SIZE)
     with tempfile.TemporaryDirectory() as workdir:
-        cfg = data_config(loaded, args.data, args.phase, Path(workdir))
+        cfg = data_config(run, loaded, args.data, args.phase, Path(workdir))
         spec = build_dataloader(cfg, tokenizer, batch_size, split=args.split)
         result = evaluate(
             loaded.model,

@@ -335,7 +335,16 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
         model = build_model(cfg, fsdp=cfg.fsdp.parallelism(world) is not None)
         # Weights from init_from, checked against the model, before anything is written; its callbacks
         # (the lr re-warmup) act after the schedule's own lr is set and before it is logged.
-        handover_callbacks = apply_init_from(cfg, model)
+        handover_callbacks = apply_init_from(
+            cfg.init_from,
+            model,
+            model_cfg=cfg.model,
+            tokenizer=cfg.tokenizer,
+            recipe=resolved_dict(cfg),
+            data=cfg.data,
+            fsdp_version=cfg.fsdp.version,
+            load_path=cfg.checkpoint.load_path,
+        )
     except ConfigError as exc:
         problems = exc.problems
     except cli.USER_ERRORS as exc:

@@ -14,12 +14,12 @@ import torch
 from transformers import BambaConfig, BambaForCausalLM
 
 from handover.hf_mamba import (
-    UnsupportedCheckpoint,
     config_from_hf,
     export_hf,
     export_mamba_ssm,
     load_pretrained,
 )
+from handover.unsupported import UnsupportedCheckpoint
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 VOCAB = 96

@@ -162,7 +162,7 @@ def test_run_folder_and_checkpoint_sources(corpus: dict[str, Path], tmp_path: Pa
 
     run = cfg.run_dir
     loaded = load_source(run)
-    assert loaded.tokens_trained == 4 * 4 * 32 and loaded.run_config is not None
+    assert loaded.tokens_trained == 4 * 4 * 32 and loaded.run_dir == run
     for key, value in trained.items():
         assert torch.equal(loaded.model.state_dict()[key], value), key
     first = run / "checkpoints" / "ep0-ba2-rank0.pt"

@@ -17,7 +17,8 @@ import pytest
 import torch
 from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
-from handover.hf_mamba import HF_EMBEDDING, OUR_EMBEDDING, UnsupportedCheckpoint, load_pretrained
+from handover.hf_mamba import HF_EMBEDDING, OUR_EMBEDDING, load_pretrained
+from handover.unsupported import UnsupportedCheckpoint
 
 
 def perturb_(model: torch.nn.Module) -> torch.nn.Module:
