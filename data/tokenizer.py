@@ -133,6 +133,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.from_file(str(file))
 
 
+def vocabulary_size(tok: Tokenizer | str | Path) -> int:
+    """How many token ids a tokenizer (or the tokenizer folder ``tok`` names) produces, added special
+    tokens included: the count the model's vocabulary, the data checks and evaluation compare against."""
+    if not isinstance(tok, Tokenizer):
+        tok = load_tokenizer(tok)
+    return tok.get_vocab_size(with_added_tokens=True)
+
+
 def fingerprint(tok: Tokenizer) -> str:
     """SHA-256 of the parts of the tokenizer that decide token ids, in canonical JSON."""
     spec = json.loads(tok.to_str())
@@ -146,7 +154,7 @@ def tokenizer_info(tok: Tokenizer) -> TokenizerInfo:
         raise ValueError(
             f"the tokenizer lacks the special tokens {EOT} and {PAD}; train it with data.train_tokenizer"
         )
-    return TokenizerInfo(fingerprint(tok), tok.get_vocab_size(with_added_tokens=True), eot_id, pad_id)
+    return TokenizerInfo(fingerprint(tok), vocabulary_size(tok), eot_id, pad_id)
 
 
 def token_dtype(vocab_size: int) -> str:

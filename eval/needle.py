@@ -54,7 +54,8 @@ class GreedyLM(Protocol):
 
 
 class RecurrentGreedy:
-    """Our ``MambaLMHeadModel``: one prefill through the inference cache, then a step per token."""
+    """Our ``MambaLMHeadModel``, decoding greedily with its own ``generate`` (recurrent: one prefill
+    through the inference cache, then a step per token), stopping at the end-of-text token."""
 
     def __init__(
         self, model: MambaLMHeadModel, eos_token_id: int | None, vocab_size: int | None = None
@@ -62,31 +63,17 @@ class RecurrentGreedy:
         self.model = model.eval()
         self.eos = eos_token_id
         self.device = model.lm_head.weight.device
-        # The tokenizer's vocabulary: an HF export records the padded size, whose extra rows are no token.
-        self.vocab = min(vocab_size or model.config.vocab_size, model.config.vocab_size)
+        self.vocab = vocab_size  # the tokenizer's: an HF export records the padded size (see generate)
 
-    @torch.no_grad()
     def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
-        model, vocab = self.model, self.vocab
         ids = torch.tensor([prompt], device=self.device)
-        cache = model.allocate_inference_cache(1, len(prompt) + max_new_tokens)
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         )
         with autocast:
-            # The backbone fills each layer's state over the whole prompt; the head then reads only the
-            # last position (model(ids, cache) would compute (length x vocab) logits first).
-            hidden = model.backbone(ids, cache)
-            cache.seqlen_offset += ids.shape[1]
-            logits = model.lm_head(hidden[:, -1])
-            out: list[int] = []
-            for _ in range(max_new_tokens):
-                token = int(logits[0, :vocab].argmax())
-                out.append(token)
-                if token == self.eos:
-                    break
-                logits = model(torch.tensor([[token]], device=self.device), cache)[:, -1]
-        return out
+            out = self.model.generate(ids, max_new_tokens, eos_token_id=self.eos, vocab_size=self.vocab)
+        new = out[0, len(prompt) :].tolist()
+        return new[: new.index(self.eos) + 1] if self.eos in new else new
 
 
 class HFGreedy:

@@ -60,6 +60,7 @@ from omegaconf import MISSING
 from torch import Tensor
 
 from common.config import report
+from handover.integrity import compare_shapes
 from handover.reader import assign_weights
 from handover.weights import HandoverRecord, ModelWeights, read_weights
 from models.config import MambaConfig
@@ -197,10 +198,10 @@ def _setting_differences(model: MambaConfig, ckpt: MambaConfig, has_attn: bool) 
 def _tokenizer_size(tokenizer: str) -> int | None:
     if not tokenizer:
         return None
-    from data.tokenizer import load_tokenizer
+    from data.tokenizer import vocabulary_size
 
     try:
-        return load_tokenizer(tokenizer).get_vocab_size(with_added_tokens=True)
+        return vocabulary_size(tokenizer)
     except FileNotFoundError:
         return None  # the data loader names a missing tokenizer itself
 
@@ -276,18 +277,15 @@ def select_weights(
     if model_cfg.tie_embeddings and init.lm_head and not init.embedding:
         mapping["backbone.embedding.weight"] = "backbone.embedding.weight"  # the tied head is this tensor
 
-    shape_errors = []
-    for new_key, old_key in mapping.items():
-        if new_key not in model_sd:
-            shape_errors.append(f"{new_key}: in the checkpoint ({old_key}) but not in this model")
-        elif model_sd[new_key].shape != ckpt.state_dict[old_key].shape:
-            shape_errors.append(
-                f"{new_key}: checkpoint {tuple(ckpt.state_dict[old_key].shape)} vs model "
-                f"{tuple(model_sd[new_key].shape)}"
-            )
-    missing = [
-        k for k in model_sd if k.startswith(LAYER_PREFIX) and k not in mapping
-    ]  # a block part the checkpoint lacks
+    selected = {new: tuple(ckpt.state_dict[old].shape) for new, old in mapping.items()}
+    # A block part the checkpoint lacks is missing; a part the selection leaves out keeps its init.
+    wanted = {k: tuple(v.shape) for k, v in model_sd.items() if k in mapping or k.startswith(LAYER_PREFIX)}
+    shapes = compare_shapes(selected, wanted)
+    shape_errors = [
+        f"{new}: in the checkpoint ({mapping[new]}) but not in this model" for new in shapes.only_found
+    ]
+    shape_errors += [f"{k}: checkpoint {selected[k]} vs model {wanted[k]}" for k in shapes.mismatched]
+    missing = shapes.only_expected
     diffs = _setting_differences(model_cfg, src_cfg, has_attn=bool(model_cfg.attn_layer_idx))
     if src_vocab != model_sd["backbone.embedding.weight"].shape[0]:
         diffs.append(

@@ -32,7 +32,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -333,6 +333,29 @@ def checkpoint_model_shapes(
     return {k.removeprefix("model."): tuple(v.shape) for k, v in state["state"]["model"].items()}
 
 
+@dataclass(frozen=True)
+class ShapeDifferences:
+    """Parameter names (sorted) in which two name -> shape maps differ."""
+
+    only_found: list[str]  # in what was read, not in what was expected
+    only_expected: list[str]
+    mismatched: list[str]  # in both, with other shapes
+
+    def __bool__(self) -> bool:
+        return bool(self.only_found or self.only_expected or self.mismatched)
+
+
+def compare_shapes(
+    found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]
+) -> ShapeDifferences:
+    """Every name in which ``found`` (a checkpoint's tensors) and ``expected`` (a model's) differ."""
+    return ShapeDifferences(
+        sorted(found.keys() - expected.keys()),
+        sorted(expected.keys() - found.keys()),
+        sorted(n for n in found.keys() & expected.keys() if tuple(found[n]) != tuple(expected[n])),
+    )
+
+
 def shape_problems(
     path: str | Path,
     expected: dict[str, tuple[int, ...]],
@@ -342,17 +365,17 @@ def shape_problems(
 ) -> list[str]:
     """Every difference between the parameters of the checkpoint at ``path`` and ``expected``."""
     found = checkpoint_model_shapes(path, trust, opt_in)
-    problems = []
-    for name in sorted(expected.keys() | found.keys()):
-        if name not in found:
-            problems.append(
-                f"{key}={path} has no parameter {name} {expected[name]}: it was made for another model"
-            )
-        elif name not in expected:
-            problems.append(f"{key}={path} holds {name} {found[name]}, which this model does not have")
-        elif found[name] != expected[name]:
-            problems.append(
-                f"{key}={path}: {name} is {found[name]} in the checkpoint but {expected[name]} in this model; "
-                "set the model.* fields of the run that wrote it (its run.json)"
-            )
+    diff = compare_shapes(found, expected)
+    problems = [
+        f"{key}={path} has no parameter {name} {expected[name]}: it was made for another model"
+        for name in diff.only_expected
+    ]
+    problems += [
+        f"{key}={path} holds {name} {found[name]}, which this model does not have" for name in diff.only_found
+    ]
+    problems += [
+        f"{key}={path}: {name} is {found[name]} in the checkpoint but {expected[name]} in this model; "
+        "set the model.* fields of the run that wrote it (its run.json)"
+        for name in diff.mismatched
+    ]
     return problems

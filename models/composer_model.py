@@ -9,6 +9,7 @@ the positional-weighting algorithm (callbacks/positional_weighting.py) adds.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -53,18 +54,40 @@ def lm_cross_entropy(logits: Tensor, labels: Tensor, weights: Tensor | None = No
     return (w * ce).sum() / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def _metrics(vocab_size: int) -> dict[str, Metric]:
-    # torchmetrics' micro-averaged top-k accuracy over the real vocabulary (padding rows of the
-    # head are never a label): the fraction of valid tokens whose label is among the k best.
-    def top_k(k: int) -> Metric:
-        return MulticlassAccuracy(num_classes=vocab_size, top_k=k, ignore_index=IGNORE_INDEX, average="micro")
+def top_k_accuracy(vocab_size: int, k: int) -> MulticlassAccuracy:
+    """torchmetrics' micro-averaged top-k accuracy over the real vocabulary (padding rows of the
+    head are never a label): the fraction of valid tokens whose label is among the k best."""
+    return MulticlassAccuracy(num_classes=vocab_size, top_k=k, ignore_index=IGNORE_INDEX, average="micro")
 
+
+def update_in_chunks(
+    metrics: Iterable[Metric], logits: Tensor, labels: Tensor, vocab_size: int, rows: Tensor | None = None
+) -> None:
+    """Update ``metrics`` with the ``rows`` (default: all) of logits (N, V_padded) and labels (N,).
+
+    torchmetrics' top-k path builds (rows, vocab) one-hot tensors, so rows go in chunks of about
+    ``TOPK_SCORES_PER_UPDATE`` scores. A ``MulticlassAccuracy`` sees the real vocabulary's scores
+    (``vocab_size``), any other metric (cross-entropy) the full logits.
+    """
+    metrics = list(metrics)
+    step = max(1, TOPK_SCORES_PER_UPDATE // vocab_size)
+    chunks = (
+        rows.split(step) if rows is not None else [slice(i, i + step) for i in range(0, len(labels), step)]
+    )
+    for chunk in chunks:
+        chunk_logits, chunk_labels = logits[chunk], labels[chunk]
+        for metric in metrics:
+            top_k = isinstance(metric, MulticlassAccuracy)
+            metric.update(chunk_logits[:, :vocab_size] if top_k else chunk_logits, chunk_labels)
+
+
+def _metrics(vocab_size: int) -> dict[str, Metric]:
     return {
         "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
         "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
-        "Top1Accuracy": top_k(1),
-        "Top3Accuracy": top_k(3),
-        "Top10Accuracy": top_k(10),
+        "Top1Accuracy": top_k_accuracy(vocab_size, 1),
+        "Top3Accuracy": top_k_accuracy(vocab_size, 3),
+        "Top10Accuracy": top_k_accuracy(vocab_size, 10),
     }
 
 
@@ -117,14 +140,9 @@ class ComposerMambaLM(ComposerModel):
     def update_metric(self, batch: dict[str, Tensor], outputs: Tensor, metric: Metric) -> None:
         # Evaluation is always unweighted: loss_weights only shape the training loss.
         labels = batch["labels"].contiguous()
-        if isinstance(metric, MulticlassAccuracy):
-            # torchmetrics wants (N, C) scores: flatten (b, l) and drop the padded vocabulary. Its
-            # top-k path builds (N, C) one-hot tensors, so rows go in chunks of ~2^24 scores.
-            vocab = self.config.vocab_size
-            logits, labels = outputs[..., :vocab].reshape(-1, vocab), labels.reshape(-1)
-            rows = max(1, TOPK_SCORES_PER_UPDATE // vocab)
-            for start in range(0, labels.numel(), rows):
-                metric.update(logits[start : start + rows], labels[start : start + rows])
+        if isinstance(metric, MulticlassAccuracy):  # torchmetrics wants (N, C) scores: flatten (b, l)
+            flat = outputs.reshape(-1, outputs.shape[-1])
+            update_in_chunks([metric], flat, labels.reshape(-1), self.config.vocab_size)
         else:
             metric.update(outputs, labels)
 

@@ -543,12 +543,15 @@ class MambaLMHeadModel(nn.Module):
         top_p: float = 1.0,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        vocab_size: int | None = None,
     ) -> Tensor:
         """Recurrent decoding: one prefill over the prompt, then one step per new token.
 
         ``temperature == 0`` is greedy; otherwise sample from softmax(logits / temperature)
         restricted to the ``top_k`` most likely tokens and the ``top_p`` nucleus. Sequences
-        that produced ``eos_token_id`` keep emitting it. Returns (b, prompt + new) token ids.
+        that produced ``eos_token_id`` keep emitting it. Only the first ``vocab_size`` tokens
+        (default: the model's vocabulary) are candidates: a tokenizer smaller than the head (an HF
+        export records the padded size) has no token for the rest. Returns (b, prompt + new) ids.
         """
         if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
             raise ValueError(
@@ -556,14 +559,17 @@ class MambaLMHeadModel(nn.Module):
             )
         _check_token_ids(input_ids, "generate")
         b, prompt_len = input_ids.shape
+        vocab = min(vocab_size or self.config.vocab_size, self.config.vocab_size)
         cache = self.allocate_inference_cache(b, prompt_len + max_new_tokens)
-        logits = self(input_ids, cache)[:, -1]
+        # The backbone fills each layer's state over the whole prompt; the head then reads only the
+        # last position (self(input_ids, cache) would compute (length x vocab) logits first).
+        hidden = self.backbone(input_ids, cache)
+        cache.seqlen_offset += prompt_len
+        logits = self.lm_head(hidden[:, -1])
         tokens = [input_ids]
         done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
         for i in range(max_new_tokens):
-            next_token = sample_next_token(
-                logits[:, : self.config.vocab_size], temperature, top_k, top_p, generator
-            )
+            next_token = sample_next_token(logits[:, :vocab], temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 next_token = torch.where(done, torch.full_like(next_token, eos_token_id), next_token)
                 done |= next_token == eos_token_id

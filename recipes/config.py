@@ -291,7 +291,7 @@ def load_train_config(yaml_paths: Sequence[str | Path], overrides: Sequence[str]
 def _tokenizer_vocab(sources: Sequence[tuple[str, Any]]) -> int | None:
     """The vocabulary size of the tokenizer the sources name, or None if there is none to read yet
     (a missing tokenizer is reported by the run's checks, with its fix)."""
-    from data.tokenizer import load_tokenizer
+    from data.tokenizer import vocabulary_size
 
     path = None
     for _, node in sources:
@@ -300,7 +300,7 @@ def _tokenizer_vocab(sources: Sequence[tuple[str, Any]]) -> int | None:
     if not isinstance(path, str) or not path:
         return None
     try:
-        return load_tokenizer(path).get_vocab_size(with_added_tokens=True)
+        return vocabulary_size(path)
     except Exception:  # missing or unreadable (tokenizers raises a bare Exception): checked later
         return None
 

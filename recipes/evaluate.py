@@ -30,7 +30,7 @@ from common import cli
 from common.config import config_from_dict
 from common.io import atomic_write_text
 from data.loader import DataConfig, build_dataloader
-from data.tokenizer import load_tokenizer, tokenizer_info
+from data.tokenizer import vocabulary_size
 from eval.metrics import DEFAULT_BUCKETS, PositionMetrics, bucket_names, format_table, parse_buckets
 from eval.sources import LoadedModel, load_source
 from models.composer_model import ComposerMambaLM
@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     run = load_run_config(loaded.run_dir) if loaded.run_dir is not None else None
     # An HF export records the padded vocabulary as its vocab_size; the tokenizer knows the real one,
     # and top-k must not rank the padding rows of the head.
-    vocab_size = min(loaded.model.config.vocab_size, tokenizer_info(load_tokenizer(tokenizer)).vocab_size)
+    vocab_size = min(loaded.model.config.vocab_size, vocabulary_size(tokenizer))
     batch_size = args.batch_size or (run.device_eval_batch_size if run else DEFAULT_BATCH_SIZE)
     with tempfile.TemporaryDirectory() as workdir:
         cfg = data_config(run, loaded, args.data, args.phase, Path(workdir))

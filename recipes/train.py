@@ -49,7 +49,7 @@ from common.distributed import agree, broadcast_object
 from common.io import atomic_write_text
 from common.threads import configure_threads
 from data.loader import build_dataloader, check_data
-from data.tokenizer import load_tokenizer
+from data.tokenizer import vocabulary_size
 from handover.init_from import apply_init_from, source_record
 from handover.integrity import (
     install_atomic_checkpoint_writes,
@@ -251,7 +251,7 @@ def plan_run(cfg: TrainConfig, world: int, save_folder: str) -> Plan:
         problems += exc.problems
     seq_len, tokenizer_vocab = 0, None
     try:
-        tokenizer_vocab = load_tokenizer(cfg.tokenizer).get_vocab_size(with_added_tokens=True)
+        tokenizer_vocab = vocabulary_size(cfg.tokenizer)
         problems += _vocab_problems(cfg, tokenizer_vocab)
         # Each process checks its share of the local shard files; build_trainer shares the verdicts.
         part, parts = dist.get_local_rank(), dist.get_local_world_size()

@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+from composer.metrics.nlp import LanguageCrossEntropy
 
-from models.composer_model import ComposerMambaLM, lm_cross_entropy
+from models import composer_model
+from models.composer_model import ComposerMambaLM, lm_cross_entropy, top_k_accuracy, update_in_chunks
 from models.config import preset
 from models.flops import forward_flops_per_token
 
@@ -144,3 +146,32 @@ def test_state_reset_refuses_mamba1() -> None:
     ids = torch.randint(0, 500, (1, 8))
     with pytest.raises(ValueError, match="needs Mamba-2 layers"):
         model({"input_ids": ids, "position_ids": torch.arange(8)[None]})
+
+
+def test_top_k_in_chunks_equals_a_hand_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows in chunks of 2 (a tiny score budget), padded vocabulary dropped for top-k only, a subset of
+    rows: the same as counting by hand whether each label is among the k best real-vocabulary logits."""
+    torch.manual_seed(0)
+    vocab, padded, n = 12, 16, 11
+    logits, labels = torch.randn(n, padded), torch.randint(0, vocab, (n,))
+    labels[3] = -100
+    logits[:, vocab:] = 100.0  # padding rows would win every top-k if they were ranked
+    rows = torch.tensor([0, 2, 3, 5, 6, 9, 10])
+    monkeypatch.setattr(composer_model, "TOPK_SCORES_PER_UPDATE", 2 * vocab)
+    top3, ce = top_k_accuracy(vocab, 3), LanguageCrossEntropy(ignore_index=-100)
+    update_in_chunks([top3, ce], logits, labels, vocab, rows)
+    hits = [
+        int(labels[r]) in logits[r, :vocab].topk(3).indices.tolist()
+        for r in rows.tolist()
+        if labels[r] != -100
+    ]
+    assert float(top3.compute()) == pytest.approx(sum(hits) / len(hits))
+    kept = rows[labels[rows] != -100]
+    expected_ce = torch.nn.functional.cross_entropy(logits[kept].double(), labels[kept]).item()
+    assert float(ce.compute()) == pytest.approx(expected_ce, rel=1e-5)
+    everything = top_k_accuracy(vocab, 3)
+    update_in_chunks([everything], logits, labels, vocab)  # all rows, as slices
+    all_hits = [
+        int(labels[r]) in logits[r, :vocab].topk(3).indices.tolist() for r in range(n) if labels[r] != -100
+    ]
+    assert float(everything.compute()) == pytest.approx(sum(all_hits) / len(all_hits))

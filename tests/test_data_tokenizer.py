@@ -21,6 +21,7 @@ from data.tokenizer import (
     fingerprint,
     load_tokenizer,
     token_dtype,
+    vocabulary_size,
 )
 from tests.data_helpers import make_docs, make_tokenizer, write_jsonl
 
@@ -75,6 +76,13 @@ def test_fingerprint_survives_save_and_load(tok_dir: Path, tmp_path: Path) -> No
     assert fingerprint(load_tokenizer(again)) == fingerprint(tok)
     other = make_tokenizer(tmp_path / "other", vocab_size=350)
     assert fingerprint(load_tokenizer(other)) != fingerprint(tok)
+
+
+def test_vocabulary_size_counts_what_transformers_counts(tok_dir: Path) -> None:
+    """The one reading of a vocabulary: transformers' len() of the saved folder, added tokens included."""
+    expected = len(AutoTokenizer.from_pretrained(str(tok_dir)))
+    assert vocabulary_size(tok_dir) == vocabulary_size(load_tokenizer(tok_dir)) == expected
+    assert load_tokenizer(tok_dir).get_vocab_size(with_added_tokens=False) <= expected
 
 
 def test_vocab_too_small_is_refused() -> None:

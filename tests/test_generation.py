@@ -29,6 +29,18 @@ def test_step_logits_equal_full_forward(name: str) -> None:
     assert torch.equal(out[:, 7:], full[..., : model.config.vocab_size].argmax(-1))
 
 
+def test_vocab_size_limits_the_candidates_to_the_tokenizer() -> None:
+    """A tokenizer smaller than the head: greedy picks the argmax of the first vocab_size logits only."""
+    model = MambaLMHeadModel(preset("debug")).eval()
+    prompt = torch.randint(0, 50, (2, 5))
+    out = model.generate(prompt, 8, vocab_size=50)
+    with torch.no_grad():
+        full = model(out[:, :-1])[:, 4:]
+    assert int(out[:, 5:].max()) < 50
+    assert torch.equal(out[:, 5:], full[..., :50].argmax(-1))
+    assert not torch.equal(out, model.generate(prompt, 8))  # the unrestricted head picks other tokens
+
+
 def test_sampling_is_reproducible_and_respects_top_k() -> None:
     model = MambaLMHeadModel(preset("debug")).eval()
     prompt = torch.randint(0, 500, (3, 4))

@@ -15,6 +15,7 @@ from transformers import MambaForCausalLM
 from callbacks.jsonl_logger import read_jsonl
 from handover.hf_mamba import export_hf, export_mamba_ssm
 from handover.init_from import InitFromConfig, inherited_config, select_weights
+from handover.integrity import compare_shapes
 from handover.weights import ModelWeights, read_weights
 from models.config import AttnConfig, MambaConfig, SSMConfig
 from models.mamba_lm import MambaLMHeadModel
@@ -86,6 +87,12 @@ def test_wrong_attention_positions_are_named() -> None:
     wrong = MambaConfig(**{**target.__dict__, "attn_layer_idx": []})
     with pytest.raises(ValueError, match=r"set model.attn_layer_idx=\[1\]"):
         select(InitFromConfig(path="ref", num_layers=2), wrong, ref)
+
+
+def test_one_shape_comparison_serves_resume_and_init_from() -> None:
+    diff = compare_shapes({"a": (2, 3), "b": (4,), "c": (1,)}, {"a": (2, 3), "b": (5,), "d": (7,)})
+    assert (diff.only_found, diff.only_expected, diff.mismatched) == (["c"], ["d"], ["b"])
+    assert diff and not compare_shapes({"a": (2, 3)}, {"a": (2, 3)})
 
 
 def test_vocabulary_mismatch_names_parameter_shapes_and_fix() -> None:
