@@ -93,7 +93,7 @@ def write_checkpoint(path: Path, cfg_overrides: dict) -> tuple[int, dict]:
     import torch
 
     from common.config import to_dict
-    from handover.weights import RECORD
+    from handover.record import RECORD
     from models.config import preset
     from models.mamba_lm import MambaLMHeadModel
 

@@ -62,7 +62,8 @@ from torch import Tensor
 from common.config import report
 from handover.integrity import compare_shapes
 from handover.reader import assign_weights
-from handover.weights import HandoverRecord, ModelWeights, read_weights
+from handover.record import HandoverRecord
+from handover.weights import ModelWeights, read_weights
 from models.config import MambaConfig
 
 if TYPE_CHECKING:
