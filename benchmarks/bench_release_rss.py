@@ -93,14 +93,14 @@ def main() -> None:
     try:
         ckpt = work / "ckpt.pt"
         n_params, size = build_checkpoint(args.preset, ckpt)
-        baseline = peak_rss("import handover.training_state, recipes.export")
+        baseline = peak_rss("import handover.training_state, handover.export")
         optimizer_only = peak_rss(
             "from pathlib import Path; import os; from handover.training_state import write_training_state; "
             f"out = Path({str(work / 'opt')!r}); os.makedirs(out, exist_ok=True); "
             f"write_training_state(Path({str(ckpt)!r}), 'ckpt', out, str(out))"
         )
         whole = peak_rss(
-            "from recipes.export import export; "
+            "from handover.export import export; "
             f"export({str(ckpt)!r}, 'hf', {str(work / 'hf')!r}, overwrite=True, with_training_state=True)"
         )
         moments = (work / "hf" / "optimizer.safetensors").stat().st_size

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from callbacks.jsonl_logger import read_jsonl
 from data.loader import build_dataloader
+from handover.export import export
 from recipes.config import load_train_config
-from recipes.export import export
 from recipes.train import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]

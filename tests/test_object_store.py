@@ -13,9 +13,9 @@ import torch
 from callbacks.jsonl_logger import read_jsonl
 from data.convert import ConvertConfig, convert
 from data.sources import SourceSpec
+from handover.export import export
 from handover.weights import download, read_weights
 from recipes.config import load_train_config
-from recipes.export import export
 from recipes.train import build_trainer
 from tests.data_helpers import make_docs, make_tokenizer, write_jsonl, write_mixture
 from tests.s3_server import list_keys, s3_bucket  # noqa: F401  (s3_bucket is a fixture)
