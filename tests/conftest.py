@@ -102,6 +102,23 @@ def tiny_overrides(corpus: dict[str, Path], run_root: Path, **extra: object) -> 
     return [f"{k}={v}" for k, v in settings.items()]
 
 
+# ``tiny_overrides`` extras for a two-block Mamba-2-attention hybrid (block 1 is attention) trained for
+# two batches, its decay in the second.
+TINY_HYBRID = {
+    "run_name": "hybrid",
+    "max_duration": "2ba",
+    "eval_interval": "null",
+    "model.d_intermediate": 64,
+    "model.attn_layer_idx": "[1]",
+    "model.attn.num_heads": 4,
+    "model.ssm.layer": "mamba2",
+    "model.ssm.headdim": 16,
+    "model.ssm.chunk_size": 8,
+    "scheduler.t_decay": "1ba",
+    "scheduler.t_warmup": "0ba",
+}
+
+
 class StopAfter(Callback):
     """Ends training after ``batches`` batches, as the last callback of the event, so that the schedule
     keeps the run's ``max_duration`` for those batches (``fit(duration=...)`` would replace it)."""

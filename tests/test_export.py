@@ -15,7 +15,7 @@ from handover.weights import read_weights
 from recipes.config import load_train_config
 from recipes.export import main as export_main
 from recipes.train import build_trainer
-from tests.conftest import tiny_overrides
+from tests.conftest import TINY_HYBRID, tiny_overrides
 from tests.test_train import ROOT
 
 
@@ -91,19 +91,7 @@ def test_mamba_ssm_export_of_a_hybrid_checkpoint(
     overrides = tiny_overrides(
         corpus,
         tmp_path,
-        run_name="hybrid",
-        max_duration="2ba",
-        eval_interval="null",
-        **{
-            "model.d_intermediate": 64,
-            "model.attn_layer_idx": "[1]",
-            "model.attn.num_heads": 4,
-            "model.ssm.layer": "mamba2",
-            "model.ssm.headdim": 16,
-            "model.ssm.chunk_size": 8,
-            "scheduler.t_decay": "1ba",
-            "scheduler.t_warmup": "0ba",
-        },
+        **TINY_HYBRID,
     )
     trainer = build_trainer(load_train_config([ROOT / "yamls/tiny/wsd.yaml"], overrides))
     trainer.fit()

@@ -40,20 +40,23 @@ def full_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in state.items()}
 
 
+# The 2-process runs whose sharded and full checkpoints are compared (here and in test_training_state).
+SHARDED_RUN = {
+    "eval_interval": "null",
+    "max_duration": "4ba",
+    "checkpoint.save_interval": "4ba",
+    "scheduler.t_warmup": "1ba",
+    "scheduler.t_decay": "1ba",
+}
+
+
 def test_sharded_checkpoint_is_read_in_one_process(corpus: dict[str, Path], tmp_path: Path) -> None:
     train = ROOT / "recipes" / "train.py"
-    common = {
-        "eval_interval": "null",
-        "max_duration": "4ba",
-        "checkpoint.save_interval": "4ba",
-        "scheduler.t_warmup": "1ba",
-        "scheduler.t_decay": "1ba",
-    }
     # The same 2-process run twice: FSDP's sharded (DCP) checkpoint, and a full one as the reference.
-    launch(train, tiny_overrides(corpus, tmp_path, run_name="sharded", **common))
+    launch(train, tiny_overrides(corpus, tmp_path, run_name="sharded", **SHARDED_RUN))
     launch(
         train,
-        tiny_overrides(corpus, tmp_path, run_name="full", **{**common, "fsdp.state_dict_type": "full"}),
+        tiny_overrides(corpus, tmp_path, run_name="full", **{**SHARDED_RUN, "fsdp.state_dict_type": "full"}),
     )
     assert (tmp_path / "sharded" / "checkpoints" / "ep0-ba4" / ".metadata").is_file()
     sharded = read_weights(tmp_path / "sharded")  # the run folder: its latest (sharded) checkpoint

@@ -21,7 +21,7 @@ from models.config import AttnConfig, MambaConfig, SSMConfig
 from models.mamba_lm import MambaLMHeadModel
 from recipes.config import load_train_config
 from recipes.train import build_trainer
-from tests.conftest import tiny_overrides
+from tests.conftest import TINY_HYBRID, tiny_overrides
 from tests.test_train import ROOT
 
 HYBRID = MambaConfig(
@@ -224,20 +224,8 @@ def test_export_init_from_roundtrip_through_mamba_ssm_format(corpus: dict[str, P
     overrides = tiny_overrides(
         corpus,
         tmp_path,
-        run_name="hybrid",
-        max_duration="2ba",
-        eval_interval="null",
-        **{
-            "init_from.path": tmp_path / "ms",
-            "model.d_intermediate": 64,
-            "model.attn_layer_idx": "[1]",
-            "model.attn.num_heads": 4,
-            "model.ssm.layer": "mamba2",
-            "model.ssm.headdim": 16,
-            "model.ssm.chunk_size": 8,
-            "scheduler.t_decay": "1ba",
-            "scheduler.t_warmup": "0ba",
-        },
+        **TINY_HYBRID,
+        **{"init_from.path": tmp_path / "ms"},
     )
     _, initial = fit(overrides, "yamls/tiny/wsd.yaml")
     for key, value in source.state_dict().items():

@@ -323,19 +323,13 @@ def test_sharded_checkpoint_releases_the_same_moments(corpus: dict[str, Path], t
     equal to the full checkpoint's (read with torch.load)."""
     from safetensors import safe_open
 
-    from tests.test_handover_dist import launch
+    from tests.test_handover_dist import SHARDED_RUN, launch
 
-    common = {
-        "eval_interval": "null",
-        "max_duration": "4ba",
-        "checkpoint.save_interval": "4ba",
-        "scheduler.t_warmup": "1ba",
-        "scheduler.t_decay": "1ba",
-    }
     train = ROOT / "recipes" / "train.py"
-    launch(train, tiny_overrides(corpus, tmp_path, run_name="sharded", **common))
+    launch(train, tiny_overrides(corpus, tmp_path, run_name="sharded", **SHARDED_RUN))
     launch(
-        train, tiny_overrides(corpus, tmp_path, run_name="full", **{**common, "fsdp.state_dict_type": "full"})
+        train,
+        tiny_overrides(corpus, tmp_path, run_name="full", **{**SHARDED_RUN, "fsdp.state_dict_type": "full"}),
     )
     assert (tmp_path / "sharded" / "checkpoints" / "ep0-ba4" / ".metadata").is_file()
     export_cli(
