@@ -17,17 +17,12 @@ from typing import Any
 
 import pytest
 import torch
-from composer import Trainer
 from composer.devices import DeviceCPU
 from composer.utils import dist
-from torch.utils.data import DataLoader
 
 from callbacks.loss_spike import LossSpikeRollback
 from callbacks.nonfinite_guard import NonFiniteError, NonFiniteGuard
-from callbacks.schedulers import WarmupStableDecayScheduler
-from models.composer_model import ComposerMambaLM
-from models.config import preset
-from tests.test_reliability import Poison, Tokens
+from tests.test_reliability import Poison, poisoned_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TENSOR_COLLECTIVES = ("all_reduce", "broadcast", "all_gather")
@@ -81,31 +76,11 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> tuple[RecordingDevice, Collecti
     return device, collectives
 
 
-def trainer(tmp_path: Path, device: RecordingDevice, poison: Poison, *callbacks: Any) -> Trainer:
-    torch.manual_seed(0)
-    model = ComposerMambaLM(preset("debug"))
-    return Trainer(
-        model=model,
-        train_dataloader=DataLoader(Tokens(), batch_size=4),
-        optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
-        schedulers=WarmupStableDecayScheduler("0ba", 0.5),
-        max_duration="8ba",
-        algorithms=[poison],
-        callbacks=[NonFiniteGuard(), *callbacks],
-        save_folder=str(tmp_path),
-        save_interval="2ba",
-        device=device,
-        device_train_microbatch_size=2,
-        progress_bar=False,
-        log_to_console=False,
-    )
-
-
 def test_the_guard_stops_with_one_flag_per_step_on_the_device(
     tmp_path: Path, recorded: tuple[RecordingDevice, Collectives]
 ) -> None:
     device, collectives = recorded
-    run = trainer(tmp_path, device, Poison(3, "grad"))
+    run = poisoned_trainer(tmp_path, Poison(3, "grad"), device=device, device_train_microbatch_size=2)
     with pytest.raises(NonFiniteError, match="not finite at batch 3"):
         run.fit()
     assert collectives.wrong == []
@@ -121,7 +96,9 @@ def test_the_rollback_agrees_on_the_device_and_scans_weights_only_before_a_save(
 ) -> None:
     device, collectives = recorded
     rollback = LossSpikeRollback(window=4, warmup_batches=2)
-    run = trainer(tmp_path, device, Poison(5, "loss"), rollback)
+    run = poisoned_trainer(
+        tmp_path, Poison(5, "loss"), rollback, device=device, device_train_microbatch_size=2
+    )
     run.fit()
     assert rollback.rollbacks == 1
     assert collectives.wrong == []

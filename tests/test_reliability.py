@@ -7,6 +7,7 @@ import copy
 import os
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -200,23 +201,26 @@ class Weights(Callback):
         self.at[int(state.timestamp.batch)] = copy.deepcopy(state.model.state_dict())
 
 
-def poisoned_trainer(tmp_path: Path, poison: Poison, *callbacks: Callback) -> Trainer:
+def poisoned_trainer(tmp_path: Path, poison: Poison, *callbacks: Callback, **trainer_args: Any) -> Trainer:
+    """The debug model for 8 batches under the NonFiniteGuard, ``poison`` armed; ``trainer_args``
+    (a device, a micro-batch size) override the Trainer's."""
     torch.manual_seed(0)
     model = ComposerMambaLM(preset("debug"))
-    return Trainer(
-        model=model,
-        train_dataloader=DataLoader(Tokens(), batch_size=4),
-        optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
-        schedulers=WarmupStableDecayScheduler("0ba", 0.5),
-        max_duration="8ba",
-        algorithms=[poison],
-        callbacks=[NonFiniteGuard(), *callbacks],
-        save_folder=str(tmp_path),
-        save_interval="2ba",
-        device="cpu",
-        progress_bar=False,
-        log_to_console=False,
-    )
+    settings: dict[str, Any] = {
+        "model": model,
+        "train_dataloader": DataLoader(Tokens(), batch_size=4),
+        "optimizers": torch.optim.AdamW(model.parameters(), lr=1e-3),
+        "schedulers": WarmupStableDecayScheduler("0ba", 0.5),
+        "max_duration": "8ba",
+        "algorithms": [poison],
+        "callbacks": [NonFiniteGuard(), *callbacks],
+        "save_folder": str(tmp_path),
+        "save_interval": "2ba",
+        "device": "cpu",
+        "progress_bar": False,
+        "log_to_console": False,
+    }
+    return Trainer(**{**settings, **trainer_args})
 
 
 @pytest.mark.parametrize("what", ["loss", "grad"])
