@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
@@ -30,8 +29,3 @@ class FailpointHooks(Callback):
             state.loss = state.loss * math.nan
         elif event in EVENTS:
             failpoints.hit(EVENTS[event])
-
-
-def enabled() -> bool:
-    """Whether any failpoint is armed in this process."""
-    return bool(os.environ.get(failpoints.ENV))

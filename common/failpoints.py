@@ -39,6 +39,11 @@ def armed(name: str) -> int | None:
     return int(count.rstrip("+") or 1)
 
 
+def enabled() -> bool:
+    """Whether any failpoint is armed in this process."""
+    return bool(os.environ.get(ENV))
+
+
 def reached(name: str) -> bool:
     """Count one arrival at ``name``; True when this is the armed one (or a later one, for ``@N+``)."""
     when = armed(name)

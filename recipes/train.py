@@ -43,7 +43,7 @@ from callbacks.nonfinite_guard import NonFiniteGuard
 from callbacks.pre_decay_checkpoint import PreDecayCheckpoint
 from callbacks.scheduled_lr import ScheduledLrAfterLoad
 from callbacks.schedulers import WarmupStableDecayScheduler
-from common import cli
+from common import cli, failpoints
 from common.config import ConfigError
 from common.distributed import agree, broadcast_object
 from common.io import atomic_write_text
@@ -413,7 +413,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
             "set checkpoint.pre_decay=false to silence this",
             stacklevel=2,
         )
-    if failpoint_hooks.enabled():  # the fault-injection suite (tests/fault_injection.py)
+    if failpoints.enabled():  # the fault-injection suite (tests/fault_injection.py)
         callbacks.append(failpoint_hooks.FailpointHooks())
     callbacks += extra_callbacks or []
 
