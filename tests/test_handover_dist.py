@@ -40,25 +40,26 @@ def full_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in state.items()}
 
 
-# The 2-process runs whose sharded and full checkpoints are compared (here and in test_training_state).
-SHARDED_RUN = {
-    "eval_interval": "null",
-    "max_duration": "4ba",
-    "checkpoint.save_interval": "4ba",
-    "scheduler.t_warmup": "1ba",
-    "scheduler.t_decay": "1ba",
-}
+def train_sharded_and_full(corpus: dict[str, Path], tmp_path: Path) -> None:
+    """The same 2-process run twice, 4 batches: FSDP's sharded (DCP) checkpoint in ``tmp_path/sharded``
+    and a full one, the reference, in ``tmp_path/full`` (here and in test_training_state)."""
+    train = ROOT / "recipes" / "train.py"
+    run = {
+        "eval_interval": "null",
+        "max_duration": "4ba",
+        "checkpoint.save_interval": "4ba",
+        "scheduler.t_warmup": "1ba",
+        "scheduler.t_decay": "1ba",
+    }
+    launch(train, tiny_overrides(corpus, tmp_path, run_name="sharded", **run))
+    launch(
+        train, tiny_overrides(corpus, tmp_path, run_name="full", **{**run, "fsdp.state_dict_type": "full"})
+    )
+    assert (tmp_path / "sharded" / "checkpoints" / "ep0-ba4" / ".metadata").is_file()
 
 
 def test_sharded_checkpoint_is_read_in_one_process(corpus: dict[str, Path], tmp_path: Path) -> None:
-    train = ROOT / "recipes" / "train.py"
-    # The same 2-process run twice: FSDP's sharded (DCP) checkpoint, and a full one as the reference.
-    launch(train, tiny_overrides(corpus, tmp_path, run_name="sharded", **SHARDED_RUN))
-    launch(
-        train,
-        tiny_overrides(corpus, tmp_path, run_name="full", **{**SHARDED_RUN, "fsdp.state_dict_type": "full"}),
-    )
-    assert (tmp_path / "sharded" / "checkpoints" / "ep0-ba4" / ".metadata").is_file()
+    train_sharded_and_full(corpus, tmp_path)
     sharded = read_weights(tmp_path / "sharded")  # the run folder: its latest (sharded) checkpoint
     assert sharded.format == "composer-sharded" and sharded.config.d_model == 32
     reference = full_weights(tmp_path / "full" / "checkpoints" / "ep0-ba4-rank0.pt")

@@ -323,15 +323,9 @@ def test_sharded_checkpoint_releases_the_same_moments(corpus: dict[str, Path], t
     equal to the full checkpoint's (read with torch.load)."""
     from safetensors import safe_open
 
-    from tests.test_handover_dist import SHARDED_RUN, launch
+    from tests.test_handover_dist import train_sharded_and_full
 
-    train = ROOT / "recipes" / "train.py"
-    launch(train, tiny_overrides(corpus, tmp_path, run_name="sharded", **SHARDED_RUN))
-    launch(
-        train,
-        tiny_overrides(corpus, tmp_path, run_name="full", **{**SHARDED_RUN, "fsdp.state_dict_type": "full"}),
-    )
-    assert (tmp_path / "sharded" / "checkpoints" / "ep0-ba4" / ".metadata").is_file()
+    train_sharded_and_full(corpus, tmp_path)
     export_cli(
         str(tmp_path / "sharded"), "--to", "hf", "--out", str(tmp_path / "rs"), "--with-training-state"
     )
