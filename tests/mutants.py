@@ -52,7 +52,7 @@ def config(path: str, tests: list[str]) -> str:
 
     return (
         "\n[tool.mutmut]\n"
-        'source_paths = ["callbacks", "common", "data", "models", "recipes", "eval"]\n'
+        'source_paths = ["callbacks", "common", "data", "handover", "models", "recipes", "eval"]\n'
         f"only_mutate = {toml_list([path])}\n"
         f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
         f"pytest_add_cli_args = {toml_list(PYTEST_ARGS)}\n"
