@@ -61,6 +61,8 @@ test-gpu: $(if $(NO_VENV),,install)
 # the PyTorch path (tests/test_triton_interpret.py). TRITON_VENV holds only mamba-ssm and
 # causal-conv1d, built without their CUDA extensions (--no-deps: nothing else is installed or
 # touched), and sees every package of .venv through a .pth file; .venv itself never sees mamba_ssm.
+# mamba_ssm's one pure-Python dependency, for the Triton venv and the GPU machine's wheels alike.
+EINOPS := einops==0.8.2
 TRITON_VENV := .venv-triton
 TRITON_PY := $(TRITON_VENV)/bin/python
 TRITON_STAMP := $(TRITON_VENV)/.installed
@@ -71,7 +73,7 @@ $(TRITON_STAMP): $(STAMP) requirements-gpu.txt
 	base=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	layer=$$($(TRITON_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	echo "import site; site.addsitedir('$$base')" > $$layer/_on_main_venv.pth
-	$(TRITON_PY) -m pip install --quiet --no-deps wheel==0.48.0 einops==0.8.2
+	$(TRITON_PY) -m pip install --quiet --no-deps wheel==0.48.0 $(EINOPS)
 	MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE \
 		$(TRITON_PY) -m pip install --quiet --no-deps --no-build-isolation -r requirements-gpu.txt
 	touch $(TRITON_STAMP)
@@ -121,17 +123,17 @@ GPU_WHEEL_PLATFORMS := --python-version 3.12 --implementation cp --platform many
 	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 
 # Both kernel pairs: requirements-gpu.txt's (for the pinned torch 2.7.0, the recipe's stack) and
-# the newer one for an image's newer torch; gpu_check.sh builds the pair that fits the torch it finds.
-GPU_KERNELS_PINNED := $(shell grep -E '^(mamba-ssm|causal-conv1d)==' requirements-gpu.txt)
+# requirements-gpu-newer-torch.txt's for an image's newer torch; gpu_check.sh builds the pair that
+# fits the torch it finds.
+GPU_KERNELS := $(shell grep -hE '^(mamba-ssm|causal-conv1d)==' requirements-gpu.txt requirements-gpu-newer-torch.txt)
 
 gpu-wheels: install
 	rm -rf $(GPU_WHEELS).tmp && mkdir -p $(GPU_WHEELS).tmp
 	$(PY) -m pip install --quiet wheel  # the kernels' setup.py needs it to report metadata
 	MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE $(PY) -m pip download --quiet --no-deps \
-		--no-binary :all: --no-build-isolation -d $(GPU_WHEELS).tmp mamba-ssm==2.3.2.post1 causal-conv1d==1.7.0 \
-		$(GPU_KERNELS_PINNED)
+		--no-binary :all: --no-build-isolation -d $(GPU_WHEELS).tmp $(GPU_KERNELS)
 	$(PY) -m pip download --quiet --no-deps --only-binary :all: $(GPU_WHEEL_PLATFORMS) -d $(GPU_WHEELS).tmp \
-		einops==0.8.1 pytest==8.4.2 pluggy==1.6.0 iniconfig==2.1.0 \
+		$(EINOPS) pytest==8.4.2 pluggy==1.6.0 iniconfig==2.1.0 \
 		transformers==4.53.3 tokenizers==0.21.4 huggingface-hub==0.34.4
 	rm -rf $(GPU_WHEELS) && mv $(GPU_WHEELS).tmp $(GPU_WHEELS)
 	ls -l $(GPU_WHEELS)
@@ -180,7 +182,8 @@ clean-demo:
 
 # ---------------------------------------------------------------------------------------------
 # The paper's ablations (0.5B, 10B tokens; GPUs): NPROC processes on this node. For several
-# nodes, run the `composer` line of the README on each node.
+# nodes, run the `composer` line of the README on each node, with checkpoint.save_folder on a file
+# system every node sees or an object store (README, "Many nodes").
 ablation-wsd: install
 	$(COMPOSER) -n $(NPROC) recipes/train.py yamls/ablation_wsd.yaml
 
@@ -208,7 +211,7 @@ ABLATION_EVALS := $(foreach s,$(SEEDS),$(foreach v,$(ABLATION_VARIANTS),$(ABLATI
 $(ABLATION)/%/evaluation.json: | $(STAMP) $(DEMO_STREAMS)
 	stem=$*; variant=$${stem%-s*}; seed=$${stem##*-s}; \
 	OMP_NUM_THREADS=$(if $(filter 1,$(ABLATION_JOBS)),2,1) $(PY) recipes/train.py yamls/tiny/$${variant//-/_}.yaml \
-		run_root=$(ABLATION) run_name=$$stem seed=$$seed data.shuffle_seed=$$seed logging.console_interval=50ba $(ABLATION_ARGS); \
+		run_root=$(ABLATION) run_name=$$stem seed=$$seed data.shuffle_seed=$$seed logging.progress_bar=false logging.console_interval=50ba $(ABLATION_ARGS); \
 	$(PY) -m recipes.evaluate $(ABLATION)/$$stem --no-progress
 
 ablation-tiny: install demo-data
@@ -237,7 +240,7 @@ $(POSWEIGHT)/mds/%/stats.json: $(DEMO)/tokenizer/tokenizer.json
 $(POSWEIGHT)/%/evaluation.json: | $(STAMP) $(POSWEIGHT_STREAMS)
 	stem=$*; variant=$${stem%-s*}; seed=$${stem##*-s}; \
 	OMP_NUM_THREADS=$(if $(filter 1,$(ABLATION_JOBS)),2,1) $(PY) recipes/train.py yamls/tiny/long_$${variant//-/_}.yaml \
-		run_root=$(POSWEIGHT) run_name=$$stem seed=$$seed data.shuffle_seed=$$seed logging.console_interval=50ba \
+		run_root=$(POSWEIGHT) run_name=$$stem seed=$$seed data.shuffle_seed=$$seed logging.progress_bar=false logging.console_interval=50ba \
 		$(POSWEIGHT_ARGS) && \
 	$(PY) -m recipes.evaluate $(POSWEIGHT)/$$stem --no-progress
 
@@ -296,7 +299,7 @@ $(NEEDLE)/mds/passkey/stats.json: $(NEEDLE)/src/passkey.jsonl $(DEMO)/tokenizer/
 		--overwrite --source path=$(NEEDLE)/src/passkey.jsonl
 
 $(NEEDLE)/%/needle/trials.json: | $(STAMP) $(DEMO_STREAMS) $(NEEDLE)/mds/passkey/stats.json
-	OMP_NUM_THREADS=1 $(PY) recipes/train.py yamls/tiny/needle_$*.yaml logging.console_interval=50ba
+	OMP_NUM_THREADS=1 $(PY) recipes/train.py yamls/tiny/needle_$*.yaml logging.progress_bar=false logging.console_interval=50ba
 	OMP_NUM_THREADS=1 $(PY) -m eval.needle $(NEEDLE)/$* --haystack $(DEMO)/src/prose.jsonl --lengths $(NEEDLE_LENGTHS) \
 		--trials $(NEEDLE_TRIALS) --train-length 256 --title "needle in a haystack: tiny $*" --out $(NEEDLE)/$*/needle
 

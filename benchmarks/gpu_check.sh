@@ -24,8 +24,8 @@
 # (torch), the tests' pytest, and the kernels; step 6 runs only where the pinned stack is
 # installed (make install; torch 2.7.0) and otherwise records why not.
 # Kernel versions follow the torch found: on the pinned torch 2.7.x, requirements-gpu.txt's
-# (what `make install-gpu` installs and the recipe runs with); on a newer torch, mamba-ssm
-# 2.3.2.post1 and causal-conv1d 1.7.0. They cannot be the same on both: mamba-ssm >= 2.3.2 needs
+# (what `make install-gpu` installs and the recipe runs with); on a newer torch,
+# requirements-gpu-newer-torch.txt's. They cannot be the same on both: mamba-ssm >= 2.3.2 needs
 # Triton >= 3.5, which torch 2.7's Triton 3.3 pin excludes (pip would replace torch, STACK.md),
 # while an image with a newer torch ships the Triton >= 3.5 these later releases target.
 set -uo pipefail
@@ -86,7 +86,7 @@ pure_python() {
     local missing=()
     "$PY" -c "import einops" 2>/dev/null || missing+=(einops)
     "$PY" -c "import pytest" 2>/dev/null || missing+=(pytest)
-    # What mamba_ssm 2.3.2.post1 imports from transformers; where the image's transformers
+    # What mamba_ssm (requirements-gpu-newer-torch.txt) imports from transformers; where the image's transformers
     # lacks it, the 4.x set from gpu-wheels/ goes first on PYTHONPATH.
     "$PY" -c "from transformers.generation import GenerateDecoderOnlyOutput, TextStreamer
 from transformers.utils import WEIGHTS_NAME, CONFIG_NAME
@@ -111,12 +111,13 @@ build_one() {  # build_one DIST VERSION FORCE_VAR
     env "$force=TRUE" "$PY" -m pip install --no-index --find-links "$WHEELS" --no-build-isolation --no-deps -v "$dir"
 }
 export -f build_one
-pinned() { sed -n "s/^$1==//p" requirements-gpu.txt; }
 if "$PY" -c 'import sys, torch; sys.exit(not torch.__version__.startswith("2.7."))'; then
-    CONV_VERSION=$(pinned causal-conv1d) MAMBA_VERSION=$(pinned mamba-ssm)   # the recipe's stack
+    KERNELS=requirements-gpu.txt   # the recipe's stack
 else
-    CONV_VERSION=1.7.0 MAMBA_VERSION=2.3.2.post1   # a newer torch (Triton >= 3.5): see the header
+    KERNELS=requirements-gpu-newer-torch.txt   # a newer torch (Triton >= 3.5): see the header
 fi
+pinned() { sed -n "s/^$1==//p" "$KERNELS"; }
+CONV_VERSION=$(pinned causal-conv1d) MAMBA_VERSION=$(pinned mamba-ssm)
 echo "kernels: causal-conv1d $CONV_VERSION, mamba-ssm $MAMBA_VERSION" | tee -a "$OUT/summary.txt"
 step causal-conv1d 240 build_one causal-conv1d "$CONV_VERSION" CAUSAL_CONV1D_FORCE_BUILD
 step mamba-ssm 420 build_one mamba-ssm "$MAMBA_VERSION" MAMBA_FORCE_BUILD

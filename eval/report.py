@@ -516,8 +516,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.runs:
         if not args.out:
             parser.error("--out is required with run folders")
-        for path in write_report(args.runs, args.out, args.smoothing, args.zoom, args.trust_checkpoint):
-            print(f"wrote {path}")
+        written = write_report(args.runs, args.out, args.smoothing, args.zoom, args.trust_checkpoint)
+        print(f"wrote {args.out}: {', '.join(Path(path).name for path in written)}")
     elif not args.sync_readme:
         parser.error("give run folders (and --out), or --sync-readme README.md")
 

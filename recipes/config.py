@@ -115,8 +115,24 @@ class FSDPConfig:
 
 @dataclass
 class LoggingConfig:
-    console_interval: str = "10ba"  # console metrics every N batches (when progress_bar is off)
-    progress_bar: bool = True
+    """The console (callbacks/console_progress.py); every metric reaches metrics.jsonl and the loggers."""
+
+    progress_bar: bool = True  # a progress line redrawn in place; false: a new line every console_interval
+    console_interval: str = "10ba"  # batches between console lines (progress_bar off, or verbose)
+    verbose: bool = False  # Composer's full metric dump every console_interval instead (--verbose)
+
+    def __post_init__(self) -> None:
+        number = self.console_interval.removesuffix("ba")
+        if not (self.console_interval.endswith("ba") and number.isdigit() and int(number) > 0):
+            report(
+                [
+                    f"logging.console_interval={self.console_interval!r} must be a number of batches, e.g. '10ba'"
+                ]
+            )
+
+    @property
+    def interval_batches(self) -> int:
+        return int(self.console_interval.removesuffix("ba"))
 
 
 def _default_algorithms() -> dict[str, dict[str, Any] | None]:

@@ -37,6 +37,7 @@ from omegaconf import OmegaConf
 
 from callbacks import failpoint_hooks, registry
 from callbacks.batch_rampup import BatchRampup, RampedBatches
+from callbacks.console_progress import ConsoleProgress
 from callbacks.gloo_grad_average import GlooFSDP2GradAverage
 from callbacks.jsonl_logger import JSONLinesLogger
 from callbacks.nonfinite_guard import NonFiniteGuard
@@ -292,6 +293,8 @@ def build_loggers(cfg: TrainConfig) -> list[LoggerDestination]:
     """The run's metrics file, then every registered logger the recipe names."""
     loggers: list[LoggerDestination] = [JSONLinesLogger(cfg.run_dir / "metrics.jsonl")]
     loggers += [registry.loggers.build(name, args) for name, args in cfg.parts("loggers").items()]
+    if not cfg.logging.verbose:  # verbose: Composer's ConsoleLogger prints every metric instead
+        loggers.append(ConsoleProgress(cfg.logging.progress_bar, cfg.logging.interval_batches))
     return loggers
 
 
@@ -443,8 +446,8 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
         load_weights_only=ckpt.load_weights_only,
         load_ignore_keys=list(ckpt.load_ignore_keys) or None,
         seed=cfg.seed,
-        progress_bar=cfg.logging.progress_bar,
-        log_to_console=not cfg.logging.progress_bar,
+        progress_bar=False,
+        log_to_console=cfg.logging.verbose,
         console_log_interval=cfg.logging.console_interval,
     )
     trainer.logger.log_hyperparameters(report)  # the resolved config, revision and versions, in every logger
@@ -477,12 +480,17 @@ def parse_args(argv: Sequence[str] | None) -> tuple[list[str], list[str], bool]:
         action="store_true",
         help="print the resolved config (every key, with defaults) and exit",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print every metric every logging.console_interval (Composer's console) instead of a progress line",
+    )
     parser.epilog = "registered parts (add them by name under their section):\n" + "\n".join(
         f"{key}:\n{reg.describe()}" for key, reg in registry.REGISTRIES.items()
     )
     args = parser.parse_args(argv)
     recipes = [a for a in args.args if "=" not in a]
-    overrides = [a for a in args.args if "=" in a]
+    overrides = [a for a in args.args if "=" in a] + (["logging.verbose=true"] if args.verbose else [])
     if not recipes:
         parser.error("give at least one recipe, e.g. recipes/train.py yamls/tiny/wsd.yaml")
     return recipes, overrides, args.print_config
