@@ -40,7 +40,11 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a training run folder?")
-    return config_from_dict(TrainConfig, json.loads(path.read_text())["config"], source=str(path))
+    config = json.loads(path.read_text())["config"]
+    # Reading a run needs none of its training-only extras: its loggers (whose packages, such as
+    # mlflow, may be missing here) are dropped before the config's checks.
+    config["loggers"] = {}
+    return config_from_dict(TrainConfig, config, source=str(path))
 
 
 def _run_dir_of(path: Path) -> Path | None:

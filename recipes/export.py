@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common import cli
-from common.io import atomic_dir
+from common.io import atomic_dir, check_output_path
 from models.checkpoint_io import is_uri, read_weights, remote_exists, resolve, staged, upload_dir
 from models.hf_interop import export_hf, export_mamba_ssm
 from models.training_state import write_training_state
@@ -58,6 +58,7 @@ def export(
     """
     if to not in FORMATS:
         raise cli.UserError(f"--to {to!r} is not one of {', '.join(FORMATS)}")
+    check_output_path(out, "--out", overwrite)
     if with_training_state:
         if to != "hf":
             raise cli.UserError("--with-training-state writes beside an HF export: use it with --to hf")
