@@ -227,7 +227,7 @@ class Registry(Generic[T]):
             return []
         try:
             self.entry(name).builder(**args)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, ImportError) as exc:  # ImportError: a package only a GPU run needs
             return [f"{where}: {exc}"]
         return []
 
