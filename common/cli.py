@@ -6,6 +6,18 @@
   ``--debug`` shows the traceback instead. A safety stop (``RunStopped``: a NaN in training, a
   corrupt shard) prints ``stopped: <why, the fix>`` and exits with status 3. Anything else is a
   bug and keeps its traceback.
+- Damaged files are faults, wrong files are mistakes. A file whose bytes are not what was
+  written (a checkpoint failing its CRC-32 check, a truncated or empty checkpoint, a sharded
+  checkpoint missing a shard, a source cut inside its compressed stream) stops the command
+  with status 3 (``RunStopped``: ``CorruptCheckpoint``, ``DamagedSource``), naming the file: the
+  command was right, the file went bad (an interrupted write, a partial download, a failing
+  disk), and the fix is another copy. A path that does not exist, or a file that is no
+  checkpoint at all (a text file given as one), is a mistake: status 2. Every reader of a
+  checkpoint goes through ``handover.reader.verify``, and every reader of a source
+  through ``data.sources.iter_documents``, so the rule holds in every command.
+- Everything the command line can check is checked before anything is written, and nothing
+  half-written is left behind (outputs go to a temporary name, then are renamed; output paths
+  are checked first with ``common.io.check_output_path``).
 
     def main(argv=None):
         args = cli.parser("python -m data.convert", __doc__).parse_args(argv)

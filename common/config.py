@@ -105,7 +105,7 @@ def explain(err: OmegaConfBaseException, schema: Any, source: str = "", prefix: 
     """An omegaconf error as a ``ConfigError`` naming the full key (``prefix.key``) and the fix."""
     key = getattr(err, "full_key", None) or ""
     shown = ".".join(p for p in (prefix, key) if p)
-    msg = getattr(err, "msg", None) or str(err).splitlines()[0]
+    msg = (getattr(err, "msg", None) or str(err)).strip().splitlines()[0]
     where = f" (from {source})" if source else ""
     if isinstance(err, ConfigKeyError) or "not in" in msg:
         parent, _, leaf = key.rpartition(".")
@@ -192,18 +192,42 @@ def load_sources(schema: type[T] | T, sources: Sequence[tuple[str, Any]]) -> T:
     return obj
 
 
+def load_yaml(path: str | Path, what: str = "recipe") -> DictConfig:
+    """A YAML mapping from ``path``; anything else (a syntax error, a list, a scalar) is one ``ConfigError``."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = exc.problem or exc.context or "not valid YAML"
+        hint = "; YAML does not allow tabs: indent with spaces" if "\\t" in problem or "\t" in problem else ""
+        raise ConfigError(f"cannot parse YAML {path}{where}: {problem}{hint}") from exc
+    except Exception as exc:  # a file that is not text at all, or yaml's other errors
+        raise ConfigError(
+            f"cannot parse YAML {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
+    if not OmegaConf.is_dict(node):
+        kind = "a list" if OmegaConf.is_list(node) else "not a mapping"
+        raise ConfigError(
+            f"{what} {path} is {kind}; a {what} is a mapping of keys to values (e.g. `max_duration: 100ba`)"
+        )
+    return node
+
+
 def read_sources(yaml_paths: Sequence[str | Path], overrides: Sequence[str]) -> list[tuple[str, Any]]:
     """YAML files and ``key=value`` overrides as ``(label, node)`` sources; unreadable ones fail together."""
     sources: list[tuple[str, Any]] = []
     problems: list[str] = []
     for path in map(Path, yaml_paths):
-        if not path.is_file():
-            problems.append(f"recipe file not found: {path}")
-            continue
         try:
-            sources.append((str(path), OmegaConf.load(path)))
-        except Exception as exc:  # yaml syntax errors come in several exception types
-            problems.append(f"cannot parse YAML {path}: {exc}")
+            sources.append((str(path), load_yaml(path)))
+        except ConfigError as exc:
+            problems += exc.problems
     for item in overrides:
         if "=" not in item:
             problems.append(f"override '{item}' is not of the form key=value (e.g. max_duration=100ba)")

@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from common.cli import UserError
+
 
 def current_umask() -> int:
     """The process umask (reading it means setting it: set it straight back)."""
@@ -41,7 +43,7 @@ def _normal_permissions(path: Path) -> None:
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path in ``target``'s folder; rename it onto ``target`` on success."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_parents(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -52,6 +54,53 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+            _remove_empty(made)
+
+
+def _make_parents(target: Path) -> list[Path]:
+    """Create ``target``'s missing parent folders; returns those it created, deepest first."""
+    made = []
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        made.append(parent)
+        parent = parent.parent
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed write created (deepest first) while they are empty."""
+    for folder in folders:
+        if not folder.is_dir() or any(folder.iterdir()):
+            return
+        folder.rmdir()
+
+
+def check_output_path(target: str | Path, flag: str, overwrite: bool = False, folder: bool = True) -> None:
+    """Refuse, naming ``flag``, an output path that cannot be written, before any work is done.
+
+    The path must not exist (unless ``overwrite``, and then be of the same kind: a folder for
+    ``folder`` outputs, a file otherwise), and the nearest existing folder above it must be a
+    writable folder, not a file. Object-store URIs (``s3://...``) are left to the upload.
+    """
+    if "://" in str(target):
+        return
+    target = Path(target)
+    kind = "folder" if folder else "file"
+    if target.exists():
+        if target.is_dir() != folder:
+            raise UserError(
+                f"{flag} {target} is a {'folder' if target.is_dir() else 'file'}; give a {kind} path"
+            )
+        if not overwrite:
+            raise FileExistsError(f"{flag} {target} already exists; remove it or pass --overwrite")
+    above = target.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise UserError(f"{flag} {target}: {above} is a file, not a folder; give a path under a folder")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {target}: the folder {above} is not writable here; give another path")
 
 
 def atomic_write_text(target: str | Path, text: str) -> None:
@@ -69,7 +118,7 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     target = Path(target)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; remove it or pass overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_parents(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
@@ -80,3 +129,4 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+            _remove_empty(made)

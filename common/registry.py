@@ -217,6 +217,20 @@ class Registry(Generic[T]):
         supplied = {k: v for k, v in context.items() if k in entry.context}
         return entry.builder(**self.resolve(name, kwargs, where), **supplied)
 
+    def problems(self, name: str, kwargs: Mapping[str, Any] | None, where: str = "") -> list[str]:
+        """What ``name``'s constructor refuses in ``kwargs`` (a ``ValueError`` / ``TypeError``), found by
+        building the part once and dropping it, so that a recipe's values are checked with the rest of
+        the config. Parts that need the run's context (they may open files) are checked when built."""
+        where = where or f"{self.key}.{name}"
+        args = self.resolve(name, kwargs, where)
+        if self.entry(name).context:
+            return []
+        try:
+            self.entry(name).builder(**args)
+        except (ValueError, TypeError, ImportError) as exc:  # ImportError: a package only a GPU run needs
+            return [f"{where}: {exc}"]
+        return []
+
     def describe(self) -> str:
         """One line per registered part, for ``--help``."""
         width = max((len(n) for n in self._entries), default=0)

@@ -41,10 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from streaming.base.util import bytes_to_int
 from tqdm import tqdm
 
 from common import cli, failpoints
-from common.io import atomic_dir, atomic_write_text
+from common.io import atomic_dir, atomic_write_text, check_output_path
 from data.encoding import Chunk, encoded_in_order
 from data.sources import BadRecords, SourceSpec, iter_documents, parse_source
 from data.tokenizer import TokenizerInfo, load_tokenizer, token_dtype, tokenizer_info
@@ -94,6 +95,15 @@ class ConvertConfig:
             raise ValueError(f"--workers={self.workers} must be >= 1")
         if self.batch_bytes < 1:
             raise ValueError(f"--batch-bytes={self.batch_bytes} must be >= 1")
+        try:
+            size = bytes_to_int(self.shard_size)
+        except ValueError:
+            size = 0
+        if size < 1:
+            raise ValueError(
+                f"--shard-size={self.shard_size!r} is not a size: write a number of bytes with an optional "
+                "unit, e.g. 64mb, 512kb or 1gb"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,8 +280,7 @@ def convert(cfg: ConvertConfig) -> dict[str, Any]:
     info: TokenizerInfo = tokenizer_info(tok)
     dtype = token_dtype(info.vocab_size)
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{out} already exists; remove it or pass --overwrite")
+    check_output_path(out, "--out", cfg.overwrite)
     _remove_stale_temporaries(out)
     meta = {"tokenizer": info.to_dict(), "seq_len": cfg.seq_len, "dtype": dtype}
     bad = BadRecords(skip=cfg.skip_bad)

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from common import cli
-from common.io import atomic_dir
+from common.io import atomic_dir, check_output_path
 from data.sources import BadRecords, document_text, iter_documents, parse_source
 
 NEEDLE = "The pass key is {number}. Remember it. {number} is the pass key."
@@ -41,7 +41,7 @@ def answer_text(number: int) -> str:
 def read_words(haystack: str, max_words: int) -> list[str]:
     """The first ``max_words`` whitespace-separated words of a source (any ``data.sources`` format)."""
     words: list[str] = []
-    for doc in iter_documents(parse_source(haystack), BadRecords()):
+    for doc in iter_documents(parse_source(haystack), BadRecords(flag=None)):
         words += document_text(doc).split()
         if len(words) >= max_words:
             break
@@ -92,6 +92,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.count < 1:
         raise ValueError(f"--count {args.count} must be >= 1")
+    if not 1 <= args.min_words <= args.max_words:
+        raise ValueError(
+            f"--min-words {args.min_words} and --max-words {args.max_words}: give 1 <= --min-words <= --max-words"
+        )
+    check_output_path(args.out, "--out", args.overwrite)
     words = read_words(args.haystack, args.haystack_words)
     documents = passkey_documents(words, args.count, args.seed, args.min_words, args.max_words)
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from common.cli import RunStopped
 from common.config import config_from_dict
 from data.tokenizer import CHAT_ROLES, IM_END, IM_START
 
@@ -45,6 +46,10 @@ _COMPRESSIONS = (".gz", ".zst")
 
 class SourceError(ValueError):
     """Bad input data; the message names the file (and line or row) and what is wrong."""
+
+
+class DamagedSource(RunStopped):
+    """A source file whose bytes are damaged (a cut or corrupt compressed stream): a fault, exit 3."""
 
 
 class ChatDoc(NamedTuple):
@@ -112,11 +117,15 @@ class BadRecords:
 
     skip: bool = False
     records: list[dict[str, Any]] = field(default_factory=list)
+    flag: str | None = "--skip-bad"  # the command's flag that skips bad records, if it has one
 
-    def report(self, file: str | Path, line: int | None, reason: str) -> None:
+    def report(self, file: str | Path, line: int | None, reason: str, damaged: bool = False) -> None:
+        """Record a bad record under ``skip``; otherwise raise ``SourceError`` (a mistake in the data),
+        or ``DamagedSource`` when the file's bytes are ``damaged`` (a fault: fetch it again)."""
         where = f"{file}:{line}" if line is not None else str(file)
         if not self.skip:
-            raise SourceError(f"{where}: {reason} (pass --skip-bad to skip such records and list them)")
+            hint = f" (pass {self.flag} to skip such records and list them)" if self.flag else ""
+            raise (DamagedSource if damaged else SourceError)(f"{where}: {reason}{hint}")
         self.records.append({"file": str(file), "line": line, "reason": reason})
 
 
@@ -196,11 +205,52 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
     if path.name.endswith(".gz"):
         return gzip.open(path, "rb")  # type: ignore[return-value]
     if path.name.endswith(".zst"):
+        return io.BufferedReader(_ZstdReader(path))
+    return path.open("rb")
+
+
+class _ZstdReader(io.RawIOBase):
+    """A ``.zst`` file's text, frame after frame; a file cut inside a frame raises ``EOFError``, as
+    gzip does (python-zstandard's ``stream_reader`` returns end-of-file there, without a word)."""
+
+    def __init__(self, path: Path) -> None:
         import zstandard
 
-        raw = path.open("rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))  # type: ignore[arg-type]
-    return path.open("rb")
+        self._raw = path.open("rb")
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = self._dctx.decompressobj()
+        self._started = False  # whether the current frame has received input
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def _feed(self, data: bytes) -> bytes:
+        parts = []
+        while data:
+            if self._frame.eof:
+                self._frame = self._dctx.decompressobj()
+            parts.append(self._frame.decompress(data))
+            self._started = True
+            data = self._frame.unused_data if self._frame.eof else b""
+        return b"".join(parts)
+
+    def readinto(self, buffer: Any) -> int:
+        while not len(self._out):
+            chunk = self._raw.read(1 << 16)
+            if not chunk:
+                if self._started and not self._frame.eof:
+                    raise EOFError("the zstd stream ends inside a frame")
+                return 0
+            self._out = memoryview(self._feed(chunk))
+        n = min(len(buffer), len(self._out))
+        buffer[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 def _check_nonempty(path: Path, bad: BadRecords) -> bool:
@@ -257,12 +307,15 @@ def _json_lines(path: Path, bad: BadRecords) -> Iterator[tuple[int, dict[str, An
                     bad.report(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
                     continue
                 yield lineno, obj
-    except (OSError, EOFError) as exc:
+    except EOFError as exc:  # gzip and zstd (_ZstdReader) name a cut stream so
+        bad.report(path, None, f"the file is truncated ({exc}): fetch or compress it again", damaged=True)
+        return
+    except OSError as exc:
         bad.report(path, None, f"cannot read the file ({exc})")
         return
     except Exception as exc:  # zstandard raises its own ZstdError for corrupt frames
         if type(exc).__module__.startswith("zstandard"):
-            bad.report(path, None, f"cannot decompress the file ({exc})")
+            bad.report(path, None, f"cannot decompress the file ({exc}): fetch it again", damaged=True)
             return
         raise
     if not seen_any:

@@ -130,7 +130,13 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             f"no tokenizer at {path}: expected a folder with tokenizer.json "
             "(train one with `python -m data.train_tokenizer`)"
         )
-    return Tokenizer.from_file(str(file))
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # the tokenizers library raises a bare Exception for a bad file
+        raise ValueError(
+            f"{file} is not a readable tokenizer ({exc}): train one with `python -m data.train_tokenizer` "
+            "or copy it again"
+        ) from exc
 
 
 def vocabulary_size(tok: Tokenizer | str | Path) -> int:

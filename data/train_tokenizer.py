@@ -20,14 +20,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, pre_tokenizers
 
 from common import cli
-from common.io import atomic_write_text
+from common.io import atomic_write_text, check_output_path
 from data.sources import BadRecords, ChatDoc, Document, SourceSpec, chat_pieces, iter_documents, parse_source
-from data.tokenizer import encode_documents, save_tokenizer, train_tokenizer
+from data.tokenizer import SPECIAL_TOKENS, encode_documents, save_tokenizer, train_tokenizer
 
 _REPORT_BYTES = 2_000_000  # text per source measured for the report
+# The largest vocabulary this tool trains: far above any LM's (Gemma: 262,144) and within what the
+# tokenizers library allocates for (1e9 aborts the process), and what uint32 shards hold.
+MAX_VOCAB = 1 << 20
 
 
 @dataclass
@@ -137,11 +140,27 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """The flags' own checks, before any text is read."""
+    floor = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
+    if not floor <= args.vocab_size <= MAX_VOCAB:
+        raise cli.UserError(
+            f"--vocab-size {args.vocab_size} must be between {floor} (256 bytes + {len(SPECIAL_TOKENS)} "
+            f"special tokens) and {MAX_VOCAB:,} (Mambaoutai: 65024)"
+        )
+    if args.min_frequency < 1:
+        raise cli.UserError(f"--min-frequency {args.min_frequency} must be >= 1")
+    if not args.max_bytes >= 1:
+        raise cli.UserError(
+            f"--max-bytes {args.max_bytes:g} leaves no text to train on: give a budget >= 1 byte (default 5e8)"
+        )
+    check_output_path(args.out, "--out", args.overwrite)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
     specs = [parse_source(s) for s in args.source]
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} already exists; remove it or pass --overwrite")
+    _check_args(args)
     bad = BadRecords(skip=args.skip_bad)
     samples = mix_sources(specs, int(args.max_bytes), bad)
     tok = train_tokenizer(
@@ -149,7 +168,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     save_tokenizer(tok, args.out, overwrite=args.overwrite)
     rows = source_report(tok, samples)
-    print(f"vocabulary: {tok.get_vocab_size(with_added_tokens=True):,} tokens (asked {args.vocab_size:,})")
+    size = tok.get_vocab_size(with_added_tokens=True)
+    print(f"vocabulary: {size:,} tokens (asked {args.vocab_size:,})")
+    if size < args.vocab_size:
+        print(
+            f"warning: the vocabulary has {size:,} tokens, not the {args.vocab_size:,} of --vocab-size: the text "
+            f"({sum(s.bytes for s in samples):,} bytes) holds no more pairs seen --min-frequency "
+            f"{args.min_frequency} times. Train on more text (--max-bytes, more sources) or ask for fewer tokens",
+            file=sys.stderr,
+        )
     print(f"{'source':<20} {'train MB':>9} {'bytes/token':>12} {'tokens/word':>12}")
     for row in rows:
         print(

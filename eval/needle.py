@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from common import cli
-from common.io import atomic_path, atomic_write_text
+from common.io import atomic_path, atomic_write_text, check_output_path
 from data.passkey import NEEDLE, NUMBER_RANGE, QUESTION
 from data.sources import BadRecords, document_text, iter_documents, parse_source
 from models.mamba_lm import MambaLMHeadModel
@@ -130,7 +130,11 @@ class Prompts:
         needle = self.encode(" " + NEEDLE.format(number=number))
         budget = length - len(self.prefix) - len(needle) - len(self.question)
         if budget < 1:
-            raise cli.UserError(f"context length {length} is shorter than the needle and question; use >= 64")
+            shortest = length - budget + 1
+            raise cli.UserError(
+                f"--lengths: a context of {length} tokens is shorter than the needle and question with this "
+                f"tokenizer; use lengths >= {shortest}"
+            )
         if budget > len(self.haystack):
             raise cli.UserError(
                 f"the haystack has {len(self.haystack)} tokens, fewer than a {length}-token context needs"
@@ -237,7 +241,7 @@ def haystack_tokens(tokenizer: Any, haystack: str, max_tokens: int) -> list[int]
     separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
     while len(ids) < max_tokens:
         before = len(ids)
-        for doc in iter_documents(parse_source(haystack), BadRecords()):
+        for doc in iter_documents(parse_source(haystack), BadRecords(flag=None)):
             ids += tokenizer(document_text(doc), add_special_tokens=False)["input_ids"] + separator
             if len(ids) >= max_tokens:
                 break
@@ -306,11 +310,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     lengths = parse_ints(args.lengths, "--lengths")
+    check_output_path(args.out, "--out", overwrite=True)
     depths = depth_grid(args.depths)
     if args.trials < 1:
         raise cli.UserError(f"--trials {args.trials} must be >= 1")
     lm, tok = load_lm(args.source, args.checkpoint, args.tokenizer, cli.resolve_device(args.device))
     prompts = Prompts(tok, haystack_tokens(tok, args.haystack, max(lengths)))
+    for length in (min(lengths), max(lengths)):  # what run_needle would meet later, said now
+        prompts.build(length, 0.5, NUMBER_RANGE[1])
     trials = run_needle(lm, prompts, lengths, depths, args.trials, args.seed, progress=not args.no_progress)
     _, _, grid = accuracy_grid(trials)
     out = Path(args.out)

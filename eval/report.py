@@ -44,7 +44,7 @@ from typing import Any
 
 from callbacks.jsonl_logger import read_jsonl
 from common import cli
-from common.io import atomic_path, atomic_write_text
+from common.io import atomic_path, atomic_write_text, check_output_path
 from eval import ablation
 from handover.reader import read_composer, tokens_trained
 
@@ -516,6 +516,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.runs:
         if not args.out:
             parser.error("--out is required with run folders")
+        check_output_path(args.out, "--out", overwrite=True)
         written = write_report(args.runs, args.out, args.smoothing, args.zoom, args.trust_checkpoint)
         print(f"wrote {args.out}: {', '.join(Path(path).name for path in written)}")
     elif not args.sync_readme:

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from common import cli
-from common.io import atomic_dir
+from common.io import atomic_dir, check_output_path
 from handover.hf_mamba import export_hf, export_mamba_ssm
 from handover.training_state import write_training_state
 from handover.weights import is_uri, read_weights, remote_exists, resolve, staged, upload_dir
@@ -36,6 +36,7 @@ def export(
     """
     if to not in FORMATS:
         raise cli.UserError(f"--to {to!r} is not one of {', '.join(FORMATS)}")
+    check_output_path(out, "--out", overwrite)
     if with_training_state:
         if to != "hf":
             raise cli.UserError("--with-training-state writes beside an HF export: use it with --to hf")

@@ -53,6 +53,10 @@ class CorruptCheckpoint(RunStopped):
     """A checkpoint file whose bytes are not what was written (exit 3: a fault, not a mistake)."""
 
 
+class NotACheckpoint(UserError):
+    """A file given as a checkpoint that is no checkpoint at all (a text file, an image): a mistake."""
+
+
 class UntrustedCheckpoint(UserError):
     """A checkpoint whose unpickling would build objects outside the allow-list (it could run code)."""
 
@@ -170,11 +174,33 @@ def _sharded_problem(folder: Path) -> str | None:
     return None
 
 
+# The first bytes of what a checkpoint file can be: a zip archive (torch's format), a legacy
+# pickle, a zstd frame or a gzip stream (compressed checkpoints); a tar archive says so at byte 257.
+_MAGICS = (b"PK\x03\x04", b"PK\x05\x06", b"\x80", b"\x28\xb5\x2f\xfd", b"\x1f\x8b")
+
+
+def _foreign(path: Path) -> bool:
+    """Whether the file at ``path`` is no checkpoint of any kind (its first bytes say so)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as f:
+        head = f.read(512)
+    return not head.startswith(_MAGICS) and head[257:262] != b"ustar"
+
+
 def verify(path: str | Path, label: str | None = None) -> None:
-    """Raise ``CorruptCheckpoint`` naming ``path`` when its integrity check fails (done once per file)."""
+    """Check ``path`` once: ``NotACheckpoint`` (exit 2) for a file that is no checkpoint at all (a
+    mistake), ``CorruptCheckpoint`` (exit 3) for one whose bytes are damaged (a fault)."""
+    where = f"{label} ({path})" if label and label != str(path) else str(path)
+    if not Path(path).exists():
+        raise FileNotFoundError(f"the checkpoint {where} does not exist: check the path")
+    if _foreign(Path(path)):
+        raise NotACheckpoint(
+            f"{where} is not a checkpoint (not a zip archive or pickle, as torch writes them): give a "
+            "Composer checkpoint (*.pt), a sharded checkpoint folder, a run folder, or an HF / mamba_ssm folder"
+        )
     problem = checkpoint_problem(path)
     if problem is not None:
-        where = f"{label} ({path})" if label and label != str(path) else str(path)
         raise CorruptCheckpoint(
             f"the checkpoint {where} is corrupt: {problem}. Use another checkpoint (or fetch this one again)"
         )

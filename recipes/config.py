@@ -23,14 +23,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from composer.core import Time
 from omegaconf import MISSING, OmegaConf
 
 from callbacks.batch_rampup import BatchRampupConfig
 from callbacks.registry import REGISTRIES
-from common.config import ConfigError, load_sources, read_sources, report, to_dict
+from common.config import ConfigError, load_sources, load_yaml, read_sources, report, to_dict
 from data.loader import DataConfig
 from handover.init_from import InitFromConfig
 from models.config import PRESETS, MambaConfig, preset
+from recipes.units import time_problem
 
 Precision = Literal["auto", "fp32", "amp_bf16"]
 
@@ -200,11 +202,15 @@ class TrainConfig:
         checks = [("scheduler", name, {k: v for k, v in self.scheduler.items() if k != "name"}, "scheduler")]
         for key in ("algorithms", "callbacks", "loggers"):
             checks += [(key, part, args, f"{key}.{part}") for part, args in self.parts(key).items()]
+        problems += time_problems(self)
         for key, part, args, where in checks:
             if part is None:
                 continue
             try:
-                REGISTRIES[key].resolve(part, args, where)
+                if key in ("algorithms", "callbacks"):  # built once here: their own checks run now
+                    problems += REGISTRIES[key].problems(part, args, where)
+                else:
+                    REGISTRIES[key].resolve(part, args, where)
             except ConfigError as exc:
                 problems.extend(exc.problems)
         report(problems)
@@ -222,6 +228,47 @@ class TrainConfig:
         args = dict(self.scheduler)
         name = args.pop("name")
         return name, REGISTRIES["scheduler"].resolve(name, args, "scheduler")
+
+
+_TIME_KEYS = (
+    ("max_duration", "100ba"),
+    ("eval_interval", "500ba"),
+    ("checkpoint.save_interval", "1000ba"),
+    ("logging.console_interval", "10ba"),
+)
+
+
+def time_problems(cfg: TrainConfig) -> list[str]:
+    """The config's Composer time strings, each a number and a unit (``ba``, ``tok``, ``sp``, ``ep``).
+
+    Composer reads a bare number as seconds (``max_duration=2`` as 20 seconds): every time is
+    checked here, naming its key and echoing what was typed. The schedule's ``t_*`` times may also
+    be fractions of the run (``0.2``, ``'0.2dur'``).
+    """
+    problems = []
+    for key, example in _TIME_KEYS:
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is None and key == "eval_interval":
+            continue
+        problem = time_problem(key, value, example, fraction=False)
+        if problem is None and Time.from_timestring(str(value)).value <= 0:
+            off = " (evaluation is switched off with eval_interval=null)" if key == "eval_interval" else ""
+            problem = f"{key}={value!r} must be > 0{off}"
+        if problem:
+            problems.append(problem)
+    args = {k: v for k, v in cfg.scheduler.items() if k != "name"}
+    try:  # typed by the schedule's signature: a number given for a time argument becomes a string
+        args = REGISTRIES["scheduler"].resolve(cfg.scheduler.get("name"), args, "scheduler")
+    except ConfigError:
+        return problems  # an unknown schedule or a bad argument: the registry check reports it
+    for key, value in args.items():
+        if key.startswith("t_") and isinstance(value, str):
+            problem = time_problem(f"scheduler.{key}", value, "100ba", fraction=True)
+            if problem:
+                problems.append(problem)
+    return problems
 
 
 def resolved_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -252,8 +299,7 @@ def expand_bases(yaml_paths: Sequence[str | Path]) -> list[Path]:
                     f"recipe file not found: {current}" + (f" (base of {chain[0]})" if chain else "")
                 )
             chain.append(current)
-            raw = OmegaConf.load(current)
-            base = raw.get("base") if OmegaConf.is_dict(raw) else None
+            base = load_yaml(current).get("base")
             current = (current.parent / base).resolve() if base else None
         expanded += reversed(chain)
     return expanded

@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from common import cli
 from common.config import config_from_dict
-from common.io import atomic_write_text
+from common.io import atomic_write_text, check_output_path
 from data.loader import DataConfig, build_dataloader
-from data.tokenizer import vocabulary_size
+from data.tokenizer import TokenizerInfo, load_tokenizer, tokenizer_info
 from eval.metrics import DEFAULT_BUCKETS, PositionMetrics, bucket_names, format_table, parse_buckets
 from eval.sources import LoadedModel, load_source
 from models.composer_model import ComposerMambaLM
@@ -47,7 +47,11 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a training run folder?")
-    return config_from_dict(TrainConfig, json.loads(path.read_text())["config"], source=str(path))
+    config = json.loads(path.read_text())["config"]
+    # Reading a run needs none of its training-only extras: its loggers (whose packages, such as
+    # mlflow, may be missing here) are dropped before the config's checks.
+    config["loggers"] = {}
+    return config_from_dict(TrainConfig, config, source=str(path))
 
 
 def data_config(
@@ -136,6 +140,28 @@ def generate_text(
     return tok.decode(out[0], skip_special_tokens=True)
 
 
+def _check_tokenizer(given: str | None, info: TokenizerInfo, loaded: LoadedModel) -> None:
+    """A ``--tokenizer`` must be the model's own: more tokens than its rows would index past the
+    embedding, and other merges score other ids (numbers that mean nothing)."""
+    if given is None:
+        return
+    rows = loaded.model.config.vocab_size
+    if info.vocab_size > rows:
+        raise cli.UserError(
+            f"--tokenizer {given} has {info.vocab_size} tokens, more than the {rows} rows of the model's "
+            "embedding: pass the tokenizer the model was trained with"
+            + (f" ({loaded.tokenizer}), or omit --tokenizer" if loaded.tokenizer else "")
+        )
+    own = loaded.tokenizer
+    if not own or not Path(own).exists() or Path(own).resolve() == Path(given).resolve():
+        return  # the model's own tokenizer is not here to compare with (or is the one given)
+    if tokenizer_info(load_tokenizer(own)).fingerprint != info.fingerprint:
+        raise cli.UserError(
+            f"--tokenizer {given} is not the tokenizer the model was trained with ({own}): its ids "
+            "mean other text, so every score would be meaningless; omit --tokenizer"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = cli.parser("python -m recipes.evaluate", __doc__)
     parser.add_argument(
@@ -173,16 +199,23 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     buckets = parse_buckets(args.buckets)
     device = cli.resolve_device(args.device)
+    for flag, value in (("--batch-size", args.batch_size), ("--max-batches", args.max_batches)):
+        if value is not None and value < 1:
+            raise cli.UserError(f"{flag} {value} must be >= 1 (omit it for the default)")
+    if args.json is not None:
+        check_output_path(args.json, "--json", overwrite=True, folder=False)
     loaded = load_source(args.source, args.checkpoint, trust=args.trust_checkpoint)
     tokenizer = args.tokenizer or loaded.tokenizer
     if tokenizer is None:
         raise cli.UserError(
             f"{args.source} holds no tokenizer: pass --tokenizer (the one the data was converted with)"
         )
+    info = tokenizer_info(load_tokenizer(tokenizer))
+    _check_tokenizer(args.tokenizer, info, loaded)
     run = load_run_config(loaded.run_dir) if loaded.run_dir is not None else None
     # An HF export records the padded vocabulary as its vocab_size; the tokenizer knows the real one,
     # and top-k must not rank the padding rows of the head.
-    vocab_size = min(loaded.model.config.vocab_size, vocabulary_size(tokenizer))
+    vocab_size = min(loaded.model.config.vocab_size, info.vocab_size)
     batch_size = args.batch_size or (run.device_eval_batch_size if run else DEFAULT_BATCH_SIZE)
     with tempfile.TemporaryDirectory() as workdir:
         cfg = data_config(run, loaded, args.data, args.phase, Path(workdir))

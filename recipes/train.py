@@ -47,7 +47,7 @@ from callbacks.schedulers import WarmupStableDecayScheduler
 from common import cli, failpoints
 from common.config import ConfigError
 from common.distributed import agree, broadcast_object
-from common.io import atomic_write_text
+from common.io import atomic_write_text, check_output_path
 from common.threads import configure_threads
 from data.loader import build_dataloader, check_data
 from data.tokenizer import vocabulary_size
@@ -245,6 +245,10 @@ def plan_run(cfg: TrainConfig, world: int, save_folder: str) -> Plan:
     model's shapes. Every problem found is reported at once in one ``ConfigError``.
     """
     problems = _batch_problems(cfg, world)
+    try:
+        check_output_path(cfg.run_dir, "the run folder (run_root/run_name)", overwrite=True)
+    except cli.UserError as exc:
+        problems.append(str(exc))
     precision = "fp32"
     try:
         precision = resolve_precision(cfg)

@@ -17,6 +17,7 @@ Composer, which resolves them against ``max_duration``.
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -79,6 +80,28 @@ class Geometry:
             TimeUnit.TOKEN: lambda: samples * self.seq_len,
         }
         return Time(out[unit](), unit)
+
+
+_TIME = re.compile(r"\s*[0-9]*\.?[0-9]+(e[+-]?[0-9]+)?\s*(ba|tok|sp|ep|dur)\s*", re.IGNORECASE)
+UNITS = "ba (batches), tok (tokens), sp (samples) or ep (epochs)"
+
+
+def time_problem(key: str, value: object, example: str, fraction: bool) -> str | None:
+    """Why ``value`` (of config ``key``) is not a Composer time string with a unit, or None.
+
+    ``fraction``: a fraction of the run (``0.2``, ``0.2dur``) is accepted too.
+    """
+    if fraction and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None
+    text = str(value)
+    match = _TIME.fullmatch(text)
+    if match and (fraction or match.group(2).lower() != "dur"):
+        return None
+    forms = UNITS + (", or a fraction of the run (0.2dur)" if fraction else "")
+    return (
+        f"{key}={text!r} is not a time with a unit (Composer would read a bare number as seconds): write a "
+        f"number and one of {forms}, e.g. {key}={example}"
+    )
 
 
 def _as_time(value: object) -> Time | None:

@@ -14,6 +14,7 @@ from common.config import ConfigError
 from data.sources import (
     BadRecords,
     ChatDoc,
+    DamagedSource,
     SourceError,
     SourceSpec,
     iter_documents,
@@ -100,15 +101,30 @@ def test_empty_and_unreadable_files(tmp_path: Path) -> None:
     (tmp_path / "blank.jsonl").write_text("\n\n")
     with pytest.raises(SourceError, match=r"blank\.jsonl: the file holds no JSON line"):
         read(SourceSpec(path=str(tmp_path / "blank.jsonl")))
-    (tmp_path / "trunc.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n' * 100)[:30])
-    with pytest.raises(SourceError, match=r"trunc\.jsonl\.gz: cannot read the file"):
-        read(SourceSpec(path=str(tmp_path / "trunc.jsonl.gz")))
     (tmp_path / "latin.txt").write_bytes("ok\ncaf\xe9".encode("latin-1"))
     with pytest.raises(SourceError, match=r"latin\.txt:2: not valid UTF-8"):
         read(SourceSpec(path=str(tmp_path / "latin.txt")))
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(SourceError, match=r"bad\.parquet: cannot read the Parquet file"):
         read(SourceSpec(path=str(tmp_path / "bad.parquet")))
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_a_truncated_compressed_source_is_named_as_damaged(tmp_path: Path, suffix: str) -> None:
+    """python-zstandard's stream reader ends a cut frame silently; both formats must say "truncated"."""
+    raw = b"".join(b'{"text": "document %d"}\n' % i for i in range(2000))
+    packed = gzip.compress(raw) if suffix == ".gz" else zstandard.ZstdCompressor().compress(raw)
+    whole, cut = tmp_path / f"whole.jsonl{suffix}", tmp_path / f"cut.jsonl{suffix}"
+    whole.write_bytes(packed)
+    cut.write_bytes(packed[: len(packed) // 2])
+    assert len(read(SourceSpec(path=str(whole)))[0]) == 2000
+    with pytest.raises(DamagedSource, match=rf"cut\.jsonl\{suffix}: the file is truncated"):
+        read(SourceSpec(path=str(cut)))
+    bad = BadRecords(skip=True)
+    kept = list(iter_documents(SourceSpec(path=str(cut)), bad))
+    assert len(kept) < 2000  # what came before the cut (zstd decodes whole blocks only)
+    assert [(r["file"], r["line"]) for r in bad.records] == [(str(cut), None)]
+    assert bad.records[0]["reason"].startswith("the file is truncated")
 
 
 def test_skip_bad_counts_and_lists_across_files(tmp_path: Path) -> None:
