@@ -1,8 +1,24 @@
-"""Shared test set-up: deterministic seeds, quiet HF, a clean process environment, a tiny corpus."""
+"""Shared test set-up: deterministic seeds, quiet HF, a clean process environment, and what many
+tests share, built once per test session (per pytest-xdist worker):
+
+- ``corpus`` (fixture): a 300-token tokenizer, a pre-training and a chat MDS stream (seq 32), a
+  two-phase mixture. ``tiny_overrides(corpus, run_root, **extra)`` shrinks any recipe onto it.
+- ``run_cli(entry, *args)``: a command-line entry point run in this process, as ``python -m entry``
+  would run it (common/cli.run: exit status, one-line message, ``--help``), without starting a Python
+  that imports torch and Composer again (about 10 s of CPU each). Test a user mistake or ``--help``
+  this way; tests/test_entry_points.py (make test-e2e) starts each entry point once as a real process.
+- ``StopAfter(batches)``: a callback that ends training after that many batches.
+
+Keep anything one of these builds read-only in a test: copy it into ``tmp_path`` to change it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -117,6 +133,36 @@ TINY_HYBRID = {
     "scheduler.t_decay": "1ba",
     "scheduler.t_warmup": "0ba",
 }
+
+
+@dataclass(frozen=True)
+class CliResult:
+    """What a command-line run left: its exit status and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(entry: str, *args: str) -> CliResult:
+    """Runs ``entry`` (a module, ``data.convert``, or a script, ``recipes/train.py``) with ``args`` in
+    this process through ``common.cli.run``, as its ``if __name__ == "__main__"`` line does, and returns
+    the exit status and the output. Relative paths are read from the current directory (use
+    ``monkeypatch.chdir``). With ``--debug``, a user mistake propagates as the exception itself (the
+    traceback a user would see): check it with ``pytest.raises``."""
+    from common import cli
+
+    module = importlib.import_module(entry.removesuffix(".py").replace("/", "."))
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            cli.run(module.main, list(args))
+        except SystemExit as stop:
+            code = stop.code
+        else:  # cli.run always exits
+            raise AssertionError(f"common.cli.run({entry}) returned instead of exiting")
+    returncode = code if isinstance(code, int) else (0 if code is None else 1)
+    return CliResult(returncode, stdout.getvalue(), stderr.getvalue())
 
 
 class StopAfter(Callback):

@@ -68,7 +68,8 @@ def reference_metrics(model: MambaLMHeadModel, batches: list[dict[str, torch.Ten
                     if label == -100:
                         continue
                     row = logits[b, t].tolist()
-                    ce = math.log(sum(math.exp(x - max(row)) for x in row)) + max(row) - row[label]
+                    top = max(row)
+                    ce = math.log(sum(math.exp(x - top) for x in row)) + top - row[label]
                     rank = sum(x > row[label] for x in row[:VOCAB])  # better real tokens than the label
                     pos = int(batch["position_ids"][b, t])
                     bucket = names[max(i for i, start in enumerate(BUCKETS) if pos >= start)]

@@ -10,9 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from recipes.config import FSDPConfig
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_recipe.sh"
@@ -33,10 +35,22 @@ def test_scripts_parse() -> None:
         subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / name)], check=True)
 
 
-def test_the_recipe_step_trains_with_kernels_bf16_and_fsdp_on_one_process() -> None:
-    out = run_script("--print-config")
+def test_the_recipe_step_trains_with_kernels_bf16_and_fsdp_on_one_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The script's own command line, recorded by a stand-in interpreter, then resolved by the training
+    # entry point in this process (a fresh Python would import torch and Composer again).
+    recorder = tmp_path / "python"
+    recorder.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path / "argv"}\n')
+    recorder.chmod(0o755)
+    out = run_script("--print-config", env={"PYTHON": str(recorder)})
     assert out.returncode == 0, out.stdout + out.stderr
-    cfg = yaml.safe_load(out.stdout)
+    script, *args = (tmp_path / "argv").read_text().splitlines()
+    assert script == "recipes/train.py" and args[-1] == "--print-config"
+    monkeypatch.chdir(ROOT)  # where the script runs its command
+    printed = run_cli(script, *args)
+    assert printed.returncode == 0, printed.stderr
+    cfg = yaml.safe_load(printed.stdout)
     assert cfg["model"]["impl"] == "kernels"
     assert cfg["precision"] == "amp_bf16"
     assert cfg["max_duration"] == "30ba"

@@ -96,18 +96,19 @@ def test_inheritune_loop_grows_until_parity_or_the_limit(
         return -1.0 if len(calls) == 1 else loss
 
     monkeypatch.setattr(inheritune, "validation_loss", validation_loss)
+    # The baselines (from scratch at the final depth) do not depend on the kind: run them once.
+    baselines = kind == "mamba1"
     rounds = run(
-        [str(ROOT / "yamls/tiny/wsd.yaml")], overrides, str(tmp_path / "ref"), grow_by=1, baselines=True
+        [str(ROOT / "yamls/tiny/wsd.yaml")], overrides, str(tmp_path / "ref"), grow_by=1, baselines=baselines
     )
     inherit = [r for r in rounds if r.name.isdigit()]
     assert [r.depth for r in inherit] == [2, 3, 4]  # half of the reference's 4 blocks, then +1 per round
     last = inherit[-1]
     assert [r.steps for r in inherit] == [2 * (i + 1) for i in range(len(inherit))]
-    baselines = [r for r in rounds if not r.name.isdigit()]
-    assert [(r.name, r.depth, r.steps) for r in baselines] == [
-        ("scratch", last.depth, last.steps),
-        ("scratch 2x", last.depth, 2 * last.steps),
-    ]
+    expected = [("scratch", last.depth, last.steps), ("scratch 2x", last.depth, 2 * last.steps)]
+    assert [(r.name, r.depth, r.steps) for r in rounds if not r.name.isdigit()] == (
+        expected if baselines else []
+    )
     table = json.loads((tmp_path / "it" / "inheritune.json").read_text())
     assert [row["round"] for row in table["rounds"]] == [r.name for r in rounds]
     assert (

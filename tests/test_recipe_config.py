@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
-import subprocess
-import sys
+import re
 from enum import Enum
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from common.config import ConfigError
 from common.registry import signature_schema
 from recipes.config import OptimizerConfig, TrainConfig, load_train_config, resolved_dict
 from recipes.train import build_trainer
-from tests.conftest import tiny_overrides
+from tests.conftest import run_cli, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 WSD_RECIPE = ROOT / "yamls" / "tiny" / "wsd.yaml"
@@ -281,38 +279,32 @@ ENTRY_POINTS = {
 }
 
 
-def _run(entry: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, entry, *args] if entry.endswith(".py") else [sys.executable, "-m", entry, *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 def test_help_names_every_option(entry: str) -> None:
-    proc = _run(entry, "--help")
+    proc = run_cli(entry, "--help")
     assert proc.returncode == 0, proc.stderr
     for option in ENTRY_POINTS[entry]:
         assert option in proc.stdout, option
 
 
-@pytest.mark.parametrize(
-    ("entry", "args", "message"),
-    [
-        ("recipes/train.py", ["yamls/tiny/wsd.yaml", "optimzer.lr=1"], "did you mean 'optimizer'"),
-        ("recipes/train.py", ["missing.yaml"], "recipe file not found: missing.yaml"),
-        (
-            "data.convert",
-            ["--source", "nope.jsonl", "--tokenizer", "nope", "--out", "x"],
-            "no tokenizer at nope",
-        ),
-        ("data.train_tokenizer", ["--source", "path=x.txt,weight=-1", "--out", "x"], "weight=-1.0"),
-        ("recipes.evaluate", ["no-such-run"], "no-such-run"),
-    ],
-)
-def test_a_user_mistake_is_one_message_and_exit_2(entry: str, args: list[str], message: str) -> None:
-    proc = _run(entry, *args)
+USER_MISTAKES = [
+    ("recipes/train.py", [str(WSD_RECIPE), "optimzer.lr=1"], "did you mean 'optimizer'"),
+    ("recipes/train.py", ["missing.yaml"], "recipe file not found: missing.yaml"),
+    ("data.convert", ["--source", "nope.jsonl", "--tokenizer", "nope", "--out", "x"], "no tokenizer at nope"),
+    ("data.train_tokenizer", ["--source", "path=x.txt,weight=-1", "--out", "x"], "weight=-1.0"),
+    ("recipes.evaluate", ["no-such-run"], "no-such-run"),
+]
+
+
+@pytest.mark.parametrize(("entry", "args", "message"), USER_MISTAKES)
+def test_a_user_mistake_is_one_message_and_exit_2(
+    entry: str, args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli(entry, *args)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
-    debug = _run(entry, *args, "--debug")
-    assert "Traceback" in debug.stderr
+    assert len(proc.stderr.strip().splitlines()) == 2, proc.stderr  # the message, and where --debug is
+    with pytest.raises(Exception, match=re.escape(message)):  # --debug: the traceback instead
+        run_cli(entry, *args, "--debug")
+    assert not any(tmp_path.iterdir()), "a refused command wrote nothing"
