@@ -5,22 +5,29 @@
     nice python benchmarks/bench_checkpoint_io.py --dir /tmp/x --before /work/main      # and main's code
 
 A monolithic Composer checkpoint of the ``1.6b`` preset (random weights, fp32; model state only,
-as ``init_from`` and evaluation read it; about 6.5 GB) is written tensor by tensor from a model
-built on the meta device, then each case runs in fresh child processes (one, then two at once
-as two ranks of a node would) that import the code under test (``--before``: another checkout,
-e.g. main, for the "before" rows) and report their peak resident memory (``VmHWM``: the whole
-process, file-backed pages included) and the load's wall time:
+as ``init_from`` and evaluation read it; about 6.5 GB) and, for the two-rank rows, a sharded
+(DCP) one of the same model written by two processes (each builds and writes only its rows).
+Each case runs in fresh child processes that import the code under test (``--before``: another
+checkout, e.g. main, for the "before" rows) and report their peak resident memory (``VmHWM``:
+the whole process, file-backed pages of a mapped checkpoint included) and the load's wall time:
 
-- ``resume``: what a restart does with its latest checkpoint: recovery's integrity check, the
-  plan's checks (integrity, shapes) and Composer's own load (``safe_torch_load``) into the
-  model that the Trainer built;
-- ``init_from``: ``read_weights`` + ``select_weights`` + ``load_into`` a freshly built model;
-- ``evaluate``: ``eval.sources.load_source`` (a model in eval mode).
+- ``resume``, one rank: what a restart does with its latest checkpoint: recovery's integrity
+  check, the plan's checks (integrity, shapes) and Composer's own load (``safe_torch_load``)
+  into the model that the Trainer built; two ranks: an FSDP2 run (gloo, the model built on meta
+  and sharded per block) resuming from the sharded checkpoint: the plan's checks, then
+  ``torch.distributed.checkpoint.load`` of each rank's shards, as Composer does;
+- ``init_from``, one rank: ``read_weights`` + ``select_weights`` + ``load_into`` a freshly built
+  model; two ranks: the same FSDP2 run, from the monolithic and from the sharded checkpoint
+  (after: ``LoadShards``, each rank its own rows; before: every rank loads the whole model,
+  then it is sharded);
+- ``evaluate``: ``eval.sources.load_source`` (a model in eval mode), one process per model (two
+  ranks: two at once).
 
 ``x ckpt`` is the peak divided by the checkpoint's size (target: <= 1.3); ``base`` is the
 process's resident memory after its imports, before the load (torch alone is about 0.5 GB).
-The file is deleted at the end. The machine these figures come from is shared: wall times vary
-with its load (printed before and after).
+Before each case the free memory is checked against what it needs (``NEED``); a case the
+machine cannot hold now is listed as not run. ``--keep`` keeps the checkpoints for a next run.
+The machine these figures come from is shared: wall times vary with its load.
 """
 
 from __future__ import annotations
