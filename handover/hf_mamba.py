@@ -114,10 +114,22 @@ def hf_config_dict(cfg: MambaConfig) -> dict[str, Any]:
 
 
 def _state_dict_for_export(model: MambaLMHeadModel) -> dict[str, Tensor]:
-    sd = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    # No copy: the writer streams each tensor to the file (a memory-mapped one stays on disk).
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight")  # one tensor, two names: the loader re-ties it
     return sd
+
+
+def _write_weights(path: Path, sd: dict[str, Tensor]) -> None:
+    """``model.safetensors``, one tensor at a time: no second copy of the model is ever built
+    (safetensors' ``save_file`` turns every tensor into bytes first: two more copies at 1.6B)."""
+    from handover.training_state import PendingTensor, write_safetensors
+
+    pending = [
+        PendingTensor(name, t.dtype, tuple(t.shape), lambda t=t: t.contiguous()) for name, t in sd.items()
+    ]
+    write_safetensors(path, pending, {"format": "pt"})
 
 
 SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
@@ -159,8 +171,6 @@ def export_hf(
     and the tokenizer is saved with its chat template and without ``token_type_ids`` among its
     outputs, so ``model.generate(**tokenizer(text, return_tensors="pt"))`` works.
     """
-    from safetensors.torch import save_file
-
     config = hf_config_dict(model.config)
     sd = _state_dict_for_export(model)
     if config["model_type"] == "bamba":
@@ -202,7 +212,7 @@ def export_hf(
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_weights(tmp / "model.safetensors", sd)
         if generation:
             from transformers import GenerationConfig
 

@@ -33,12 +33,14 @@ run started with ``init_from`` records the tokens its source had seen (``run.jso
 from there (handover/training_state.py).
 
 Where the weights are loaded. ``apply_init_from`` runs right after the model is built and
-before the optimizer exists. On CPU (and single-GPU) runs every process holds the full model:
-each loads the weights. Under FSDP on GPUs ``recipes/train.py`` builds the model on the meta
-device; then rank 0 alone materialises it on the CPU and loads the weights, the other ranks stay
-on meta, and Composer's FSDP2 sees the mixed placement and broadcasts rank 0's weights while
-sharding (``sync_module_states``; composer/distributed/shared_utils.py). Only one process then
-holds a full copy in host memory. With FSDP1 every rank loads the full model.
+before the optimizer exists; every rank reads the checkpoint lazily there (memory-mapped, or a
+sharded one described by its metadata) and checks it. On one process the model is given the
+read tensors themselves. Under FSDP2 (``LoadShards``) the copy waits until Composer has sharded
+the model (``Event.BEFORE_LOAD``): each rank then copies only its own rows of each tensor (from
+the memory-mapped file, or through ``torch.distributed.checkpoint`` from a sharded one), so no
+rank materialises the whole model, whether it was built on the CPU or on the meta device (GPUs).
+A remote sharded source is the exception: it is downloaded and read whole by every rank. With
+FSDP1 every rank loads the full model before wrapping.
 
 Checks, all before any compute: each loaded tensor's shape (naming the parameter, both shapes
 and the fix), the tokenizer against the checkpoint's vocabulary, the kind of every selected
@@ -61,7 +63,7 @@ from torch import Tensor
 
 from common.config import report
 from handover.integrity import compare_shapes
-from handover.reader import assign_weights
+from handover.reader import assign_weights, copy_into_shards, local_part, read_sharded_into
 from handover.record import HandoverRecord
 from handover.weights import ModelWeights, read_weights
 from models.config import MambaConfig
@@ -351,6 +353,53 @@ def load_into(model: torch.nn.Module, weights: dict[str, Tensor]) -> None:
     assign_weights(model, weights)
 
 
+class LoadShards(Callback):
+    """init_from under FSDP2: each rank fills its own shards of the model from the checkpoint.
+
+    Runs at ``Event.BEFORE_LOAD``: Composer has sharded the model (each parameter a ``DTensor``
+    holding this rank's rows, initialised by ``param_init_fn`` when built on meta) and has not
+    yet loaded a resume checkpoint, which, when there is one, then replaces these weights as it
+    replaces any initialisation. A memory-mapped source (a monolithic Composer checkpoint,
+    safetensors) is sliced, so only the pages of this rank's rows are read; a local sharded
+    source is read with ``torch.distributed.checkpoint``, which reads only the byte ranges
+    overlapping this rank's rows. No rank holds the whole model, and no collective is needed.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, weights: dict[str, Tensor], ckpt: ModelWeights, message: str
+    ) -> None:
+        self.model = model  # FSDP2 shards it in place: the same module after Composer wraps it
+        self.weights: dict[str, Tensor] | None = weights
+        self.ckpt = ckpt
+        self.message = message
+
+    def before_load(self, state: State, logger: Logger) -> None:
+        if self.weights is None:
+            return
+        targets = self.model.state_dict(keep_vars=True)  # the parameters themselves (DTensors)
+        if self.ckpt.shards is None:
+            copy_into_shards({k: targets[k] for k in self.weights}, self.weights, self.ckpt.source)
+        else:
+            # The checkpoint's key of each selected tensor (``select_weights`` returns the read
+            # objects); a tensor selected twice is read once and its rows copied to the second.
+            keys = {id(t): k for k, t in self.ckpt.state_dict.items()}
+            first: dict[str, str] = {}
+            for new, tensor in self.weights.items():
+                first.setdefault(self.ckpt.shard_keys[keys[id(tensor)]], new)
+            read_sharded_into(
+                self.ckpt.shards, {old: targets[new] for old, new in first.items()}, label=self.ckpt.source
+            )
+            with torch.no_grad():
+                for new, tensor in self.weights.items():
+                    source = first[self.ckpt.shard_keys[keys[id(tensor)]]]
+                    if source != new:
+                        local_part(targets[new])[0].copy_(local_part(targets[source])[0])
+        self.weights = None  # the mapped tensors are no longer needed
+        log.info(self.message)
+        if dist.get_global_rank() == 0:
+            print(f"[train] {self.message} (each rank its own shards)", flush=True)
+
+
 def _materialise_if_meta(model: torch.nn.Module, init_fn: Any) -> bool:
     """Give a meta-device model real CPU tensors, initialised; False when it already has them."""
     if not any(p.is_meta for p in model.parameters()):
@@ -466,6 +515,7 @@ def apply_init_from(
     recipe: dict[str, Any],
     data: DataConfig,
     fsdp_version: int,
+    fsdp_sharded: bool,
     load_path: str | None,
 ) -> list[Callback]:
     """Load ``init`` (the recipe's ``init_from``) into the freshly built model; the callbacks the
@@ -493,18 +543,24 @@ def apply_init_from(
         )
     model = composer_model.model
     on_meta = any(p.is_meta for p in model.parameters())
+    sharded = fsdp_sharded and fsdp_version == 2
     # Every rank reads and checks the checkpoint (path, format, shapes, vocabulary), so a mistake
-    # stops all of them alike (recipes/train.py shares the verdicts before any collective). Under
-    # FSDP2 on GPUs only rank 0 then loads; Composer broadcasts from it (see the module doc).
-    ckpt = read_weights(init.path, trust=init.trust, opt_in="init_from.trust=true")
+    # stops all of them alike (recipes/train.py shares the verdicts before any collective). Read
+    # lazily: memory-mapped, or (a sharded source under FSDP2) described by its metadata alone.
+    ckpt = read_weights(init.path, trust=init.trust, opt_in="init_from.trust=true", lazy_shards=sharded)
     weights = select_weights(init, model_cfg, ckpt, model.state_dict(), tokenizer)
-    loads_here = not on_meta or fsdp_version == 1 or dist.get_global_rank() == 0
-    if loads_here:
-        _materialise_if_meta(model, model.param_init_fn)
-        load_into(model, weights)
-        log.info("init_from: %d tensors from %s (%s)", len(weights), ckpt.source, ckpt.format)
-        if dist.get_global_rank() == 0:
-            print(f"[train] init_from: {len(weights)} tensors from {ckpt.source} ({ckpt.format})", flush=True)
+    message = f"init_from: {len(weights)} tensors from {ckpt.source} ({ckpt.format})"
+    if sharded:
+        # Under FSDP2 each rank copies its own shards once Composer has sharded the model.
+        callbacks.append(LoadShards(model, weights, ckpt, message))
+    else:
+        loads_here = not on_meta or fsdp_version == 1 or dist.get_global_rank() == 0
+        if loads_here:
+            _materialise_if_meta(model, model.param_init_fn)
+            load_into(model, weights)
+            log.info(message)
+            if dist.get_global_rank() == 0:
+                print(f"[train] {message}", flush=True)
     restore, record = _training_state_callbacks(
         data, init, dict(model.named_parameters()), ckpt.tokens_trained
     )

@@ -18,6 +18,9 @@ these functions:
 - ``read_dcp_metadata`` / ``read_sharded``: the same rules for a sharded checkpoint (its
   ``.metadata`` and the pickled non-tensor entries inside its shards go through a restricted
   unpickler; torch's own reader would ``pickle.load`` them).
+- ``read_sharded_into`` / ``copy_into_shards``: under FSDP each rank fills only its own shards
+  (``DTensor`` rows) of a model, from a sharded checkpoint or from memory-mapped full tensors;
+  ``MATERIALISED`` counts the bytes each process copied.
 - ``read_safetensors`` / ``read_torch_weights``: an HF or mamba_ssm folder's files, lazily
   (safetensors memory-maps; a ``pytorch_model.bin`` is read with ``mmap=True, weights_only=True``).
 
@@ -424,6 +427,36 @@ def read_sharded(
     return out
 
 
+def read_sharded_into(
+    folder: str | Path, targets: dict[str, Tensor], *, label: str | None = None, opt_in: str = TRUST_HINT
+) -> None:
+    """Fill ``targets`` (keyed by the checkpoint's flattened keys) from a sharded checkpoint, in place.
+
+    A target that is a ``DTensor`` (a parameter of a model FSDP has sharded) receives only this
+    process's part: ``torch.distributed.checkpoint`` reads the byte ranges that overlap it and
+    nothing else, so each rank materialises its own shards. Runs in this process alone (no
+    collective): every rank can call it at its own pace. Verified first.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    folder = Path(folder)
+    label = label or str(folder)
+    verify(folder, label)
+    nested: dict[str, Any] = {}
+    for key, target in targets.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = target
+    reader, planner = safe_reader_and_planner(folder, label, opt_in)
+    READS[str(folder.resolve())] += 1
+    dcp.load(nested, storage_reader=reader, planner=planner, no_dist=True)
+    for target in targets.values():
+        local, _ = local_part(target)
+        MATERIALISED[label] += local.numel() * local.element_size()
+
+
 # ----------------------------------------------------------------------------------------------
 # Composer's own resume
 
@@ -523,3 +556,94 @@ def assign_weights(model: torch.nn.Module, weights: dict[str, Tensor]) -> None:
         owner_name, _, attr = alias.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
         setattr(owner, attr, model.get_parameter(name))
+
+
+MATERIALISED: collections.Counter[str] = collections.Counter()  # bytes copied into shards, per source
+
+
+def local_part(target: Tensor) -> tuple[Tensor, tuple[slice, ...]]:
+    """What this process holds of ``target`` and where that part sits in the full tensor.
+
+    A ``DTensor`` (FSDP's sharded parameter) holds a block of the full tensor (FSDP2: a chunk of
+    rows, possibly empty on the last ranks); a plain tensor holds all of it.
+    """
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(target, DTensor):
+        return target, tuple(slice(0, n) for n in target.shape)
+    shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
+    with torch.no_grad():
+        local = target.to_local()
+    return local, tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+def copy_into_shards(targets: dict[str, Tensor], sources: dict[str, Tensor], label: str) -> None:
+    """Copy into each of ``targets`` its part of the source of the same name (shapes checked by the caller).
+
+    The sources are the full tensors as read (memory-mapped: slicing one touches only the pages
+    of the part taken), the targets a sharded model's parameters: each process copies, and so
+    reads, only the rows it holds. ``MATERIALISED[label]`` counts the bytes copied.
+    """
+    with torch.no_grad():
+        for key, target in targets.items():
+            local, where = local_part(target)
+            part = sources[key][where]
+            local.copy_(part)
+            MATERIALISED[label] += part.numel() * part.element_size()
+
+
+def _mapped_ranges() -> list[tuple[int, int]]:
+    """Address ranges of this process's memory maps of the checkpoint files read here."""
+    files = set(READS)
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5] in files:
+            low, high = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((low, high))
+    return ranges
+
+
+def release_pages_while_loading(model: torch.nn.Module) -> None:
+    """Let ``model.load_state_dict`` from a memory-mapped checkpoint hold one copy of the weights, not two.
+
+    ``load_state_dict`` copies each checkpoint tensor into the model's own (Composer's load of a
+    monolithic resume does): the mapped file pages it reads stay resident beside the copies, so
+    the process peaks at twice the model. With these hooks, when ``load_state_dict`` reaches a
+    module, the pages of the tensors already copied into the modules before it are dropped
+    (``MADV_DONTNEED``: clean, read-only file pages, read again from the file if touched), and
+    the last ones after the whole load. Only tensors inside this process's maps of checkpoint
+    files read by this module are touched; any other state dict loads as before.
+    """
+    from handover.training_state import drop_mapped_pages
+
+    pending: list[Tensor] = []
+    ranges: list[tuple[int, int]] = []
+
+    def release() -> None:
+        for tensor in pending:
+            drop_mapped_pages(tensor)
+        pending.clear()
+
+    def before_module(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        release()
+        if not ranges:
+            ranges.extend(_mapped_ranges() or [(0, 0)])
+        own = [*module._parameters, *module._buffers]
+        for name in own:
+            value = state_dict.get(prefix + name)
+            if not isinstance(value, Tensor) or value.numel() == 0:
+                continue
+            start = value.data_ptr()
+            end = start + value.numel() * value.element_size()
+            if value.is_contiguous() and any(low <= start and end <= high for low, high in ranges):
+                pending.append(value)
+
+    def after_all(module: torch.nn.Module, incompatible: Any) -> None:
+        release()
+        ranges.clear()  # the next load may map another file
+
+    for module in model.modules():
+        module.register_load_state_dict_pre_hook(before_module)
+    model.register_load_state_dict_post_hook(after_all)

@@ -41,7 +41,14 @@ from torch import Tensor
 
 from common.config import config_from_dict
 from handover.hf_mamba import hf_config_special_ids, load_weights, read_pretrained
-from handover.reader import TRUST_HINT, read_composer, read_sharded, tokens_trained
+from handover.reader import (
+    TRUST_HINT,
+    read_composer,
+    read_dcp_metadata,
+    read_sharded,
+    tokens_trained,
+    verify,
+)
 from handover.record import RECORD
 from models.config import MambaConfig
 from models.mamba_lm import MambaLMHeadModel
@@ -63,6 +70,10 @@ class ModelWeights:
     # bos/eos/pad/unk ids the run recorded or an HF config states; None when unknown
     special_token_ids: dict[str, int | None] | None = None
     tokens_trained: int | None = None  # a monolithic Composer checkpoint's token count
+    # A sharded checkpoint read with ``lazy_shards``: its folder (the tensors above are then on the
+    # meta device: shapes and dtypes only) and each tensor's key in it.
+    shards: Path | None = None
+    shard_keys: dict[str, str] = field(default_factory=dict)
     _given: bool = field(default=False, repr=False)  # whether a built model holds these tensors
 
     def build(self, **overrides: Any) -> MambaLMHeadModel:
@@ -74,6 +85,7 @@ class ModelWeights:
         """
         from dataclasses import replace
 
+        assert self.shards is None, "read with lazy_shards: only a sharded model reads these"
         with torch.device("meta"):
             model = MambaLMHeadModel(replace(self.config, **overrides) if overrides else self.config)
         sd = {k: v.clone() for k, v in self.state_dict.items()} if self._given else self.state_dict
@@ -231,11 +243,22 @@ def _read_monolithic(
     return sd, record, tokens_trained(ckpt)
 
 
-def _read_sharded(path: Path, label: str, opt_in: str) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+def _read_sharded(
+    path: Path, label: str, opt_in: str, lazy: bool = False
+) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
     record_prefix = f"state.callbacks.{RECORD}."
-    flat = read_sharded(
-        path, lambda key: key.startswith((DCP_MODEL_PREFIX, record_prefix)), label=label, opt_in=opt_in
-    )
+    if lazy:  # the record now; the weights' shapes from the metadata, their bytes later, rank by rank
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        verify(path, label)
+        flat = read_sharded(path, lambda key: key.startswith(record_prefix), label=label, opt_in=opt_in)
+        for key, meta in read_dcp_metadata(path, label, opt_in).state_dict_metadata.items():
+            if key.startswith(DCP_MODEL_PREFIX) and isinstance(meta, TensorStorageMetadata):
+                flat[key] = torch.empty(meta.size, dtype=meta.properties.dtype, device="meta")
+    else:
+        flat = read_sharded(
+            path, lambda key: key.startswith((DCP_MODEL_PREFIX, record_prefix)), label=label, opt_in=opt_in
+        )
     sd = {k.removeprefix(DCP_MODEL_PREFIX): v for k, v in flat.items() if k.startswith(DCP_MODEL_PREFIX)}
     if not sd:
         raise ValueError(f"{path}: a torch.distributed.checkpoint folder without Composer model weights")
@@ -243,7 +266,9 @@ def _read_sharded(path: Path, label: str, opt_in: str) -> tuple[dict[str, Tensor
     return sd, record or None
 
 
-def _read_local(path: Path, label: str, config: MambaConfig | None, trust: bool, opt_in: str) -> ModelWeights:
+def _read_local(
+    path: Path, label: str, config: MambaConfig | None, trust: bool, opt_in: str, lazy_shards: bool = False
+) -> ModelWeights:
     if path.is_dir() and (path / "config.json").is_file():
         cfg, sd, fmt = read_pretrained(path)
         special = (
@@ -252,7 +277,7 @@ def _read_local(path: Path, label: str, config: MambaConfig | None, trust: bool,
         return ModelWeights(cfg, sd, label, fmt, special_token_ids=special)
     tokens = None
     if path.is_dir() and (path / ".metadata").is_file():
-        sd, record = _read_sharded(path, label, opt_in)
+        sd, record = _read_sharded(path, label, opt_in, lazy=lazy_shards)
         fmt = "composer-sharded"
     elif path.is_file():
         sd, record, tokens = _read_monolithic(path, label, trust, opt_in)
@@ -278,6 +303,8 @@ def _read_local(path: Path, label: str, config: MambaConfig | None, trust: bool,
         tokenizer,
         special_token_ids=json.loads(special) if special else None,
         tokens_trained=tokens,
+        shards=path if lazy_shards and fmt == "composer-sharded" else None,
+        shard_keys={k: DCP_MODEL_PREFIX + k for k in sd} if lazy_shards and fmt == "composer-sharded" else {},
     )
 
 
@@ -287,6 +314,7 @@ def read_weights(
     *,
     trust: bool = False,
     opt_in: str = TRUST_HINT,
+    lazy_shards: bool = False,
 ) -> ModelWeights:
     """Config and weights from a run folder, Composer checkpoint, HF or mamba_ssm directory, local or remote.
 
@@ -294,11 +322,16 @@ def read_weights(
     Every file is verified once and read lazily through ``handover.reader``; a Composer
     checkpoint is unpickled with ``weights_only=True`` unless ``trust`` (the user's ``opt_in``,
     named when a checkpoint is refused). A corrupt file raises ``CorruptCheckpoint``.
+
+    ``lazy_shards``: a local sharded checkpoint's tensors are not read, only described (meta
+    tensors, ``ModelWeights.shards``): a sharded model then reads its own parts of them with
+    ``handover.reader.read_sharded_into`` (init_from under FSDP). A remote one is
+    downloaded and read whole: its temporary copy does not outlive this call.
     """
     resolved = resolve(source)
     label = str(source) if resolved == str(source).rstrip("/") else f"{source} ({resolved})"
     with staged(resolved) as local:
-        weights = _read_local(local, label, config, trust, opt_in)
+        weights = _read_local(local, label, config, trust, opt_in, lazy_shards and not is_uri(resolved))
     return weights
 
 

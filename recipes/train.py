@@ -58,7 +58,7 @@ from handover.integrity import (
     remove_interrupted_writes,
     shape_problems,
 )
-from handover.reader import check_as_data, install_checkpoint_reads, verify
+from handover.reader import check_as_data, install_checkpoint_reads, release_pages_while_loading, verify
 from models.composer_model import ComposerMambaLM, optimizer_param_groups
 from models.mamba_lm import MambaLMHeadModel
 from recipes.config import TrainConfig, load_train_config, resolved_dict
@@ -340,6 +340,9 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
             os.environ["FSDP_VERSION"] = str(cfg.fsdp.version)  # how Composer 0.32 picks FSDP1 or FSDP2
         reproducibility.seed_all(cfg.seed)
         model = build_model(cfg, fsdp=cfg.fsdp.parallelism(world) is not None)
+        # Composer's load of a monolithic resume copies the memory-mapped checkpoint into this model:
+        # each tensor's file pages are dropped once copied, so the load holds one copy, not two.
+        release_pages_while_loading(model)
         # Weights from init_from, checked against the model, before anything is written; its callbacks
         # (the lr re-warmup) act after the schedule's own lr is set and before it is logged.
         handover_callbacks = apply_init_from(
@@ -350,6 +353,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
             recipe=resolved_dict(cfg),
             data=cfg.data,
             fsdp_version=cfg.fsdp.version,
+            fsdp_sharded=cfg.fsdp.parallelism(world) is not None,
             load_path=cfg.checkpoint.load_path,
         )
     except ConfigError as exc:

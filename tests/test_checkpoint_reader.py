@@ -236,3 +236,41 @@ def test_a_crafted_sharded_metadata_is_refused(run: Path, tmp_path: Path, capsys
     assert _exit(export.main, [str(folder), "--to", "hf", "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
     assert "could run code" in err and "--trust-checkpoint" in err and not marker.exists()
+
+
+def test_loading_a_mapped_checkpoint_drops_each_tensors_pages_once_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``release_pages_while_loading``: every tensor of a memory-mapped checkpoint has its pages dropped
+    after it is copied (and the model holds the checkpoint's values); a state dict in ordinary
+    memory is never touched (dropping its pages would zero it)."""
+    from models import training_state
+    from models.config import MambaConfig, SSMConfig
+    from models.mamba_lm import MambaLMHeadModel
+
+    cfg = MambaConfig(d_model=64, n_layer=2, vocab_size=512, ssm=SSMConfig(d_state=8))
+    source = MambaLMHeadModel(cfg)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state": {"model": source.state_dict()}}, path)
+    dropped: list[int] = []
+    real_drop = training_state.drop_mapped_pages
+    monkeypatch.setattr(
+        training_state, "drop_mapped_pages", lambda t: (dropped.append(t.numel()), real_drop(t))
+    )
+
+    mapped = reader.read_composer(path)["state"]["model"]
+    model = MambaLMHeadModel(cfg)
+    reader.release_pages_while_loading(model)
+    model.load_state_dict(mapped)
+    unique = {id(p) for p in source.parameters()}
+    assert sorted(dropped) == sorted(t.numel() for t in mapped.values() if t.numel())  # each tensor, once
+    assert len(unique) <= len(dropped)
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+    dropped.clear()
+    in_memory = {k: v.clone() + 1 for k, v in source.state_dict().items()}
+    model.load_state_dict(in_memory)
+    assert dropped == []
+    for key, value in in_memory.items():
+        assert torch.equal(model.state_dict()[key], value), key
