@@ -124,7 +124,7 @@ def _state_dict_for_export(model: MambaLMHeadModel) -> dict[str, Tensor]:
 def _write_weights(path: Path, sd: dict[str, Tensor]) -> None:
     """``model.safetensors``, one tensor at a time: no second copy of the model is ever built
     (safetensors' ``save_file`` turns every tensor into bytes first: two more copies at 1.6B)."""
-    from handover.training_state import PendingTensor, write_safetensors
+    from handover.tensor_files import PendingTensor, write_safetensors
 
     pending = [
         PendingTensor(name, t.dtype, tuple(t.shape), lambda t=t: t.contiguous()) for name, t in sd.items()

@@ -616,7 +616,7 @@ def release_pages_while_loading(model: torch.nn.Module) -> None:
     the last ones after the whole load. Only tensors inside this process's maps of checkpoint
     files read by this module are touched; any other state dict loads as before.
     """
-    from handover.training_state import drop_mapped_pages
+    from handover.tensor_files import drop_mapped_pages
 
     pending: list[Tensor] = []
     ranges: list[tuple[int, int]] = []

@@ -244,7 +244,7 @@ def test_loading_a_mapped_checkpoint_drops_each_tensors_pages_once_copied(
     """``release_pages_while_loading``: every tensor of a memory-mapped checkpoint has its pages dropped
     after it is copied (and the model holds the checkpoint's values); a state dict in ordinary
     memory is never touched (dropping its pages would zero it)."""
-    from models import training_state
+    from handover import tensor_files
     from models.config import MambaConfig, SSMConfig
     from models.mamba_lm import MambaLMHeadModel
 
@@ -253,9 +253,9 @@ def test_loading_a_mapped_checkpoint_drops_each_tensors_pages_once_copied(
     path = tmp_path / "ckpt.pt"
     torch.save({"state": {"model": source.state_dict()}}, path)
     dropped: list[int] = []
-    real_drop = training_state.drop_mapped_pages
+    real_drop = tensor_files.drop_mapped_pages
     monkeypatch.setattr(
-        training_state, "drop_mapped_pages", lambda t: (dropped.append(t.numel()), real_drop(t))
+        tensor_files, "drop_mapped_pages", lambda t: (dropped.append(t.numel()), real_drop(t))
     )
 
     mapped = reader.read_composer(path)["state"]["model"]

@@ -16,7 +16,7 @@ from composer.loggers import Logger
 
 from callbacks.jsonl_logger import read_jsonl
 from eval.report import start_tokens
-from handover.training_state import PendingTensor, write_safetensors
+from handover.tensor_files import PendingTensor, write_safetensors
 from recipes.config import load_train_config
 from recipes.export import main as export_main
 from recipes.train import build_trainer

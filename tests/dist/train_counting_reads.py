@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import recipes.train as train
-from models import checkpoint_reader
+from handover import reader as checkpoint_reader
 from tests.dist.train_on_meta import build_on_meta
 
 
