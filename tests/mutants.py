@@ -49,7 +49,18 @@ MODULES: dict[str, Target] = {
     "loader": Target("data/loader.py", ("tests/test_data_loader.py",)),
     "nonfinite_guard": Target("callbacks/nonfinite_guard.py", ("tests/test_reliability.py",)),
     "checkpoint_safety": Target("callbacks/checkpoint_safety.py", ("tests/test_reliability.py",)),
-    "init_from": Target("recipes/init_from.py", ("tests/test_init_from.py",)),
+    # The weight selection and its checks (not the run-time loading, covered by the slow runs).
+    "init_from": Target(
+        "recipes/init_from.py",
+        ("tests/test_init_from.py", "tests/test_init_from_edges.py"),
+        (
+            "InitFromConfig.*",
+            "parse_rewarmup",
+            "inherited_config",
+            "_setting_differences",
+            "select_weights",
+        ),
+    ),
 }
 
 PYTEST_ARGS = [

@@ -66,6 +66,14 @@ def test_stable_end_and_absolute_t_max_follow_the_scale_schedule_ratio() -> None
     assert decay(state_at("1000ba", batch=400), ssr=2.0) == 0.0
 
 
+def test_phases_without_a_ratio_are_the_unscaled_ones() -> None:
+    assert tuple(WarmupStableDecayScheduler("10ba", "100ba").phases(state_at("1000ba"))) == (
+        Time(10, "ba"),
+        Time(900, "ba"),
+        Time(1000, "ba"),
+    )
+
+
 def test_cosine_honours_alpha_f_and_t_max() -> None:
     cosine = CosineWithWarmupScheduler(alpha_f=0.2, t_max="500ba")
     assert cosine(state_at("1000ba", batch=250)) == pytest.approx(0.2 + 0.8 * 0.5)  # cos(pi / 2) = 0
@@ -161,6 +169,11 @@ ERRORS = [
     ),
     (
         lambda: WarmupStableDecayScheduler("10ba", 0.1)(state_at("1000tok", batch=5, token=950)),
+        "WarmupStableDecayScheduler: the decay started at 900tok while the warmup (until 10ba) is still "
+        "running; shorten t_warmup or t_decay",
+    ),
+    (  # the decay starting on the very token the warmup is still running at
+        lambda: WarmupStableDecayScheduler("10ba", 0.1)(state_at("1000tok", batch=5, token=900)),
         "WarmupStableDecayScheduler: the decay started at 900tok while the warmup (until 10ba) is still "
         "running; shorten t_warmup or t_decay",
     ),
