@@ -52,7 +52,21 @@ MODULES: dict[str, Target] = {
     # The weight selection and its checks (not the run-time loading, covered by the slow runs).
     "init_from": Target(
         "recipes/init_from.py",
-        ("tests/test_init_from.py", "tests/test_init_from_edges.py"),
+        (
+            *(
+                f"tests/test_init_from.py::{test}"  # its selection tests; the training runs take minutes
+                for test in (
+                    "test_inherit_first_half_is_bit_for_bit",
+                    "test_listed_blocks_renumber_attention_layers",
+                    "test_wrong_attention_positions_are_named",
+                    "test_vocabulary_mismatch_names_parameter_shapes_and_fix",
+                    "test_tokenizer_larger_than_the_checkpoint_vocabulary_is_refused",
+                    "test_settings_that_change_the_numbers_must_match",
+                    "test_rotary_setting_is_checked_though_shapes_agree",
+                )
+            ),
+            "tests/test_init_from_edges.py",
+        ),
         (
             "InitFromConfig.*",
             "parse_rewarmup",
