@@ -43,7 +43,8 @@ MODULES: dict[str, Target] = {
         "callbacks/schedulers.py", ("tests/test_schedulers.py", "tests/test_schedulers_edges.py")
     ),
     "positional_weighting": Target(
-        "callbacks/positional_weighting.py", ("tests/test_positional_weighting.py",)
+        "callbacks/positional_weighting.py",
+        ("tests/test_positional_weighting.py", "tests/test_positional_weighting_edges.py"),
     ),
     "batch_rampup": Target("callbacks/batch_rampup.py", ("tests/test_batch_rampup.py",)),
     "loader": Target("data/loader.py", ("tests/test_data_loader.py",)),

@@ -6,6 +6,7 @@ unpinned there).
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import warnings
@@ -44,9 +45,21 @@ def test_a_scale_below_one_is_valid() -> None:
     assert state.batch["loss_weights"].tolist() == [[0.0, 1.0, 1.0]]  # min(1, p / 0.5)
 
 
-def test_sequence_positions_count_from_each_sample_start() -> None:
+def test_sequence_positions_count_from_each_sample_start_on_the_batch_device() -> None:
     ids = torch.zeros(3, 5, dtype=torch.long)
     assert sequence_position_ids(ids).tolist() == [[0, 1, 2, 3, 4]] * 3
+    on_meta = sequence_position_ids(torch.zeros(2, 4, dtype=torch.long, device="meta"))
+    assert on_meta.device.type == "meta" and on_meta.shape == (2, 4)
+
+
+def test_weights_are_float32_whatever_the_default_dtype() -> None:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert positional_weights(torch.arange(4)).dtype == torch.float32
+        assert positional_weights(torch.arange(4), fn="linear").dtype == torch.float32
+    finally:
+        torch.set_default_dtype(previous)
 
 
 @pytest.mark.parametrize(
@@ -105,3 +118,14 @@ def test_the_missing_position_ids_warning_word_for_word() -> None:
         apply_to(PositionalLossWeighting(), {"input_ids": torch.zeros(1, 4, dtype=torch.long)})
     assert [str(w.message) for w in caught] == [message]
     assert caught[0].category is UserWarning
+
+
+def test_the_warning_points_at_the_caller_of_apply() -> None:
+    algo = PositionalLossWeighting()
+    state = State(model=torch.nn.Linear(1, 1), rank_zero_seed=0, run_name="t", device=DeviceCPU())
+    state.batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        algo.apply(Event.AFTER_DATALOADER, state, Logger(state))
+    assert (caught[0].filename, caught[0].lineno) == (__file__, line)
