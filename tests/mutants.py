@@ -47,9 +47,49 @@ MODULES: dict[str, Target] = {
         ("tests/test_positional_weighting.py", "tests/test_positional_weighting_edges.py"),
     ),
     "batch_rampup": Target("callbacks/batch_rampup.py", ("tests/test_batch_rampup.py",)),
-    "loader": Target("data/loader.py", ("tests/test_data_loader.py",)),
-    "nonfinite_guard": Target("callbacks/nonfinite_guard.py", ("tests/test_reliability.py",)),
-    "checkpoint_safety": Target("callbacks/checkpoint_safety.py", ("tests/test_reliability.py",)),
+    # The sample accounting: what a sample holds, its position ids, and the resumption state.
+    "loader": Target(
+        "data/loader.py",
+        ("tests/test_data_loader.py",),
+        (
+            "make_example",
+            "mix_id",
+            "PackedTokenDataset.get_item",
+            "PackedTokenDataset.state_dict",
+            "PackedTokenDataset.load_state_dict",
+        ),
+    ),
+    "nonfinite_guard": Target(
+        "callbacks/nonfinite_guard.py",
+        (
+            "tests/test_reliability.py::test_a_nan_stops_the_run_before_the_step_and_before_any_checkpoint",
+            "tests/test_reliability.py::test_with_rollback_a_nan_batch_is_rolled_back_and_no_weight_goes_non_finite",
+        ),
+    ),
+    # Whole-or-absent writes and the local recovery (the object-store recovery runs against moto's
+    # server, minutes per mutant: tests/test_object_store_recovery.py).
+    "checkpoint_safety": Target(
+        "callbacks/checkpoint_safety.py",
+        tuple(
+            f"tests/test_reliability.py::{test}"
+            for test in (
+                "test_an_interrupted_monolithic_write_leaves_nothing",
+                "test_a_written_checkpoint_appears_whole_under_its_name",
+                "test_a_broken_monolithic_checkpoint_is_named",
+                "test_a_flipped_byte_fails_the_crc",
+                "test_a_sharded_checkpoint_is_whole_only_with_its_metadata_and_every_byte",
+                "test_recovery_sets_broken_ones_aside_and_points_latest_at_the_newest_good",
+            )
+        ),
+        (
+            "install_atomic_checkpoint_writes",
+            "_step",
+            "_candidates",
+            "_quarantine",
+            "remove_interrupted_writes",
+            "recover_checkpoint_folder",
+        ),
+    ),
     # The weight selection and its checks (not the run-time loading, covered by the slow runs).
     "init_from": Target(
         "recipes/init_from.py",
