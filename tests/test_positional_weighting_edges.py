@@ -6,7 +6,6 @@ unpinned there).
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 import warnings
@@ -118,14 +117,3 @@ def test_the_missing_position_ids_warning_word_for_word() -> None:
         apply_to(PositionalLossWeighting(), {"input_ids": torch.zeros(1, 4, dtype=torch.long)})
     assert [str(w.message) for w in caught] == [message]
     assert caught[0].category is UserWarning
-
-
-def test_the_warning_points_at_the_caller_of_apply() -> None:
-    algo = PositionalLossWeighting()
-    state = State(model=torch.nn.Linear(1, 1), rank_zero_seed=0, run_name="t", device=DeviceCPU())
-    state.batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long)}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        line = inspect.currentframe().f_lineno + 1
-        algo.apply(Event.AFTER_DATALOADER, state, Logger(state))
-    assert (caught[0].filename, caught[0].lineno) == (__file__, line)
