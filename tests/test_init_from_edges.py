@@ -169,3 +169,46 @@ def test_every_config_problem_is_listed() -> None:
         "  - init_from.lr_rewarmup='soon' is not a time such as '20ba' or '1e7tok'",
     ]
     InitFromConfig(path="x", num_layers=0, layers=[0])  # block 0 is a valid index
+
+
+def test_mamba2_only_settings_do_not_matter_between_mamba1_models() -> None:
+    """headdim, ngroups and the gated norm's settings are Mamba-2's: a Mamba-1 model may differ in them."""
+    ssm = SSMConfig(d_state=8, headdim=16, ngroups=2, gated_norm_eps=1e-3, gated_norm_per_group=False)
+    target = MambaConfig(d_model=32, n_layer=2, vocab_size=64, ssm=ssm)
+    ckpt = checkpoint(MambaConfig(d_model=32, n_layer=2, vocab_size=64, ssm=SSMConfig(d_state=8)))
+    assert sorted(select(InitFromConfig(path="ref"), target, ckpt)) == sorted(ckpt.state_dict)
+
+
+def test_a_mamba1_setting_that_keeps_the_shapes_is_named_with_the_checkpoint_value() -> None:
+    ckpt = checkpoint(MambaConfig(d_model=32, n_layer=2, vocab_size=64, ssm=SSMConfig(d_state=8)))
+    target = MambaConfig(d_model=32, n_layer=2, vocab_size=64, ssm=SSMConfig(d_state=8, b_c_dt_rms_eps=1e-3))
+    message = (
+        "init_from.path=ref does not fit this model: the model must compute what the checkpoint was trained "
+        "to compute. Fix: set model.ssm.b_c_dt_rms_eps=1e-06."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        select(InitFromConfig(path="ref"), target, ckpt)
+
+
+def test_every_differing_setting_of_a_hybrid_is_named() -> None:
+    hybrid = MambaConfig(
+        d_model=32,
+        n_layer=2,
+        vocab_size=64,
+        attn_layer_idx=[1],
+        attn=AttnConfig(num_heads=4),
+        ssm=SSMConfig(layer="mamba2", d_state=8, headdim=16, chunk_size=8),
+    )
+    target = MambaConfig(
+        **{
+            **hybrid.__dict__,
+            "norm_epsilon": 1e-3,
+            "ssm": SSMConfig(layer="mamba2", d_state=8, headdim=16, chunk_size=8, gated_norm_eps=1e-3),
+            "attn": AttnConfig(num_heads=4, rotary_emb_dim=8),
+        }
+    )
+    with pytest.raises(ValueError) as info:
+        select(InitFromConfig(path="ref"), target, checkpoint(hybrid))
+    assert str(info.value).endswith(
+        "Fix: set model.norm_epsilon=1e-05, model.ssm.gated_norm_eps=1e-05, model.attn.rotary_emb_dim=0."
+    )
