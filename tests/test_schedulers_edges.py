@@ -210,3 +210,9 @@ def test_each_error_line_word_for_word(build: Callable[[], object], message: str
 def test_a_time_object_in_seconds_is_refused_like_its_string() -> None:
     with pytest.raises(ValueError, match=r"^DecayPhaseScheduler: t_start=3sec uses the unit 'sec'"):
         DecayPhaseScheduler(t_start=Time(3, TimeUnit.SECOND))
+
+
+def test_cosine_passes_scale_warmup_on() -> None:
+    """scale_warmup=True: under ssr 2 the 100-batch warmup lasts 200 batches."""
+    cosine = CosineWithWarmupScheduler("100ba", scale_warmup=True)
+    assert cosine(state_at("2000ba", batch=100), ssr=2.0) == pytest.approx(0.5)
