@@ -60,7 +60,7 @@ from omegaconf import MISSING
 from torch import Tensor
 
 from common.config import report
-from models.checkpoint_io import HandoverRecord, ModelWeights, read_weights
+from models.checkpoint_io import ModelWeights, read_weights
 from models.checkpoint_reader import assign_weights
 from models.config import MambaConfig
 
@@ -194,27 +194,18 @@ def _setting_differences(model: MambaConfig, ckpt: MambaConfig, has_attn: bool) 
     return diffs
 
 
-def _tokenizer_size(tokenizer: str) -> int | None:
-    if not tokenizer:
-        return None
-    from data.tokenizer import load_tokenizer
-
-    try:
-        return load_tokenizer(tokenizer).get_vocab_size(with_added_tokens=True)
-    except FileNotFoundError:
-        return None  # the data loader names a missing tokenizer itself
-
-
 def select_weights(
     init: InitFromConfig,
     model_cfg: MambaConfig,
     ckpt: ModelWeights,
     model_sd: dict[str, Tensor],
     tokenizer: str = "",
+    n_tokens: int | None = None,
 ) -> dict[str, Tensor]:
     """The tensors to copy into a model with state dict ``model_sd`` (our names), checked.
 
-    Raises ``ValueError`` naming every problem and its fix before anything is copied.
+    ``n_tokens``: the size of the run's ``tokenizer`` (None: not known, not checked). Raises
+    ``ValueError`` naming every problem and its fix before anything is copied.
     """
     src_cfg = ckpt.config
     where = f"init_from.path={init.path}"
@@ -243,7 +234,6 @@ def select_weights(
                 f"model.attn_layer_idx={model_cfg.attn_layer_idx}: set model.attn_layer_idx={want_attn}"
             )
     src_vocab = ckpt.state_dict["backbone.embedding.weight"].shape[0]
-    n_tokens = _tokenizer_size(tokenizer)
     if n_tokens is not None and n_tokens > src_vocab and (init.embedding or init.lm_head):
         problems.append(
             f"the tokenizer {tokenizer} has {n_tokens} tokens, more than the checkpoint's vocabulary of "
@@ -362,18 +352,6 @@ def _materialise_if_meta(model: torch.nn.Module, init_fn: Any) -> bool:
     return True
 
 
-def _special_token_ids(tokenizer: str) -> dict[str, int | None] | None:
-    """The run's tokenizer's bos/eos/pad/unk ids for the checkpoints' record (None, with a warning,
-    when transformers cannot read it: an export of the run then needs ``--tokenizer``)."""
-    from models.hf_interop import tokenizer_special_ids
-
-    try:
-        return tokenizer_special_ids(tokenizer)
-    except ValueError as exc:
-        log.warning("checkpoints will not record the special-token ids: %s", exc)
-        return None
-
-
 def _training_state_callbacks(
     cfg: TrainConfig, init: InitFromConfig, params: dict[str, Tensor], tokens_trained: int | None
 ) -> tuple[list[Callback], dict[str, Any]]:
@@ -442,14 +420,6 @@ def _checked_data_position(cfg: TrainConfig, init: InitFromConfig, info: dict[st
     return position
 
 
-def source_record(callbacks: list[Callback]) -> dict[str, Any]:
-    """``run.json``'s ``init_from_source`` (what the source had trained), when the run used init_from."""
-    for callback in callbacks:
-        if isinstance(callback, InitFromSource):
-            return {"init_from_source": callback.record}
-    return {}
-
-
 class InitFromSource(Callback):
     """Logs what the init_from source had trained (``init_from/tokens_seen``, ...) as hyperparameters."""
 
@@ -460,50 +430,59 @@ class InitFromSource(Callback):
         logger.log_hyperparameters({f"init_from/{k}": v for k, v in self.record.items()})
 
 
-def apply_init_from(cfg: TrainConfig, composer_model: ComposerMambaLM) -> list[Callback]:
-    """Load ``cfg.init_from`` into the freshly built model; the callbacks the run then needs.
+@dataclass(frozen=True)
+class InitFromPlan:
+    """The ``init_from`` source, read and checked against the model: what the build loads."""
 
-    Always returns the ``HandoverRecord`` (the model config in every checkpoint, so it can be
-    exported or used as ``init_from`` later) and, with ``init_from``, the ``LrRewarmup``.
-    Call it after the model is built, before the optimizer exists, and put the callbacks first.
+    source: str
+    format: str
+    weights: dict[str, Tensor]  # model key -> the checkpoint's tensor, checked by ``select_weights``
+    record: dict[str, Any]  # run.json's ``init_from_source``: what the source had trained
+    callbacks: tuple[Callback, ...]  # restore the release's training state, log the source, re-warm the lr
+
+
+def plan_init_from(cfg: TrainConfig, model: torch.nn.Module, n_tokens: int | None) -> InitFromPlan:
+    """Read ``cfg.init_from``'s checkpoint and check it against ``model`` (the run's model, on the meta
+    device: only names and shapes are used) and the tokenizer's ``n_tokens``.
+
+    Every rank reads and checks the checkpoint (path, format, shapes, vocabulary), so a mistake
+    stops all of them alike (recipes/train.py shares the verdicts before any collective).
     """
-    from models.training_state import TrainingRecord
-    from recipes.config import resolved_dict
-
-    # The model config and the resolved recipe in every checkpoint: what an export needs to know.
-    callbacks: list[Callback] = [
-        HandoverRecord(cfg.model, cfg.tokenizer, _special_token_ids(cfg.tokenizer)),
-        TrainingRecord(resolved_dict(cfg)),
-    ]
-    init: InitFromConfig | None = getattr(cfg, "init_from", None)
-    if init is None:
-        return callbacks
+    init = cfg.init_from
+    assert init is not None
     if cfg.checkpoint.load_path:
         raise ValueError(
             f"init_from.path={init.path} and checkpoint.load_path={cfg.checkpoint.load_path} are both set: "
             "init_from starts a new run from a model's weights; load_path loads a Composer checkpoint "
             "(weights and optimizer state). Keep one"
         )
-    model = composer_model.model
-    on_meta = any(p.is_meta for p in model.parameters())
-    # Every rank reads and checks the checkpoint (path, format, shapes, vocabulary), so a mistake
-    # stops all of them alike (recipes/train.py shares the verdicts before any collective). Under
-    # FSDP2 on GPUs only rank 0 then loads; Composer broadcasts from it (see the module doc).
     ckpt = read_weights(init.path, trust=init.trust, opt_in="init_from.trust=true")
-    weights = select_weights(init, cfg.model, ckpt, model.state_dict(), cfg.tokenizer)
-    loads_here = not on_meta or cfg.fsdp.version == 1 or dist.get_global_rank() == 0
-    if loads_here:
-        _materialise_if_meta(model, model.param_init_fn)
-        load_into(model, weights)
-        log.info("init_from: %d tensors from %s (%s)", len(weights), ckpt.source, ckpt.format)
-        if dist.get_global_rank() == 0:
-            print(f"[train] init_from: {len(weights)} tensors from {ckpt.source} ({ckpt.format})", flush=True)
+    weights = select_weights(init, cfg.model, ckpt, model.state_dict(), cfg.tokenizer, n_tokens)
     restore, record = _training_state_callbacks(
         cfg, init, dict(model.named_parameters()), ckpt.tokens_trained
     )
-    callbacks += [*restore, InitFromSource(record)]
-    if record["moments_restored"]:
-        print("[train] init_from: AdamW's moments restored from the release; no lr re-warmup", flush=True)
-    else:
+    callbacks: list[Callback] = [*restore, InitFromSource(record)]
+    if not record["moments_restored"]:
         callbacks.append(LrRewarmup(init.lr_rewarmup))
-    return callbacks
+    return InitFromPlan(ckpt.source, ckpt.format, weights, record, tuple(callbacks))
+
+
+def apply_init_from(plan: InitFromPlan, composer_model: ComposerMambaLM, fsdp_version: int) -> None:
+    """Load the planned weights into the freshly built model, before the optimizer exists.
+
+    Under FSDP2 on GPUs (a model on the meta device) only rank 0 materialises and loads; Composer
+    broadcasts from it (see the module doc). Put ``plan.callbacks`` first among the run's callbacks.
+    """
+    model = composer_model.model
+    on_meta = any(p.is_meta for p in model.parameters())
+    if not on_meta or fsdp_version == 1 or dist.get_global_rank() == 0:
+        _materialise_if_meta(model, model.param_init_fn)
+        load_into(model, plan.weights)
+        log.info("init_from: %d tensors from %s (%s)", len(plan.weights), plan.source, plan.format)
+        if dist.get_global_rank() == 0:
+            print(
+                f"[train] init_from: {len(plan.weights)} tensors from {plan.source} ({plan.format})",
+                flush=True,
+            )
+    if plan.record["moments_restored"] and dist.get_global_rank() == 0:
+        print("[train] init_from: AdamW's moments restored from the release; no lr re-warmup", flush=True)
