@@ -67,6 +67,7 @@ def test_build_trainer_reads_nothing_the_plan_read(
     corpus: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Planning reads the tokenizer once and each split's index files; building reads none of them."""
+    import data.loader
     import data.tokenizer
     import models.hf_interop
 
@@ -88,6 +89,7 @@ def test_build_trainer_reads_nothing_the_plan_read(
         return read_text(path, *args, **kwargs)
 
     monkeypatch.setattr(data.tokenizer, "Tokenizer", _NoRead)
+    monkeypatch.setattr(data.loader, "load_mixture", _NoRead.from_file)
     monkeypatch.setattr(models.hf_interop, "tokenizer_special_ids", _NoRead.from_file)
     monkeypatch.setattr(Path, "read_text", guarded)
     monkeypatch.setattr("recipes.plan.plan_run", lambda *a, **k: pytest.fail("build_trainer planned again"))
