@@ -150,9 +150,17 @@ def test_a_decay_from_a_later_checkpoint_starts_its_own_clock(
     assert plan.load.ignore_keys == DECAY_IGNORE_KEYS and not plan.load.keeps_clock
     trainer = train.build_trainer(plan)
     # The checkpoint's weights are loaded (compared with the file, read independently).
-    saved = torch.load(pre_decay, map_location="cpu", weights_only=False)["state"]["model"]
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    saved = torch.load(pre_decay, map_location="cpu", weights_only=False)["state"]
     for name, value in trainer.state.model.state_dict().items():
-        assert torch.equal(value, saved[name]), name
+        assert torch.equal(value, saved["model"][name]), name
+    # ... and AdamW's moments, where the decay's own clock starts at 0.
+    ours = get_optimizer_state_dict(trainer.state.model, trainer.state.optimizers[0])["state"]
+    theirs = next(iter(saved["optimizers"].values()))["state"]
+    assert len(ours) == len(theirs) > 0
+    assert all(torch.equal(ours[k]["exp_avg_sq"], theirs[k]["exp_avg_sq"]) for k in ours)
+    assert int(trainer.state.timestamp.batch) == 0
     trainer.fit()
     assert int(trainer.state.timestamp.batch) == 3
     trainer.close()
