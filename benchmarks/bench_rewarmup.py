@@ -30,7 +30,7 @@ from callbacks.jsonl_logger import read_jsonl
 from data.loader import build_dataloader
 from handover.export import export
 from recipes.config import load_train_config
-from recipes.train import build_trainer
+from recipes.train import build_trainer, prepare_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ class FixedBatchLoss(Callback):
 
 def fit(recipe: str, overrides: list[str], probe: Callback | None = None) -> Path:
     cfg = load_train_config([ROOT / recipe], overrides)
-    trainer = build_trainer(cfg, extra_callbacks=[probe] if probe else None)
+    trainer = build_trainer(prepare_run(cfg), extra_callbacks=[probe] if probe else None)
     trainer.fit()
     trainer.close()
     return cfg.run_dir

@@ -15,12 +15,15 @@ Streaming's own hash check when unpacked is named too, and never leaves a reader
 Resumption is Streaming's own: Composer saves ``dataset.state_dict(samples_seen, True)`` in its
 checkpoint and calls ``load_state_dict`` on resume, and the dataset skips exactly the samples
 already served, for any number of ranks (a deterministic function of seed, epoch and the
-``num_canonical_nodes`` partition). Before building, shared memory left by a crashed run is
-cleaned (``data.shared_memory``), and the shards' recorded tokenizer is checked against the run's tokenizer.
+``num_canonical_nodes`` partition). Planning a split (``plan_split``) reads the mixture's local index
+files once and checks the shards' recorded tokenizer against the run's; building it
+(``build_split_dataset``) reads none of them again, and first cleans shared memory left by a
+crashed run (``data.shared_memory``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -276,49 +279,84 @@ def mix_id(cfg: DataConfig, streams: dict[str, StreamConfig], split: str) -> str
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def build_dataset(
-    cfg: DataConfig, tokenizer: str | Path, device_batch_size: int, split: str = "train"
-) -> PackedTokenDataset:
-    """The dataset of one split of ``cfg.phase``, checked against the run's tokenizer.
+def phase_streams_of(cfg: DataConfig) -> dict[str, StreamConfig]:
+    """The streams of ``cfg.phase`` in ``cfg.mixture`` (with ``cfg.root`` applied): the mixture, read once."""
+    overrides = [f"root={cfg.root}"] if cfg.root is not None else []
+    return phase_streams(load_mixture(cfg.mixture, overrides), cfg.phase, source=cfg.mixture)
 
-    ``split="train"`` applies the phase's weights and shuffling; other splits read each
-    stream's held-out samples once, in order, unweighted.
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """One split of a phase, checked against the run's tokenizer: all ``build_split_dataset`` needs.
+
+    ``seq_len`` is the local streams' common sequence length (0 when every stream is remote: known
+    once Streaming has downloaded their index files).
     """
+
+    split: str
+    streams: dict[str, StreamConfig]
+    tokenizer: str  # the tokenizer's path, for messages
+    info: TokenizerInfo
+    mix_id: str
+    seq_len: int
+
+    def local_indexes(self) -> dict[str, Path]:
+        """The index.json of each local stream of the split (a remote one is read by Streaming)."""
+        return {
+            name: Path(s.local) / self.split / "index.json"
+            for name, s in self.streams.items()
+            if s.remote is None
+        }
+
+
+def plan_split(
+    cfg: DataConfig,
+    streams: dict[str, StreamConfig],
+    tokenizer: str | Path,
+    info: TokenizerInfo,
+    split: str = "train",
+) -> SplitPlan:
+    """Check ``split`` of the phase's ``streams`` against the tokenizer (``check_streams``: their
+    index files, read here once) and return what building its dataset needs."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} must be one of {SPLITS}")
-    overrides = [f"root={cfg.root}"] if cfg.root is not None else []
-    mixture = load_mixture(cfg.mixture, overrides)
-    stream_cfgs = phase_streams(mixture, cfg.phase, source=cfg.mixture)
-    info = tokenizer_info(load_tokenizer(tokenizer))
+    plan = SplitPlan(split, streams, str(tokenizer), info, mix_id(cfg, streams, split), 0)
+    local = plan.local_indexes()
+    if not local:
+        return plan
+    return dataclasses.replace(plan, seq_len=check_streams(local, info, tokenizer))
 
+
+def build_split_dataset(cfg: DataConfig, plan: SplitPlan, device_batch_size: int) -> PackedTokenDataset:
+    """The dataset of a planned split; reads no file the plan read.
+
+    ``split="train"`` applies the phase's weights and shuffling; other splits read each
+    stream's held-out samples once, in order, unweighted. Only remote streams' index files,
+    downloaded by Streaming here, are checked against the tokenizer now.
+    """
     _initialize_dist()
     clean_stale_shared_memory()
-    train = split == "train"
+    train = plan.split == "train"
 
     def streams() -> list[Stream]:  # new ones for every attempt: StreamingDataset changes them
         return [
             Stream(
                 remote=s.remote,
                 local=s.local or None,
-                split=split,
+                split=plan.split,
                 proportion=s.proportion if train else None,
                 repeat=s.repeat if train else None,
                 choose=s.choose if train else None,
             )
-            for s in stream_cfgs.values()
+            for s in plan.streams.values()
         ]
 
-    local = {
-        name: Path(s.local) / split / "index.json" for name, s in stream_cfgs.items() if s.remote is None
-    }
-    if local:  # fail with our messages before Streaming's
-        check_streams(local, info, tokenizer)
     dataset = _with_shared_memory_retry(
         lambda: PackedTokenDataset(
-            eot_id=info.eot_id,
-            pad_id=info.pad_id,
-            vocab_size=info.vocab_size,
-            mix_id=mix_id(cfg, stream_cfgs, split),
+            eot_id=plan.info.eot_id,
+            pad_id=plan.info.pad_id,
+            vocab_size=plan.info.vocab_size,
+            mix_id=plan.mix_id,
             streams=streams(),
             epoch_size=cfg.epoch_size if train else None,
             predownload=cfg.predownload,
@@ -334,11 +372,28 @@ def build_dataset(
             shuffle_block_size=cfg.shuffle_block_size,
         )
     )
-    indexes = {
-        name: Path(st.local) / st.split / "index.json" for name, st in zip(stream_cfgs, dataset.streams)
+    remote = {
+        name: Path(st.local) / st.split / "index.json"
+        for (name, s), st in zip(plan.streams.items(), dataset.streams)
+        if s.remote is not None
     }
-    dataset.seq_len = check_streams(indexes, info, tokenizer)
+    dataset.seq_len = check_streams(remote, plan.info, plan.tokenizer) if remote else plan.seq_len
+    if remote and plan.seq_len and dataset.seq_len != plan.seq_len:
+        raise ConfigError(
+            f"streams have different seq_len (local {plan.seq_len}, remote {dataset.seq_len}); "
+            "convert them all with one --seq-len"
+        )
     return dataset
+
+
+def build_dataset(
+    cfg: DataConfig, tokenizer: str | Path, device_batch_size: int, split: str = "train"
+) -> PackedTokenDataset:
+    """The dataset of one split of ``cfg.phase``, planned and built in one call (for a caller with
+    no run plan: evaluation, tests, benchmarks)."""
+    info = tokenizer_info(load_tokenizer(tokenizer))
+    plan = plan_split(cfg, phase_streams_of(cfg), tokenizer, info, split)
+    return build_split_dataset(cfg, plan, device_batch_size)
 
 
 def _with_shared_memory_retry(
@@ -432,42 +487,31 @@ def shard_file_problems(stream_name: str, index_path: Path, part: int = 0, parts
     return problems
 
 
-def check_data(
-    cfg: DataConfig, tokenizer: str | Path, split: str = "train", part: int = 0, parts: int = 1
-) -> int:
-    """Check the mixture, its phase and the shards of ``split`` on local disk, before any dataset is
-    built; returns the sequence length (0 when every stream is remote: known once downloaded).
-
-    ``part`` of ``parts``: which share of each local stream's shard files this process checks
-    (``shard_file_problems``); every problem found is raised in one ``ConfigError``.
-    """
-    overrides = [f"root={cfg.root}"] if cfg.root is not None else []
-    mixture = load_mixture(cfg.mixture, overrides)
-    streams = phase_streams(mixture, cfg.phase, source=cfg.mixture)
-    info = tokenizer_info(load_tokenizer(tokenizer))
-    local = {name: Path(s.local) / split / "index.json" for name, s in streams.items() if s.remote is None}
-    seq_len = check_streams(local, info, tokenizer) if local else 0
-    problems = [p for name, index in local.items() for p in shard_file_problems(name, index, part, parts)]
-    if problems:
-        raise ConfigError(*problems)
-    return seq_len
-
-
-def build_dataloader(
-    cfg: DataConfig, tokenizer: str | Path, device_batch_size: int, split: str = "train"
-) -> DataSpec:
-    """A Composer DataSpec of dict batches (input_ids, labels, position_ids: int64, B x L).
+def build_split_loader(cfg: DataConfig, plan: SplitPlan, device_batch_size: int) -> DataSpec:
+    """A Composer DataSpec of dict batches (input_ids, labels, position_ids: int64, B x L) over a
+    planned split.
 
     Composer finds the dataset through the DataSpec and saves/loads its resumption state.
     """
     if device_batch_size < 1:
         raise ConfigError(f"device_batch_size={device_batch_size} must be >= 1")
-    dataset = build_dataset(cfg, tokenizer, device_batch_size, split)
+    dataset = build_split_dataset(cfg, plan, device_batch_size)
     loader = DataLoader(
         dataset,
         batch_size=device_batch_size,
         num_workers=cfg.num_workers,
-        drop_last=cfg.drop_last and split == "train",
+        drop_last=cfg.drop_last and plan.split == "train",
         persistent_workers=cfg.num_workers > 0,
     )
     return DataSpec(loader, get_num_tokens_in_batch=lambda batch: int(batch["input_ids"].numel()))
+
+
+def build_dataloader(
+    cfg: DataConfig, tokenizer: str | Path, device_batch_size: int, split: str = "train"
+) -> DataSpec:
+    """``build_split_loader`` planned and built in one call (for a caller with no run plan)."""
+    if device_batch_size < 1:
+        raise ConfigError(f"device_batch_size={device_batch_size} must be >= 1")
+    info = tokenizer_info(load_tokenizer(tokenizer))
+    plan = plan_split(cfg, phase_streams_of(cfg), tokenizer, info, split)
+    return build_split_loader(cfg, plan, device_batch_size)

@@ -64,7 +64,6 @@ from torch import Tensor
 from common.config import report
 from handover.integrity import compare_shapes
 from handover.reader import assign_weights, copy_into_shards, local_part, read_sharded_into
-from handover.record import HandoverRecord
 from handover.weights import ModelWeights, read_weights
 from models.config import MambaConfig
 
@@ -198,27 +197,18 @@ def _setting_differences(model: MambaConfig, ckpt: MambaConfig, has_attn: bool) 
     return diffs
 
 
-def _tokenizer_size(tokenizer: str) -> int | None:
-    if not tokenizer:
-        return None
-    from data.tokenizer import vocabulary_size
-
-    try:
-        return vocabulary_size(tokenizer)
-    except FileNotFoundError:
-        return None  # the data loader names a missing tokenizer itself
-
-
 def select_weights(
     init: InitFromConfig,
     model_cfg: MambaConfig,
     ckpt: ModelWeights,
     model_sd: dict[str, Tensor],
     tokenizer: str = "",
+    n_tokens: int | None = None,
 ) -> dict[str, Tensor]:
     """The tensors to copy into a model with state dict ``model_sd`` (our names), checked.
 
-    Raises ``ValueError`` naming every problem and its fix before anything is copied.
+    ``n_tokens``: the size of the run's ``tokenizer`` (None: not known, not checked). Raises
+    ``ValueError`` naming every problem and its fix before anything is copied.
     """
     src_cfg = ckpt.config
     where = f"init_from.path={init.path}"
@@ -247,7 +237,6 @@ def select_weights(
                 f"model.attn_layer_idx={model_cfg.attn_layer_idx}: set model.attn_layer_idx={want_attn}"
             )
     src_vocab = ckpt.state_dict["backbone.embedding.weight"].shape[0]
-    n_tokens = _tokenizer_size(tokenizer)
     if n_tokens is not None and n_tokens > src_vocab and (init.embedding or init.lm_head):
         problems.append(
             f"the tokenizer {tokenizer} has {n_tokens} tokens, more than the checkpoint's vocabulary of "
@@ -410,18 +399,6 @@ def _materialise_if_meta(model: torch.nn.Module, init_fn: Any) -> bool:
     return True
 
 
-def _special_token_ids(tokenizer: str) -> dict[str, int | None] | None:
-    """The run's tokenizer's bos/eos/pad/unk ids for the checkpoints' record (None, with a warning,
-    when transformers cannot read it: an export of the run then needs ``--tokenizer``)."""
-    from handover.hf_mamba import tokenizer_special_ids
-
-    try:
-        return tokenizer_special_ids(tokenizer)
-    except ValueError as exc:
-        log.warning("checkpoints will not record the special-token ids: %s", exc)
-        return None
-
-
 def _training_state_callbacks(
     data: DataConfig, init: InitFromConfig, params: dict[str, Tensor], tokens_trained: int | None
 ) -> tuple[list[Callback], dict[str, Any]]:
@@ -488,14 +465,6 @@ def _checked_data_position(cfg: DataConfig, init: InitFromConfig, info: dict[str
     return position
 
 
-def source_record(callbacks: list[Callback]) -> dict[str, Any]:
-    """``run.json``'s ``init_from_source`` (what the source had trained), when the run used init_from."""
-    for callback in callbacks:
-        if isinstance(callback, InitFromSource):
-            return {"init_from_source": callback.record}
-    return {}
-
-
 class InitFromSource(Callback):
     """Logs what the init_from source had trained (``init_from/tokens_seen``, ...) as hyperparameters."""
 
@@ -506,67 +475,75 @@ class InitFromSource(Callback):
         logger.log_hyperparameters({f"init_from/{k}": v for k, v in self.record.items()})
 
 
-def apply_init_from(
-    init: InitFromConfig | None,
-    composer_model: ComposerMambaLM,
+@dataclass(frozen=True)
+class InitFromPlan:
+    """The ``init_from`` source, read and checked against the model: what the build loads."""
+
+    source: str
+    format: str
+    checkpoint: ModelWeights  # as read (lazily: mapped, or a sharded one described by its metadata)
+    weights: dict[str, Tensor]  # model key -> the checkpoint's tensor, checked by ``select_weights``
+    record: dict[str, Any]  # run.json's ``init_from_source``: what the source had trained
+    callbacks: tuple[Callback, ...]  # restore the release's training state, log the source, re-warm the lr
+    per_rank: bool  # FSDP2: each rank copies its own shards once Composer has sharded the model
+
+
+def plan_init_from(
+    init: InitFromConfig,
+    model: torch.nn.Module,
     *,
     model_cfg: MambaConfig,
     tokenizer: str,
-    recipe: dict[str, Any],
+    n_tokens: int | None,
     data: DataConfig,
-    fsdp_version: int,
-    fsdp_sharded: bool,
     load_path: str | None,
-) -> list[Callback]:
-    """Load ``init`` (the recipe's ``init_from``) into the freshly built model; the callbacks the
-    run then needs.
+    per_rank: bool,
+) -> InitFromPlan:
+    """Read ``init``'s checkpoint and check it against ``model`` (the run's model, on the meta
+    device: only names and shapes are used) and the tokenizer's ``n_tokens``.
 
-    Always returns the ``HandoverRecord`` (the model config in every checkpoint, so it can be
-    exported or used as ``init_from`` later) and the ``TrainingRecord`` (``recipe``, the resolved
-    config) and, with ``init_from``, the ``LrRewarmup``. Call it after the model is built, before
-    the optimizer exists, and put the callbacks first.
+    Every rank reads and checks the checkpoint (path, format, shapes, vocabulary), so a mistake
+    stops all of them alike (recipes/train.py shares the verdicts before any collective). It is
+    read lazily: memory-mapped, or (``per_rank``: a sharded source under FSDP2) described by its
+    metadata alone.
     """
-    from handover.training_state import TrainingRecord
-
-    # The model config and the resolved recipe in every checkpoint: what an export needs to know.
-    callbacks: list[Callback] = [
-        HandoverRecord(model_cfg, tokenizer, _special_token_ids(tokenizer)),
-        TrainingRecord(recipe),
-    ]
-    if init is None:
-        return callbacks
     if load_path:
         raise ValueError(
             f"init_from.path={init.path} and checkpoint.load_path={load_path} are both set: "
             "init_from starts a new run from a model's weights; load_path loads a Composer checkpoint "
             "(weights and optimizer state). Keep one"
         )
-    model = composer_model.model
-    on_meta = any(p.is_meta for p in model.parameters())
-    sharded = fsdp_sharded and fsdp_version == 2
-    # Every rank reads and checks the checkpoint (path, format, shapes, vocabulary), so a mistake
-    # stops all of them alike (recipes/train.py shares the verdicts before any collective). Read
-    # lazily: memory-mapped, or (a sharded source under FSDP2) described by its metadata alone.
-    ckpt = read_weights(init.path, trust=init.trust, opt_in="init_from.trust=true", lazy_shards=sharded)
-    weights = select_weights(init, model_cfg, ckpt, model.state_dict(), tokenizer)
-    message = f"init_from: {len(weights)} tensors from {ckpt.source} ({ckpt.format})"
-    if sharded:
-        # Under FSDP2 each rank copies its own shards once Composer has sharded the model.
-        callbacks.append(LoadShards(model, weights, ckpt, message))
-    else:
-        loads_here = not on_meta or fsdp_version == 1 or dist.get_global_rank() == 0
-        if loads_here:
-            _materialise_if_meta(model, model.param_init_fn)
-            load_into(model, weights)
-            log.info(message)
-            if dist.get_global_rank() == 0:
-                print(f"[train] {message}", flush=True)
+    ckpt = read_weights(init.path, trust=init.trust, opt_in="init_from.trust=true", lazy_shards=per_rank)
+    weights = select_weights(init, model_cfg, ckpt, model.state_dict(), tokenizer, n_tokens)
     restore, record = _training_state_callbacks(
         data, init, dict(model.named_parameters()), ckpt.tokens_trained
     )
-    callbacks += [*restore, InitFromSource(record)]
-    if record["moments_restored"]:
-        print("[train] init_from: AdamW's moments restored from the release; no lr re-warmup", flush=True)
-    else:
+    callbacks: list[Callback] = [*restore, InitFromSource(record)]
+    if not record["moments_restored"]:
         callbacks.append(LrRewarmup(init.lr_rewarmup))
-    return callbacks
+    return InitFromPlan(ckpt.source, ckpt.format, ckpt, weights, record, tuple(callbacks), per_rank)
+
+
+def apply_init_from(plan: InitFromPlan, composer_model: ComposerMambaLM, fsdp_version: int) -> list[Callback]:
+    """Load the planned weights into the freshly built model, before the optimizer exists; the
+    callbacks that still load (``LoadShards`` under FSDP2), to put first among the run's callbacks
+    with ``plan.callbacks``.
+
+    With ``plan.per_rank`` (FSDP2) each rank copies its own rows once Composer has sharded the
+    model (``LoadShards``). Otherwise every process with a model off the meta device loads it whole;
+    on the meta device under FSDP2 rank 0 alone materialises and loads, and Composer broadcasts.
+    """
+    model = composer_model.model
+    message = f"init_from: {len(plan.weights)} tensors from {plan.source} ({plan.format})"
+    if plan.record["moments_restored"] and dist.get_global_rank() == 0:
+        print("[train] init_from: AdamW's moments restored from the release; no lr re-warmup", flush=True)
+    if plan.per_rank:
+        return [LoadShards(model, plan.weights, plan.checkpoint, message)]
+    on_meta = any(p.is_meta for p in model.parameters())
+    if not on_meta or fsdp_version == 1 or dist.get_global_rank() == 0:
+        _materialise_if_meta(model, model.param_init_fn)
+        load_into(model, plan.weights)
+        log.info(message)
+        if dist.get_global_rank() == 0:
+            print(f"[train] {message}", flush=True)
+    return []

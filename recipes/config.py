@@ -75,11 +75,11 @@ class CheckpointConfig:
     # load_path is read as data (weights_only=True): true reads it as full pickle, which can run
     # code; only for a checkpoint whose origin you trust. The run's own autoresume is always read.
     trust: bool = False
-    # Parts of the loaded checkpoint to ignore (Composer globs). A decay phase started from a
-    # pre-decay checkpoint keeps weights and optimizer state but not the old data position,
-    # schedule, clock or callback state:
-    # ["state/timestamp", "state/dataset_state", "state/schedulers", "state/callbacks"].
-    load_ignore_keys: list[str] = field(default_factory=list)
+    # Parts of load_path's checkpoint to ignore (Composer globs); null = as the recipe implies: a
+    # decay (scheduler.name: decay_phase, t_start 0) keeps the weights and optimizer state but not the
+    # old clock, data position, schedule or callback state (recipes/plan.py, DECAY_IGNORE_KEYS);
+    # any other run loads everything.
+    load_ignore_keys: list[str] | None = None
     pre_decay: bool = (
         True  # save a checkpoint when the WSD stable phase ends (callbacks/pre_decay_checkpoint.py)
     )

@@ -142,9 +142,9 @@ def _train(
     Returns the trained model and its AdamW state by parameter name. The trainer is closed
     before the next is built: two live Streaming datasets over the same shards would share memory.
     """
-    from recipes.train import build_trainer
+    from recipes.train import build_trainer, prepare_run
 
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(prepare_run(cfg))
     model = trainer.state.model.model
     if weights is not None:
         with torch.no_grad():

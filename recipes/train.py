@@ -3,6 +3,7 @@
     composer -n 8 recipes/train.py yamls/ablation_wsd.yaml key=value ...   # one node, 8 GPUs
     python recipes/train.py yamls/tiny/wsd.yaml max_duration=500ba         # one process (CPU or GPU)
     python recipes/train.py yamls/tiny/wsd.yaml --print-config             # the resolved config
+    python recipes/train.py yamls/tiny/wsd.yaml --print-plan               # what the run would do
 
 Arguments ending in .yaml are recipes, merged in order (each after the recipes it extends with
 ``base:``); the others are ``key=value`` overrides of the typed config in recipes/config.py
@@ -10,8 +11,9 @@ Arguments ending in .yaml are recipes, merged in order (each after the recipes i
 name with their arguments: ``callbacks.memory_monitor={}``, ``loggers.wandb.project=mamba``.
 The run writes to ``{run_root}/{run_name}``: ``run.json`` (resolved config, git revision,
 package versions), ``metrics.jsonl``, and ``checkpoints/``, resumed automatically by the same
-command after a crash (``checkpoint.autoresume``). The whole config is checked, and every
-problem listed, before anything is written.
+command after a crash (``checkpoint.autoresume``). The run is planned first (recipes/plan.py: every
+input read and checked once, every problem listed, on every rank, before anything is written), then
+built from the plan (``build_trainer``).
 """
 
 from __future__ import annotations
@@ -23,14 +25,12 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from composer import Evaluator, Trainer
-from composer.core import Algorithm, Callback, Time, Timestamp, TimeUnit
+from composer.core import Algorithm, Callback
 from composer.loggers import LoggerDestination
 from composer.utils import dist, format_name_with_dist, get_device, parse_uri, reproducibility
 from omegaconf import OmegaConf
@@ -47,22 +47,22 @@ from callbacks.schedulers import WarmupStableDecayScheduler
 from common import cli, failpoints
 from common.config import ConfigError
 from common.distributed import agree, broadcast_object
-from common.io import atomic_write_text, check_output_path
+from common.io import atomic_write_text
 from common.threads import configure_threads
-from data.loader import build_dataloader, check_data
-from data.tokenizer import vocabulary_size
-from handover.init_from import apply_init_from, source_record
+from data.loader import build_split_loader
+from handover.init_from import apply_init_from
 from handover.integrity import (
     install_atomic_checkpoint_writes,
     recover_before_resume,
     remove_interrupted_writes,
-    shape_problems,
 )
-from handover.reader import check_as_data, install_checkpoint_reads, release_pages_while_loading, verify
+from handover.reader import install_checkpoint_reads, release_pages_while_loading
+from handover.record import HandoverRecord
+from handover.training_state import TrainingRecord
 from models.composer_model import ComposerMambaLM, optimizer_param_groups
 from models.mamba_lm import MambaLMHeadModel
 from recipes.config import TrainConfig, load_train_config, resolved_dict
-from recipes.units import CONVERTIBLE, Geometry, convert_schedule_times
+from recipes.plan import RunPlan, join_folder, plan_run
 
 METRIC_NAMES = ["LanguageCrossEntropy", "LanguagePerplexity", "Top1Accuracy", "Top3Accuracy", "Top10Accuracy"]
 VERSIONED = (
@@ -74,16 +74,6 @@ VERSIONED = (
     "mamba-ssm",
     "causal-conv1d",
 )
-
-
-def resolve_precision(cfg: TrainConfig) -> str:
-    if cfg.precision == "auto":
-        return "amp_bf16" if torch.cuda.is_available() else "fp32"
-    if cfg.precision == "amp_bf16" and not torch.cuda.is_available():
-        raise ConfigError(
-            "precision=amp_bf16 needs a GPU (bf16 matmuls are ~40x slower on CPU); use fp32 or auto"
-        )
-    return cfg.precision
 
 
 def build_model(cfg: TrainConfig, fsdp: bool) -> ComposerMambaLM:
@@ -100,7 +90,7 @@ def build_model(cfg: TrainConfig, fsdp: bool) -> ComposerMambaLM:
     )
 
 
-def startup_report(cfg: TrainConfig) -> dict[str, Any]:
+def startup_report(plan: RunPlan) -> dict[str, Any]:
     """The resolved config, the git revision and package versions: logged and saved with the run."""
     here = Path(__file__).parent
     try:
@@ -117,180 +107,62 @@ def startup_report(cfg: TrainConfig) -> dict[str, Any]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    return {
-        "config": resolved_dict(cfg),
+    report = {
+        "config": plan.resolved,
         "git_revision": revision + (" (dirty)" if dirty else ""),
         "versions": versions,
-        "world_size": dist.get_world_size(),
+        "world_size": plan.geometry.world_size,
         "argv": sys.argv,
     }
+    if plan.init_from is not None:
+        report["init_from_source"] = plan.init_from.record
+    return report
 
 
-@dataclass
-class Plan:
-    """What the checks before a run found out: everything the build needs from the files on disk."""
+def prepare_run(cfg: TrainConfig, recover: bool = True) -> RunPlan:
+    """Start the process group, then plan the run on every rank and share the verdict.
 
-    world: int
-    device_batch: int  # samples per process per optimizer step
-    precision: str
-    seq_len: int
-    scheduler_name: str
-    scheduler_args: dict[str, Any]  # times converted to max_duration's unit
-    notes: list[str] = field(default_factory=list)  # conversions and choices, printed at start-up
-
-
-def _batch_problems(cfg: TrainConfig, world: int) -> list[str]:
-    problems = []
-    if cfg.global_train_batch_size % world:
-        problems.append(
-            f"global_train_batch_size={cfg.global_train_batch_size} is not divisible by the {world} processes"
-        )
-    elif (cfg.global_train_batch_size // world) % cfg.device_train_microbatch_size:
-        problems.append(
-            f"device_train_microbatch_size={cfg.device_train_microbatch_size} must divide the per-process batch "
-            f"{cfg.global_train_batch_size // world} (global_train_batch_size / processes)"
-        )
-    return problems
-
-
-def _vocab_problems(cfg: TrainConfig, tokenizer_vocab: int) -> list[str]:
-    model = cfg.model
-    if model.vocab_size < tokenizer_vocab:
-        return [
-            f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} tokens "
-            f"({cfg.tokenizer}): ids from {model.vocab_size} up would index past the embedding; remove "
-            f"model.vocab_size from the recipe (it then follows the tokenizer) or set it to {tokenizer_vocab}"
-        ]
-    padded = -(-tokenizer_vocab // model.pad_vocab_size_multiple) * model.pad_vocab_size_multiple
-    if model.padded_vocab_size > padded:
-        warnings.warn(
-            f"model.vocab_size={model.vocab_size} is larger than the tokenizer's {tokenizer_vocab} tokens: "
-            f"{model.padded_vocab_size - tokenizer_vocab} embedding rows will never be used",
-            stacklevel=3,
-        )
-    return []
-
-
-def _schedule_problems(name: str, args: dict[str, Any], max_duration: str, geometry: Geometry) -> list[str]:
-    """Evaluate the schedule at the start and the end of training, as Composer will, before any compute."""
-    try:
-        scheduler = registry.schedulers.build(name, args, where="scheduler")
-        end = Time.from_timestring(max_duration)
-        if end.unit not in CONVERTIBLE:
-            return []  # epochs: resolved against the loader's length by Composer
-        stamps = [Timestamp()]
-        last = {unit: geometry.convert(end, unit).value for unit in CONVERTIBLE}
-        stamps.append(
-            Timestamp(batch=last[TimeUnit.BATCH], sample=last[TimeUnit.SAMPLE], token=last[TimeUnit.TOKEN])
-        )
-        for stamp in stamps:
-            scheduler(SimpleNamespace(max_duration=end, timestamp=stamp, dataloader_len=None))
-    except (ValueError, TypeError) as exc:
-        return [f"scheduler ({name}): {exc}"]
-    return []
-
-
-def _checkpoint_to_load(cfg: TrainConfig, save_folder: str) -> tuple[str, str] | None:
-    """(config key, local path) of the checkpoint the Trainer will load, if it is on local disk."""
-    latest = Path(save_folder) / "latest-rank0.pt"
-    if cfg.checkpoint.autoresume and not parse_uri(save_folder)[0] and latest.exists():
-        return "the run's latest checkpoint", str(latest.resolve())
-    path = cfg.checkpoint.load_path
-    if path and not parse_uri(path)[0]:
-        return "checkpoint.load_path", path
-    return None
-
-
-@dataclass
-class SchedulePlan:
-    """The learning-rate schedule on one run's geometry (``plan_schedule``)."""
-
-    name: str
-    args: dict[str, Any]  # times converted to max_duration's unit
-    geometry: Geometry
-    notes: list[str]
-    problems: list[str]
-
-
-def plan_schedule(cfg: TrainConfig, world: int, seq_len: int) -> SchedulePlan:
-    """The schedule a run of ``cfg`` on ``world`` processes and ``seq_len``-token samples will follow.
-
-    The batch ramp (if any) is quantised per process count, so the same recipe steps through
-    different batch sizes on 8 and on 64 GPUs; its times are converted with that geometry and the
-    schedule is evaluated at the start and the end of training. Reads no file: the checks before a
-    run and the tests that compare recipes across world sizes share it.
+    One process group for everything, before Streaming builds its shared memory (the Trainer would
+    create it only later, after the loaders). With ``recover`` (a run, not ``--print-plan``), rank 0
+    first sets aside a broken or interrupted newest checkpoint of an autoresumed run. Every rank
+    then plans (``plan_run``), and no rank goes on alone: a mistake found by any rank stops all of
+    them with the same message, before the next collective.
     """
-    name, args = cfg.scheduler_args()
+    device = get_device("gpu" if torch.cuda.is_available() else "cpu")
+    dist.initialize_dist(device)
+    ckpt = cfg.checkpoint
+    fault = None
+    if recover and ckpt.autoresume and dist.get_global_rank() == 0:
+        # Before the checks: a broken or interrupted newest checkpoint is set aside, not reported
+        # as a problem (nor met as "already exists" when the run writes that step again), and what
+        # killed writes left in a local pre-decay folder is removed.
+        save_folder = ckpt.save_folder or str(cfg.run_dir / "checkpoints")
+        pre_decay = format_name_with_dist(
+            ckpt.pre_decay_folder or join_folder(save_folder, "pre-decay"), cfg.run_name
+        )
+        fault = recover_before_resume(
+            format_name_with_dist(save_folder, cfg.run_name), pre_decay if ckpt.pre_decay else None
+        )
+        if fault is None and not parse_uri(pre_decay)[0]:
+            remove_interrupted_writes(pre_decay)
+    # Rank 0's verdict reaches every rank (the other ranks wait here): all stop, or all go on.
+    fault = broadcast_object(fault)
+    if fault is not None:
+        raise cli.RunStopped(fault)
     problems: list[str] = []
-    ramp = None
-    if cfg.batch_rampup is not None:
-        try:
-            ramp = cfg.batch_rampup.schedule(
-                cfg.global_train_batch_size * seq_len, seq_len, cfg.device_train_microbatch_size, world
-            )
-        except ValueError as exc:
-            problems.append(str(exc))
-    geometry = Geometry(seq_len, cfg.global_train_batch_size, ramp)
-    args, notes, unit_problems = convert_schedule_times(name, args, cfg.max_duration, geometry)
-    schedule_problems = unit_problems or _schedule_problems(name, args, cfg.max_duration, geometry)
-    return SchedulePlan(name, args, geometry, notes, problems + schedule_problems)
-
-
-def plan_run(cfg: TrainConfig, world: int, save_folder: str) -> Plan:
-    """Check everything that can be checked before the run writes or computes anything.
-
-    The batch split over the processes, the precision, the tokenizer against the model's
-    vocabulary, the data mixture's streams against the tokenizer, the schedule on the run's
-    geometry (times converted to ``max_duration``'s unit), and the checkpoint to load against the
-    model's shapes. Every problem found is reported at once in one ``ConfigError``.
-    """
-    problems = _batch_problems(cfg, world)
+    plan = None
     try:
-        check_output_path(cfg.run_dir, "the run folder (run_root/run_name)", overwrite=True)
-    except cli.UserError as exc:
-        problems.append(str(exc))
-    precision = "fp32"
-    try:
-        precision = resolve_precision(cfg)
+        # Each process checks its share of the local shard files.
+        plan = plan_run(cfg, dist.get_world_size(), dist.get_local_rank(), dist.get_local_world_size())
     except ConfigError as exc:
-        problems += exc.problems
-    seq_len, tokenizer_vocab = 0, None
-    try:
-        tokenizer_vocab = vocabulary_size(cfg.tokenizer)
-        problems += _vocab_problems(cfg, tokenizer_vocab)
-        # Each process checks its share of the local shard files; build_trainer shares the verdicts.
-        part, parts = dist.get_local_rank(), dist.get_local_world_size()
-        seq_len = check_data(cfg.data, cfg.tokenizer, "train", part, parts)
-        if cfg.eval_interval:
-            check_data(cfg.data, cfg.tokenizer, "val", part, parts)
-    except ConfigError as exc:
-        problems += exc.problems
-    except (FileNotFoundError, ValueError) as exc:
-        problems.append(str(exc))
-    name, args = cfg.scheduler_args()
-    notes: list[str] = []
-    if seq_len:
-        schedule = plan_schedule(cfg, world, seq_len)
-        args, notes = schedule.args, schedule.notes
-        problems += schedule.problems
-    to_load = _checkpoint_to_load(cfg, save_folder)
-    if to_load is not None:
-        key, path = to_load
-        verify(path, key)  # a corrupt file is a fault (exit 3), named before anything else
-        own = key != "checkpoint.load_path"  # the run's autoresume: written by this run
-        if not own and not cfg.checkpoint.trust:
-            check_as_data(path, key, opt_in="checkpoint.trust=true")
-        if not cfg.checkpoint.load_ignore_keys or not any(
-            "model" in k for k in cfg.checkpoint.load_ignore_keys
-        ):
-            with torch.device("meta"):
-                expected = {n: tuple(p.shape) for n, p in MambaLMHeadModel(cfg.model).state_dict().items()}
-            problems += shape_problems(
-                path, expected, key, trust=own or cfg.checkpoint.trust, opt_in="checkpoint.trust=true"
-            )
-    if problems:
-        raise ConfigError(*problems)
-    return Plan(world, cfg.global_train_batch_size // world, precision, seq_len, name, args, notes)
+        problems = exc.problems
+    except cli.USER_ERRORS as exc:
+        problems = [str(exc) or type(exc).__name__]
+    agreed = agree(device, problems)
+    if agreed:
+        raise ConfigError(*agreed)
+    assert plan is not None
+    return plan
 
 
 def build_loggers(cfg: TrainConfig) -> list[LoggerDestination]:
@@ -302,105 +174,62 @@ def build_loggers(cfg: TrainConfig) -> list[LoggerDestination]:
     return loggers
 
 
-def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = None) -> Trainer:
-    # One process group for everything, before Streaming builds its shared memory (the Trainer
-    # would create it only later, after the loaders).
-    device = get_device("gpu" if torch.cuda.is_available() else "cpu")
-    dist.initialize_dist(device)
-    world = dist.get_world_size()
-    ckpt = cfg.checkpoint
-    save_folder = ckpt.save_folder or str(cfg.run_dir / "checkpoints")
-    pre_decay_folder = ckpt.pre_decay_folder or _join(save_folder, "pre-decay")
-    fault = None
-    if ckpt.autoresume and dist.get_global_rank() == 0:
-        # Before the checks: a broken or interrupted newest checkpoint is set aside, not reported
-        # as a problem (nor met as "already exists" when the run writes that step again), and what
-        # killed writes left in a local pre-decay folder is removed.
-        pre_decay = format_name_with_dist(pre_decay_folder, cfg.run_name)
-        fault = recover_before_resume(
-            format_name_with_dist(save_folder, cfg.run_name), pre_decay if ckpt.pre_decay else None
-        )
-        if fault is None and not parse_uri(pre_decay)[0]:
-            remove_interrupted_writes(pre_decay)
-    # Rank 0's verdict reaches every rank (the other ranks wait here): all stop, or all go on.
-    fault = broadcast_object(fault)
-    if fault is not None:
-        raise cli.RunStopped(fault)
-    # Every check runs on every rank, and no rank goes on alone: the verdicts are shared before the
-    # next collective, so a mistake found by any rank stops all of them with the same message.
-    problems: list[str] = []
-    try:
-        plan = plan_run(cfg, world, save_folder)
-        install_atomic_checkpoint_writes()
-        # A remote checkpoint.load_path is downloaded by Composer and never checked here: read as data.
-        install_checkpoint_reads(
-            trust_unchecked=cfg.checkpoint.trust or not parse_uri(ckpt.load_path or "")[0]
-        )
-        if cfg.fsdp.parallelism(world) is not None:
-            os.environ["FSDP_VERSION"] = str(cfg.fsdp.version)  # how Composer 0.32 picks FSDP1 or FSDP2
-        reproducibility.seed_all(cfg.seed)
-        model = build_model(cfg, fsdp=cfg.fsdp.parallelism(world) is not None)
-        # Composer's load of a monolithic resume copies the memory-mapped checkpoint into this model:
-        # each tensor's file pages are dropped once copied, so the load holds one copy, not two.
-        release_pages_while_loading(model)
-        # Weights from init_from, checked against the model, before anything is written; its callbacks
-        # (the lr re-warmup) act after the schedule's own lr is set and before it is logged.
-        handover_callbacks = apply_init_from(
-            cfg.init_from,
-            model,
-            model_cfg=cfg.model,
-            tokenizer=cfg.tokenizer,
-            recipe=resolved_dict(cfg),
-            data=cfg.data,
-            fsdp_version=cfg.fsdp.version,
-            fsdp_sharded=cfg.fsdp.parallelism(world) is not None,
-            load_path=cfg.checkpoint.load_path,
-        )
-    except ConfigError as exc:
-        problems = exc.problems
-    except cli.USER_ERRORS as exc:
-        problems = [str(exc) or type(exc).__name__]
-    agreed = agree(device, problems)
-    if agreed:
-        raise ConfigError(*agreed)
+def build_trainer(plan: RunPlan, extra_callbacks: list[Callback] | None = None) -> Trainer:
+    """The Composer Trainer of a planned run: builds only, from the plan (reads none of its inputs again).
 
-    report = {**startup_report(cfg), **source_record(handover_callbacks)}
+    Writes ``run.json`` (rank 0), then builds the model (with the ``init_from`` weights), the
+    loaders, the optimizer, the schedule, the callbacks and the loggers, in that order.
+    """
+    cfg, geometry, ckpt = plan.cfg, plan.geometry, plan.cfg.checkpoint
+    install_atomic_checkpoint_writes()
+    # A remote checkpoint.load_path is downloaded by Composer and never checked here: read as data.
+    install_checkpoint_reads(trust_unchecked=cfg.checkpoint.trust or not parse_uri(ckpt.load_path or "")[0])
+    if plan.parallelism is not None:
+        os.environ["FSDP_VERSION"] = str(cfg.fsdp.version)  # how Composer 0.32 picks FSDP1 or FSDP2
+    reproducibility.seed_all(cfg.seed)
+    model = build_model(cfg, fsdp=plan.parallelism is not None)
+    # Composer's load of a monolithic resume copies the memory-mapped checkpoint into this model:
+    # each tensor's file pages are dropped once copied, so the load holds one copy, not two.
+    release_pages_while_loading(model)
+    # Under FSDP2 the init_from weights are copied per rank after sharding (LoadShards, returned).
+    loading = apply_init_from(plan.init_from, model, cfg.fsdp.version) if plan.init_from is not None else []
+
+    report = startup_report(plan)
     if dist.get_global_rank() == 0:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cfg.run_dir / "run.json", json.dumps(report, indent=2, default=str) + "\n")
         print(f"[train] git {report['git_revision']}; versions {report['versions']}", flush=True)
-        for note in plan.notes:
-            print(f"[train] {note}", flush=True)
+        for line in plan.describe():
+            print(f"[train] {line}", flush=True)
         print(f"[train] resolved config written to {cfg.run_dir / 'run.json'}", flush=True)
 
-    # The guard first: it acts before the loss-spike rollback, and before every checkpoint saver.
+    # The guard first: it acts before the loss-spike rollback, and before every checkpoint saver. The
+    # init_from callbacks (the lr re-warmup) act after the schedule's own lr is set and before it is logged.
     callbacks: list[Callback] = [
         NonFiniteGuard(),
         ScheduledLrAfterLoad(cfg.optimizer.lr),
-        *handover_callbacks,
+        # The model config and the resolved recipe in every checkpoint: what an export needs to know.
+        HandoverRecord(cfg.model, cfg.tokenizer, plan.tokenizer.special_token_ids),
+        TrainingRecord(plan.resolved),
+        *(plan.init_from.callbacks if plan.init_from is not None else ()),
+        *loading,
     ]
     callbacks += [
         registry.callbacks.build(n, a, run_dir=str(cfg.run_dir)) for n, a in cfg.parts("callbacks").items()
     ]
-    if cfg.batch_rampup is not None:
+    if geometry.ramp is not None:
         # The loader serves micro-batches; RampedBatches joins as many as the ramp asks for.
-        train_spec = build_dataloader(
-            cfg.data, cfg.tokenizer, cfg.device_train_microbatch_size, split="train"
-        )
-        schedule = cfg.batch_rampup.schedule(
-            cfg.global_train_batch_size * plan.seq_len, plan.seq_len, cfg.device_train_microbatch_size, world
-        )
-        train_spec.dataloader = RampedBatches(train_spec.dataloader, schedule)
+        train_spec = build_split_loader(cfg.data, plan.data.train, geometry.micro_batch)
+        train_spec.dataloader = RampedBatches(train_spec.dataloader, geometry.ramp)
         callbacks.append(BatchRampup())
     else:
-        train_spec = build_dataloader(cfg.data, cfg.tokenizer, plan.device_batch, split="train")
+        train_spec = build_split_loader(cfg.data, plan.data.train, geometry.device_batch)
     evaluators = []
-    if cfg.eval_interval:
-        eval_spec = build_dataloader(cfg.data, cfg.tokenizer, cfg.device_eval_batch_size, split="val")
+    if plan.data.val is not None:
         evaluators.append(
             Evaluator(
                 label="eval",
-                dataloader=eval_spec,
+                dataloader=build_split_loader(cfg.data, plan.data.val, cfg.device_eval_batch_size),
                 metric_names=METRIC_NAMES,
                 subset_num_batches=cfg.eval_subset_num_batches,
             )
@@ -410,17 +239,17 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
         for g in optimizer_param_groups(model, cfg.optimizer.weight_decay)
     ]
     optimizer = cfg.optimizer.build(groups)
-    scheduler = registry.schedulers.build(plan.scheduler_name, plan.scheduler_args, where="scheduler")
+    scheduler = registry.schedulers.build(plan.schedule.name, plan.schedule.args, where="scheduler")
 
     # The gloo gradient fix runs first: clipping must see averaged gradients.
     algorithms: list[Algorithm] = [GlooFSDP2GradAverage()]
     algorithms += [registry.algorithms.build(n, a) for n, a in cfg.parts("algorithms").items()]
 
     if ckpt.pre_decay and isinstance(scheduler, WarmupStableDecayScheduler) and scheduler.t_decay is not None:
-        callbacks.append(PreDecayCheckpoint(scheduler, pre_decay_folder))
+        callbacks.append(PreDecayCheckpoint(scheduler, plan.pre_decay_folder))
     elif ckpt.pre_decay:
         warnings.warn(
-            f"checkpoint.pre_decay is ignored: the {plan.scheduler_name} schedule has no stable phase; "
+            f"checkpoint.pre_decay is ignored: the {plan.schedule.name} schedule has no stable phase; "
             "set checkpoint.pre_decay=false to silence this",
             stacklevel=2,
         )
@@ -428,6 +257,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
         callbacks.append(failpoint_hooks.FailpointHooks())
     callbacks += extra_callbacks or []
 
+    ignore_keys = list(plan.load.ignore_keys) if plan.load is not None and not plan.load.own else []
     trainer = Trainer(
         run_name=cfg.run_name,
         model=model,
@@ -443,16 +273,16 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: list[Callback] | None = Non
         loggers=build_loggers(cfg),
         device="gpu" if torch.cuda.is_available() else "cpu",
         precision=plan.precision,
-        device_train_microbatch_size=cfg.device_train_microbatch_size,
-        parallelism_config=cfg.fsdp.parallelism(world),
-        save_folder=save_folder,
+        device_train_microbatch_size=geometry.micro_batch,
+        parallelism_config=plan.parallelism,
+        save_folder=plan.save_folder,
         save_interval=ckpt.save_interval,
         save_num_checkpoints_to_keep=ckpt.save_num_checkpoints_to_keep,
         save_overwrite=False,
         autoresume=ckpt.autoresume,
         load_path=ckpt.load_path,
         load_weights_only=ckpt.load_weights_only,
-        load_ignore_keys=list(ckpt.load_ignore_keys) or None,
+        load_ignore_keys=ignore_keys or None,
         seed=cfg.seed,
         progress_bar=False,
         log_to_console=cfg.logging.verbose,
@@ -468,14 +298,8 @@ def is_complete(trainer: Trainer) -> bool:
     return state.max_duration is not None and state.timestamp >= state.max_duration
 
 
-def _join(folder: str, name: str) -> str:
-    """``folder/name`` for a local folder or an object-store URI."""
-    backend, bucket, path = parse_uri(folder)
-    return f"{backend}://{bucket}/{path.rstrip('/')}/{name}" if backend else str(Path(folder) / name)
-
-
-def parse_args(argv: Sequence[str] | None) -> tuple[list[str], list[str], bool]:
-    """(recipes, overrides, print_config) from the command line."""
+def parse_args(argv: Sequence[str] | None) -> tuple[list[str], list[str], str | None]:
+    """(recipes, overrides, what to print instead of training: "config", "plan" or None)."""
     parser = cli.parser("recipes/train.py", __doc__)
     parser.add_argument(
         "args",
@@ -489,6 +313,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[list[str], list[str], bool]:
         help="print the resolved config (every key, with defaults) and exit",
     )
     parser.add_argument(
+        "--print-plan",
+        action="store_true",
+        help="plan the run (read and check the tokenizer, data and checkpoints), print the plan and exit; "
+        "writes nothing",
+    )
+    parser.add_argument(
         "--verbose",
         action="store_true",
         help="print every metric every logging.console_interval (Composer's console) instead of a progress line",
@@ -496,22 +326,29 @@ def parse_args(argv: Sequence[str] | None) -> tuple[list[str], list[str], bool]:
     parser.epilog = "registered parts (add them by name under their section):\n" + "\n".join(
         f"{key}:\n{reg.describe()}" for key, reg in registry.REGISTRIES.items()
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     recipes = [a for a in args.args if "=" not in a]
     overrides = [a for a in args.args if "=" in a] + (["logging.verbose=true"] if args.verbose else [])
     if not recipes:
         parser.error("give at least one recipe, e.g. recipes/train.py yamls/tiny/wsd.yaml")
-    return recipes, overrides, args.print_config
+    return recipes, overrides, "config" if args.print_config else "plan" if args.print_plan else None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    recipes, overrides, print_config = parse_args(argv)
+    recipes, overrides, show = parse_args(argv)
     cfg = load_train_config(recipes, overrides)
-    if print_config:
+    if show == "config":
         print(OmegaConf.to_yaml(resolved_dict(cfg)), end="")
         return
     print(f"[train] {configure_threads(cfg.threads)}", flush=True)
-    trainer = build_trainer(cfg)
+    plan = prepare_run(cfg, recover=show != "plan")
+    if show == "plan":
+        if dist.get_global_rank() == 0:
+            print("\n".join(plan.describe()), flush=True)
+        return
+    trainer = build_trainer(plan)
+    # The plan refuses a loaded checkpoint past max_duration; a finished run started again resumes
+    # from its own latest checkpoint and has nothing left to do.
     if is_complete(trainer):
         print(
             f"[train] {cfg.run_dir} is already complete ({trainer.state.timestamp.batch} of max_duration "

@@ -20,7 +20,7 @@ from composer.core import Time, Timestamp
 
 from callbacks import registry
 from recipes.config import TrainConfig, load_train_config, resolved_dict
-from recipes.train import _batch_problems, plan_schedule
+from recipes.plan import _batch_problems, plan_schedule
 
 YAMLS = Path(__file__).resolve().parents[1] / "yamls"
 SCHEDULE_KEYS = ("scheduler.name", "scheduler.t_decay", "scheduler.decay_shape", "checkpoint.pre_decay")

@@ -68,7 +68,7 @@ def world(corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
         eval_interval="null",
         **{"scheduler.t_warmup": "1ba", "scheduler.t_decay": "1ba", "checkpoint.save_interval": "2ba"},
     )
-    trainer = train.build_trainer(load_train_config([WSD], overrides))
+    trainer = train.build_trainer(train.prepare_run(load_train_config([WSD], overrides)))
     trainer.fit()
     trainer.close()
     run = root / "run"

@@ -157,7 +157,7 @@ def test_decay_of_a_transformers_bamba_end_to_end(corpus: dict[str, Path], tmp_p
     from handover.weights import load_model
     from recipes.config import load_train_config
     from recipes.export import main as export_main
-    from recipes.train import build_trainer
+    from recipes.train import build_trainer, prepare_run
     from tests.conftest import StopAfter, tiny_overrides
 
     root = Path(__file__).resolve().parents[1]
@@ -170,7 +170,7 @@ def test_decay_of_a_transformers_bamba_end_to_end(corpus: dict[str, Path], tmp_p
         **{"init_from.path": released, "model.d_model": 64, "model.n_layer": 4},
     )
     trainer = build_trainer(
-        load_train_config([root / "yamls/tiny/bamba_decay.yaml"], overrides), [StopAfter(3)]
+        prepare_run(load_train_config([root / "yamls/tiny/bamba_decay.yaml"], overrides)), [StopAfter(3)]
     )
     ours = trainer.state.model.model
     reference = bamba_state_dict_to_ours(hf.state_dict(), ours.config)

@@ -17,7 +17,7 @@ from handover import reader
 from handover.reader import SAFE_GLOBALS
 from recipes import evaluate, export, train
 from recipes.config import load_train_config
-from recipes.train import build_trainer
+from recipes.train import build_trainer, prepare_run
 from tests.conftest import tiny_overrides
 from tests.test_train import ROOT
 
@@ -28,7 +28,7 @@ WSD = str(ROOT / "yamls/tiny/wsd.yaml")
 def run(corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-batch Mamba-1 run with one monolithic checkpoint (its latest)."""
     root = tmp_path_factory.mktemp("runs")
-    trainer = build_trainer(load_train_config([WSD], _overrides(corpus, root, "r")))
+    trainer = build_trainer(prepare_run(load_train_config([WSD], _overrides(corpus, root, "r"))))
     trainer.fit()
     trainer.close()
     return root / "r"
@@ -120,12 +120,12 @@ def test_resume_and_init_from_read_the_checkpoint_once(
     checkpoint = _latest(run)
     # checkpoint.load_path: checked (CRC, as data, shapes) and loaded by Composer from one read.
     overrides = _overrides(corpus, tmp_path, "resumed", **{"checkpoint.load_path": checkpoint})
-    build_trainer(load_train_config([WSD], overrides)).close()
+    build_trainer(prepare_run(load_train_config([WSD], overrides))).close()
     assert counted(checkpoint) == (1, 1, 1)
     # init_from, a second command: again one check and one read.
     reader._VERIFIED.clear()
     overrides = _overrides(corpus, tmp_path, "init", **{"init_from.path": checkpoint})
-    trainer = build_trainer(load_train_config([WSD], overrides))
+    trainer = build_trainer(prepare_run(load_train_config([WSD], overrides)))
     with torch.serialization.safe_globals(SAFE_GLOBALS):
         reference = torch.load(checkpoint, weights_only=True, mmap=True)["state"]["model"]
     assert torch.equal(trainer.state.model.model.lm_head.weight, reference["model.lm_head.weight"])

@@ -16,7 +16,7 @@ import pytest
 
 from callbacks.jsonl_logger import read_jsonl
 from recipes.config import load_train_config
-from recipes.train import build_trainer, parse_args
+from recipes.train import build_trainer, parse_args, prepare_run
 from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def console_lines(output: str) -> list[str]:
 def run(overrides: list[str], capfd: pytest.CaptureFixture[str]) -> tuple[str, str, Path]:
     """(stdout, stderr, run folder) of a training run in this process."""
     cfg = load_train_config([RECIPE], overrides)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(prepare_run(cfg))
     trainer.fit()
     trainer.close()
     captured = capfd.readouterr()

@@ -18,7 +18,7 @@ from models.config import preset
 from models.mamba_lm import MambaLMHeadModel
 from recipes import evaluate
 from recipes.config import load_train_config
-from recipes.train import build_trainer
+from recipes.train import build_trainer, prepare_run
 from tests.data_helpers import (
     convert_sources,
     make_docs,
@@ -154,7 +154,7 @@ def test_run_folder_and_checkpoint_sources(corpus: dict[str, Path], tmp_path: Pa
     cfg = load_train_config(
         [ROOT / "yamls/tiny/wsd.yaml"], [f"{k}={'null' if v is None else v}" for k, v in settings.items()]
     )
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(prepare_run(cfg))
     trainer.fit()
     trained = {k: v.detach().clone() for k, v in trainer.state.model.model.state_dict().items()}
     trainer.close()

@@ -14,7 +14,7 @@ from handover.hf_mamba import load_pretrained
 from handover.weights import read_weights
 from recipes.config import load_train_config
 from recipes.export import main as export_main
-from recipes.train import build_trainer
+from recipes.train import build_trainer, prepare_run
 from tests.conftest import TINY_HYBRID, tiny_overrides
 from tests.test_train import ROOT
 
@@ -31,7 +31,7 @@ def trained_run(corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
         eval_interval="null",
         **{"scheduler.t_warmup": "1ba", "scheduler.t_decay": "1ba"},
     )
-    trainer = build_trainer(load_train_config([ROOT / "yamls/tiny/wsd.yaml"], overrides))
+    trainer = build_trainer(prepare_run(load_train_config([ROOT / "yamls/tiny/wsd.yaml"], overrides)))
     trainer.fit()
     trainer.close()
     return root / "m1"
@@ -93,7 +93,7 @@ def test_mamba_ssm_export_of_a_hybrid_checkpoint(
         tmp_path,
         **TINY_HYBRID,
     )
-    trainer = build_trainer(load_train_config([ROOT / "yamls/tiny/wsd.yaml"], overrides))
+    trainer = build_trainer(prepare_run(load_train_config([ROOT / "yamls/tiny/wsd.yaml"], overrides)))
     trainer.fit()
     trained = {k: v.detach().clone() for k, v in trainer.state.model.model.state_dict().items()}
     trainer.close()

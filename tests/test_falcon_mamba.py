@@ -125,7 +125,7 @@ def test_decay_of_a_transformers_falcon_mamba_end_to_end(corpus: dict[str, Path]
     from recipes import evaluate
     from recipes.config import load_train_config
     from recipes.export import main as export_main
-    from recipes.train import build_trainer
+    from recipes.train import build_trainer, prepare_run
     from tests.conftest import StopAfter, tiny_overrides
     from tests.data_helpers import single_stream_dataset
 
@@ -136,7 +136,8 @@ def test_decay_of_a_transformers_falcon_mamba_end_to_end(corpus: dict[str, Path]
         corpus, tmp_path, run_name="fm", **{"init_from.path": released, "model.d_model": 64}
     )
     trainer = build_trainer(
-        load_train_config([root / "yamls/tiny/falcon_mamba_decay.yaml"], overrides), [StopAfter(3)]
+        prepare_run(load_train_config([root / "yamls/tiny/falcon_mamba_decay.yaml"], overrides)),
+        [StopAfter(3)],
     )
     ours = trainer.state.model.model
     assert ours.config.ssm.b_c_dt_rms

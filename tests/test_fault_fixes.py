@@ -15,11 +15,12 @@ import torch
 
 from common import failpoints
 from common.config import ConfigError
-from data.loader import DataConfig, ShardError, build_dataset, check_data
+from data.loader import DataConfig, ShardError, build_dataset
 from data.shared_memory import clean_stale_shared_memory
 from data.sources import SourceSpec
 from recipes import train
 from recipes.config import load_train_config
+from recipes.plan import plan_run
 from tests.conftest import tiny_overrides
 from tests.data_helpers import convert_sources, make_docs, write_jsonl, write_mixture
 
@@ -64,7 +65,7 @@ def test_a_restart_removes_what_a_killed_pre_decay_write_left(
     for path in leftovers:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"PK\x03\x04 half a checkpoint")
-    trainer = train.build_trainer(cfg)
+    trainer = train.build_trainer(train.prepare_run(cfg))
     trainer.close()
     assert [p for p in leftovers if p.exists()] == []
 
@@ -83,13 +84,14 @@ def local_stream(corpus: dict[str, Path], tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_a_deleted_local_shard_is_named_missing_before_the_run(
-    corpus: dict[str, Path], local_stream: tuple[Path, Path]
+    corpus: dict[str, Path], local_stream: tuple[Path, Path], tmp_path: Path
 ) -> None:
     stream, mixture = local_stream
     shard = stream / "train" / "shard.00001.mds.zstd"
     shard.unlink()
     with pytest.raises(ConfigError) as info:
-        check_data(DataConfig(mixture=str(mixture)), corpus["tokenizer"])
+        overrides = tiny_overrides(corpus, tmp_path, **{"data.mixture": mixture, "eval_interval": "null"})
+        plan_run(load_train_config([ROOT / "yamls/tiny/wsd.yaml"], [*overrides, *WSD]), world=1)
     message = str(info.value)
     assert f"shard file {shard} (listed in {stream / 'train' / 'index.json'}) is missing" in message
     assert "no remote copy to download it from: restore the file, or re-run data.convert" in message

@@ -15,7 +15,7 @@ import torch
 from composer.core import Precision
 from composer.distributed.fsdp2 import create_mixed_precision_policy
 
-import recipes.train
+import recipes.plan
 from recipes.config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def test_readme_states_bf16_compute_with_fp32_reductions() -> None:
 def test_gpu_recipe_runs_what_the_readme_says(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_train_config([ROOT / "yamls" / recipe])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    precision = recipes.train.resolve_precision(cfg)
+    precision = recipes.plan.resolve_precision(cfg)
     fsdp = cfg.fsdp.parallelism(world_size=8)["fsdp"]
     assert precision == "amp_bf16"
     assert fsdp["mixed_precision"] == readme_mode()
@@ -49,7 +49,7 @@ def test_gpu_recipe_runs_what_the_readme_says(recipe: str, monkeypatch: pytest.M
 def test_cpu_runs_stay_fp32() -> None:
     """On CPU ``auto`` is fp32, and the same FSDP mode then casts nothing."""
     cfg = load_train_config([ROOT / "yamls" / "tiny" / "wsd.yaml"])
-    precision = recipes.train.resolve_precision(cfg)
+    precision = recipes.plan.resolve_precision(cfg)
     policy = create_mixed_precision_policy(
         Precision(precision), cfg.fsdp.parallelism(2)["fsdp"]["mixed_precision"]
     )

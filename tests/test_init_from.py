@@ -13,6 +13,7 @@ from transformers import MambaConfig as HFMambaConfig
 from transformers import MambaForCausalLM
 
 from callbacks.jsonl_logger import read_jsonl
+from data.tokenizer import load_tokenizer
 from handover.hf_mamba import export_hf, export_mamba_ssm
 from handover.init_from import InitFromConfig, inherited_config, select_weights
 from handover.integrity import compare_shapes
@@ -20,7 +21,7 @@ from handover.weights import ModelWeights, read_weights
 from models.config import AttnConfig, MambaConfig, SSMConfig
 from models.mamba_lm import MambaLMHeadModel
 from recipes.config import load_train_config
-from recipes.train import build_trainer
+from recipes.train import build_trainer, prepare_run
 from tests.conftest import TINY_HYBRID, tiny_overrides
 from tests.test_train import ROOT
 
@@ -43,7 +44,8 @@ def weights_of(model: MambaLMHeadModel) -> ModelWeights:
 def select(init: InitFromConfig, target: MambaConfig, ref: MambaLMHeadModel, tokenizer: str = ""):
     with torch.device("meta"):
         shapes = MambaLMHeadModel(target).state_dict()
-    return select_weights(init, target, weights_of(ref), shapes, tokenizer)
+    n_tokens = load_tokenizer(tokenizer).get_vocab_size(with_added_tokens=True) if tokenizer else None
+    return select_weights(init, target, weights_of(ref), shapes, tokenizer, n_tokens)
 
 
 @pytest.mark.parametrize(
@@ -167,7 +169,7 @@ def probe_batch(corpus: dict[str, Path]) -> dict[str, torch.Tensor]:
 
 def fit(overrides: list[str], recipe: str, probe: FixedBatchLoss | None = None):
     cfg = load_train_config([ROOT / recipe], overrides)
-    trainer = build_trainer(cfg, extra_callbacks=[probe] if probe else None)
+    trainer = build_trainer(prepare_run(cfg), extra_callbacks=[probe] if probe else None)
     initial = {k: v.detach().clone() for k, v in trainer.state.model.model.state_dict().items()}
     trainer.fit()
     trainer.close()

@@ -16,7 +16,7 @@ from data.sources import SourceSpec
 from handover.export import export
 from handover.weights import download, read_weights
 from recipes.config import load_train_config
-from recipes.train import build_trainer
+from recipes.train import build_trainer, prepare_run
 from tests.data_helpers import make_docs, make_tokenizer, write_jsonl, write_mixture
 from tests.s3_server import list_keys, s3_bucket  # noqa: F401  (s3_bucket is a fixture)
 from tests.test_train import ROOT
@@ -97,14 +97,14 @@ def test_convert_train_resume_init_from_and_export_on_s3(
         **{"scheduler.t_warmup": "2ba", "scheduler.t_decay": "1ba"},
     )
     run_cfg = load_train_config([ROOT / "yamls/tiny/wsd.yaml"], [*settings, "max_duration=4ba"])
-    trainer = build_trainer(run_cfg)
+    trainer = build_trainer(prepare_run(run_cfg))
     trainer.fit()
     trainer.close()
     assert "runs/remote/checkpoints/ep0-ba4-rank0.pt" in list_keys("runs/remote/")
     import shutil
 
     shutil.rmtree(tmp_path / "runs")  # nothing local survives: the resume must come from s3://
-    trainer = build_trainer(load_train_config([ROOT / "yamls/tiny/wsd.yaml"], settings))
+    trainer = build_trainer(prepare_run(load_train_config([ROOT / "yamls/tiny/wsd.yaml"], settings)))
     assert int(trainer.state.timestamp.batch) == 4  # autoresumed from the object store
     trainer.fit()
     final = {k: v.detach().clone() for k, v in trainer.state.model.model.state_dict().items()}
@@ -135,7 +135,7 @@ def test_convert_train_resume_init_from_and_export_on_s3(
             "data.phase=stable",
         ],
     )
-    trainer = build_trainer(decay)
+    trainer = build_trainer(prepare_run(decay))
     for key, value in trainer.state.model.model.state_dict().items():
         assert torch.equal(value, expected[key]), key
     trainer.close()

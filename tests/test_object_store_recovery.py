@@ -17,7 +17,7 @@ from composer.utils import S3ObjectStore, create_symlink_file
 
 from handover.integrity import QUARANTINE, latest_on_object_store, recover_before_resume
 from recipes.config import load_train_config
-from recipes.train import build_trainer
+from recipes.train import build_trainer, prepare_run
 from tests.conftest import StopAfter, tiny_overrides
 from tests.s3_server import BUCKET, list_keys, s3_bucket  # noqa: F401  (s3_bucket is a fixture)
 
@@ -166,7 +166,7 @@ def test_a_run_resumes_past_an_interrupted_upload(
                 f"checkpoint.save_folder={clean_bucket}/{name}/checkpoints",
             ],
         )
-        trainer = build_trainer(cfg, extra_callbacks=[StopAfter(stop)] if stop else None)
+        trainer = build_trainer(prepare_run(cfg), extra_callbacks=[StopAfter(stop)] if stop else None)
         # Composer polls the store for a checkpoint's objects before it moves latest, every 30 s
         # by default: on loopback they are there within milliseconds.
         trainer._checkpoint_saver._symlink_upload_wait_before_next_try_in_seconds = 0.05

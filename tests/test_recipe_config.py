@@ -20,7 +20,7 @@ from callbacks.registry import REGISTRIES
 from common.config import ConfigError
 from common.registry import signature_schema
 from recipes.config import OptimizerConfig, TrainConfig, load_train_config, resolved_dict
-from recipes.train import build_trainer
+from recipes.train import build_trainer, prepare_run
 from tests.conftest import run_cli, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def test_yaml_adds_composer_callbacks_and_a_logger_with_arguments(
     )
     overrides = tiny_overrides(corpus, tmp_path, max_duration="5ba", eval_interval="null")
     cfg = load_train_config([recipe], [*overrides, "scheduler.t_warmup=1ba"])
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(prepare_run(cfg))
     callbacks = trainer.state.callbacks
     assert any(isinstance(cb, MemoryMonitor) for cb in callbacks)
     (speed,) = [cb for cb in callbacks if isinstance(cb, SpeedMonitor)]

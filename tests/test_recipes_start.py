@@ -23,7 +23,7 @@ from callbacks.loss_spike import LossSpikeRollback
 from callbacks.positional_weighting import PositionalLossWeighting
 from callbacks.schedulers import decay_value
 from recipes.config import load_train_config
-from recipes.train import build_trainer
+from recipes.train import build_trainer, prepare_run
 from tests.conftest import StopAfter, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def _tokens_before_each_batch(records: list[dict]) -> list[int]:
 
 def start(recipe: str, overrides: list[str], batches: int = 2):
     cfg = load_train_config([ROOT / recipe], overrides)
-    trainer = build_trainer(cfg, extra_callbacks=[StopAfter(batches)])
+    trainer = build_trainer(prepare_run(cfg), extra_callbacks=[StopAfter(batches)])
     trainer.fit()
     state = trainer.state
     records = read_jsonl(cfg.run_dir / "metrics.jsonl")

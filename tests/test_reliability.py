@@ -32,7 +32,7 @@ from handover.integrity import (
 from models.composer_model import ComposerMambaLM
 from models.config import preset
 from recipes.config import load_train_config
-from recipes.train import build_trainer, is_complete
+from recipes.train import build_trainer, is_complete, prepare_run
 from tests.conftest import StopAfter, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def test_a_run_resumes_past_a_broken_newest_checkpoint(corpus: dict[str, Path], 
         cfg = load_train_config(
             [ROOT / "yamls/tiny/wsd.yaml"], [*tiny_overrides(corpus, root, eval_interval="null"), *WSD]
         )
-        trainer = build_trainer(cfg, extra_callbacks=[StopAfter(stop)] if stop else None)
+        trainer = build_trainer(prepare_run(cfg), extra_callbacks=[StopAfter(stop)] if stop else None)
         trainer.fit()
         weights = copy.deepcopy(trainer.state.model.model.state_dict())
         trainer.close()
@@ -256,7 +256,7 @@ def test_a_bad_config_writes_nothing_and_lists_every_problem(corpus: dict[str, P
     overrides = tiny_overrides(corpus, tmp_path, **{"model.vocab_size": 100, "scheduler.t_warmup": "20ba"})
     cfg = load_train_config([ROOT / "yamls/tiny/wsd.yaml"], overrides)
     with pytest.raises(ConfigError) as info:
-        build_trainer(cfg)
+        build_trainer(prepare_run(cfg))
     text = str(info.value)
     assert "model.vocab_size=100 is smaller than the tokenizer's 300 tokens" in text
     assert "t_warmup (20ba) + t_decay" in text and "exceed t_max (8ba)" in text
@@ -268,7 +268,7 @@ def test_a_checkpoint_of_another_shape_is_refused_naming_the_parameter(
 ) -> None:
     base = [*tiny_overrides(corpus, tmp_path, eval_interval="null"), *WSD]
     cfg = load_train_config([ROOT / "yamls/tiny/wsd.yaml"], base)
-    trainer = build_trainer(cfg, extra_callbacks=[StopAfter(2)])
+    trainer = build_trainer(prepare_run(cfg), extra_callbacks=[StopAfter(2)])
     trainer.fit()
     trainer.close()
     before = (cfg.run_dir / "run.json").read_text()
@@ -276,7 +276,7 @@ def test_a_checkpoint_of_another_shape_is_refused_naming_the_parameter(
     with pytest.raises(
         ConfigError, match=r"backbone.embedding.weight is \(304, 32\) in the checkpoint but \(304, 48\)"
     ):
-        build_trainer(wider)
+        build_trainer(prepare_run(wider))
     assert (cfg.run_dir / "run.json").read_text() == before
 
 
@@ -285,13 +285,15 @@ def test_a_finished_run_is_complete_and_a_longer_one_continues(
 ) -> None:
     base = [*tiny_overrides(corpus, tmp_path, eval_interval="null"), *WSD]
     cfg = load_train_config([ROOT / "yamls/tiny/wsd.yaml"], base)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(prepare_run(cfg))
     trainer.fit()
     trainer.close()
-    again = build_trainer(cfg)
+    again = build_trainer(prepare_run(cfg))
     assert is_complete(again)
     again.close()
-    longer = build_trainer(load_train_config([ROOT / "yamls/tiny/wsd.yaml"], [*base, "max_duration=10ba"]))
+    longer = build_trainer(
+        prepare_run(load_train_config([ROOT / "yamls/tiny/wsd.yaml"], [*base, "max_duration=10ba"]))
+    )
     assert not is_complete(longer) and int(longer.state.timestamp.batch) == 8
     longer.close()
 
@@ -299,7 +301,7 @@ def test_a_finished_run_is_complete_and_a_longer_one_continues(
 def test_a_decay_with_a_new_peak_starts_at_it(corpus: dict[str, Path], tmp_path: Path) -> None:
     base = [*tiny_overrides(corpus, tmp_path, eval_interval="null", run_name="stable"), *WSD]
     stable = load_train_config([ROOT / "yamls/tiny/wsd.yaml"], base)
-    trainer = build_trainer(stable)
+    trainer = build_trainer(prepare_run(stable))
     trainer.fit()
     trainer.close()
     pre_decay = stable.run_dir / "checkpoints" / "pre-decay" / "pre-decay-ba6.pt"
@@ -312,7 +314,7 @@ def test_a_decay_with_a_new_peak_starts_at_it(corpus: dict[str, Path], tmp_path:
         **{"checkpoint.load_path": pre_decay, "optimizer.lr": 2 * stable.optimizer.lr},
     )
     cfg = load_train_config([ROOT / "yamls/tiny/decay.yaml"], overrides)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(prepare_run(cfg))
     seen = []
 
     class FirstLr(Callback):

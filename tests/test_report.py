@@ -14,7 +14,7 @@ from composer.loggers import Logger
 
 from eval import report
 from recipes.config import load_train_config
-from recipes.train import build_trainer
+from recipes.train import build_trainer, prepare_run
 from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ def test_a_real_run_plots_what_it_trained_on(corpus: dict[str, Path], tmp_path: 
         [*tiny_overrides(corpus, tmp_path / "runs"), "scheduler.t_warmup=2ba", "scheduler.t_decay=0.25"],
     )
     recorder = TrainCE()
-    trainer = build_trainer(cfg, extra_callbacks=[recorder])
+    trainer = build_trainer(prepare_run(cfg), extra_callbacks=[recorder])
     trainer.fit()
     trainer.close()
     assert sorted(recorder.ce) == list(range(8))

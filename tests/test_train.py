@@ -15,7 +15,7 @@ import torch
 
 from models.mamba_lm import MambaLMHeadModel
 from recipes.config import load_train_config
-from recipes.train import build_trainer
+from recipes.train import build_trainer, prepare_run
 from tests.conftest import StopAfter, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ WSD = ["scheduler.t_warmup=2ba", "scheduler.t_decay=0.25"]  # the tiny recipes' 
 
 def train(overrides: list[str], recipe: str = "yamls/tiny/wsd_posweight.yaml", stop: int | None = None):
     cfg = load_train_config([ROOT / recipe], overrides)
-    trainer = build_trainer(cfg, extra_callbacks=[StopAfter(stop)] if stop else None)
+    trainer = build_trainer(prepare_run(cfg), extra_callbacks=[StopAfter(stop)] if stop else None)
     trainer.fit()
     weights = {k: v.detach().clone() for k, v in trainer.state.model.model.state_dict().items()}
     batch = int(trainer.state.timestamp.batch)
@@ -136,7 +136,7 @@ def test_decay_phase_from_pre_decay_checkpoint(corpus: dict[str, Path], tmp_path
         **{"checkpoint.load_path": pre_decay},
     )
     cfg = load_train_config([ROOT / "yamls/tiny/decay.yaml"], overrides)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(prepare_run(cfg))
     # The optimizer state is the checkpoint's (AdamW moments of every parameter).
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 

@@ -19,7 +19,7 @@ from eval.report import start_tokens
 from handover.tensor_files import PendingTensor, write_safetensors
 from recipes.config import load_train_config
 from recipes.export import main as export_main
-from recipes.train import build_trainer
+from recipes.train import build_trainer, prepare_run
 from tests.conftest import tiny_overrides
 from tests.s3_server import s3_bucket  # noqa: F401  (a fixture)
 from tests.test_train import ROOT
@@ -29,7 +29,7 @@ STABLE = {"scheduler.t_warmup": "2ba", "scheduler.t_decay": 0.25, "eval_interval
 
 def fit(overrides: list[str], recipe: str, extra: list[Callback] | None = None) -> Path:
     cfg = load_train_config([ROOT / recipe], overrides)
-    trainer = build_trainer(cfg, extra_callbacks=extra)
+    trainer = build_trainer(prepare_run(cfg), extra_callbacks=extra)
     trainer.fit()
     trainer.close()
     return cfg.run_dir
@@ -251,7 +251,7 @@ def test_data_position_of_another_mix_is_refused(
     with pytest.raises(
         ValueError, match=r"init_from.data_position=true: the release stood in another data mix"
     ):
-        build_trainer(load_train_config([ROOT / "yamls/tiny/wsd.yaml"], overrides))
+        build_trainer(prepare_run(load_train_config([ROOT / "yamls/tiny/wsd.yaml"], overrides)))
     assert not (tmp_path / "wrong-mix").exists()
 
 
