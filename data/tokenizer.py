@@ -142,7 +142,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 def vocabulary_size(tok: Tokenizer | str | Path) -> int:
     """How many token ids a tokenizer (or the tokenizer folder ``tok`` names) produces, added special
     tokens included: the count the model's vocabulary, the data checks and evaluation compare against."""
-    if not isinstance(tok, Tokenizer):
+    if isinstance(tok, (str, Path)):
         tok = load_tokenizer(tok)
     return tok.get_vocab_size(with_added_tokens=True)
 

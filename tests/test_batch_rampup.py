@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from callbacks.batch_rampup import BatchRampSchedule, BatchRampup, RampedBatches
+from data.loader import _with_shared_memory_retry
 
 SEQ, MB, VOCAB = 4, 2, 512
 TABLE_K = [1, 1, 1, 2, 2, 3, 4, 4]
@@ -291,13 +292,17 @@ def test_resume_streaming_dataset_mid_ramp(tmp_path: Path, mds: Path, num_worker
     caches = iter(range(100))
 
     def loader() -> DataSpec:
-        dataset = TokenDataset(
-            remote=str(mds),
-            local=str(tmp_path / f"cache{next(caches)}"),
-            batch_size=MB,
-            shuffle=True,
-            shuffle_seed=5,
-            num_canonical_nodes=1,
+        # Retried as data.loader does: the other pytest worker's datasets may race for a prefix.
+        cache = str(tmp_path / f"cache{next(caches)}")
+        dataset = _with_shared_memory_retry(
+            lambda: TokenDataset(
+                remote=str(mds),
+                local=cache,
+                batch_size=MB,
+                shuffle=True,
+                shuffle_seed=5,
+                num_canonical_nodes=1,
+            )
         )
         inner = DataLoader(
             dataset, batch_size=MB, num_workers=num_workers, persistent_workers=num_workers > 0

@@ -119,7 +119,11 @@ def test_resume_and_init_from_read_the_checkpoint_once(
 ) -> None:
     checkpoint = _latest(run)
     # checkpoint.load_path: checked (CRC, as data, shapes) and loaded by Composer from one read.
-    overrides = _overrides(corpus, tmp_path, "resumed", **{"checkpoint.load_path": checkpoint})
+    # (max_duration past the checkpoint's batch 2: a load that would train nothing is refused)
+    overrides = [
+        *_overrides(corpus, tmp_path, "resumed", **{"checkpoint.load_path": checkpoint}),
+        "max_duration=3ba",
+    ]
     build_trainer(prepare_run(load_train_config([WSD], overrides))).close()
     assert counted(checkpoint) == (1, 1, 1)
     # init_from, a second command: again one check and one read.

@@ -69,7 +69,7 @@ def test_build_trainer_reads_nothing_the_plan_read(
     """Planning reads the tokenizer once and each split's index files; building reads none of them."""
     import data.loader
     import data.tokenizer
-    import models.hf_interop
+    import handover.hf_mamba
 
     cfg = load_train_config([WSD_RECIPE], [*tiny_overrides(corpus, tmp_path), *SHORT])
     reads: list[str] = []
@@ -90,7 +90,7 @@ def test_build_trainer_reads_nothing_the_plan_read(
 
     monkeypatch.setattr(data.tokenizer, "Tokenizer", _NoRead)
     monkeypatch.setattr(data.loader, "load_mixture", _NoRead.from_file)
-    monkeypatch.setattr(models.hf_interop, "tokenizer_special_ids", _NoRead.from_file)
+    monkeypatch.setattr(handover.hf_mamba, "tokenizer_special_ids", _NoRead.from_file)
     monkeypatch.setattr(Path, "read_text", guarded)
     monkeypatch.setattr("recipes.plan.plan_run", lambda *a, **k: pytest.fail("build_trainer planned again"))
     trainer = train.build_trainer(plan)
