@@ -47,7 +47,9 @@ MODULES: dict[str, Target] = {
         "callbacks/positional_weighting.py",
         ("tests/test_positional_weighting.py", "tests/test_positional_weighting_edges.py"),
     ),
-    "batch_rampup": Target("callbacks/batch_rampup.py", ("tests/test_batch_rampup.py",)),
+    "batch_rampup": Target(
+        "callbacks/batch_rampup.py", ("tests/test_batch_rampup.py", "tests/test_batch_rampup_edges.py")
+    ),
     # The sample accounting: what a sample holds, its position ids, and the resumption state.
     "loader": Target(
         "data/loader.py",
@@ -72,16 +74,19 @@ MODULES: dict[str, Target] = {
     # server, minutes per mutant: tests/test_object_store_recovery.py).
     "checkpoint_safety": Target(
         "handover/integrity.py",
-        tuple(
-            f"tests/test_reliability.py::{test}"
-            for test in (
-                "test_an_interrupted_monolithic_write_leaves_nothing",
-                "test_a_written_checkpoint_appears_whole_under_its_name",
-                "test_a_broken_monolithic_checkpoint_is_named",
-                "test_a_flipped_byte_fails_the_crc",
-                "test_a_sharded_checkpoint_is_whole_only_with_its_metadata_and_every_byte",
-                "test_recovery_sets_broken_ones_aside_and_points_latest_at_the_newest_good",
-            )
+        (
+            *(
+                f"tests/test_reliability.py::{test}"
+                for test in (
+                    "test_an_interrupted_monolithic_write_leaves_nothing",
+                    "test_a_written_checkpoint_appears_whole_under_its_name",
+                    "test_a_broken_monolithic_checkpoint_is_named",
+                    "test_a_flipped_byte_fails_the_crc",
+                    "test_a_sharded_checkpoint_is_whole_only_with_its_metadata_and_every_byte",
+                    "test_recovery_sets_broken_ones_aside_and_points_latest_at_the_newest_good",
+                )
+            ),
+            "tests/test_integrity_edges.py",
         ),
         (
             "install_atomic_checkpoint_writes",

@@ -1,0 +1,55 @@
+"""The batch ramp-up's edges: the recipe section's schedule, the plan of step sizes against a hand
+table, and the refusal of a batch that Composer counts differently, word for word (the mutation
+tests' reference, ``python -m tests.mutants batch_rampup``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from composer.core import DataSpec
+from torch.utils.data import DataLoader
+
+from callbacks.batch_rampup import BatchRampSchedule, BatchRampupConfig, RampedBatches
+from tests.test_batch_rampup import MB, sample, schedule, train
+
+
+def test_the_recipe_section_builds_the_schedule_field_by_field() -> None:
+    section = BatchRampupConfig(start_batch_tokens=24, ramp_tokens=96)
+    assert section.schedule(64, seq_len=4, device_microbatch_size=2, world_size=2) == BatchRampSchedule(
+        start_batch_tokens=24,
+        target_batch_tokens=64,
+        ramp_tokens=96,
+        seq_len=4,
+        device_microbatch_size=2,
+        world_size=2,
+    )
+
+
+def test_the_plan_follows_the_hand_table() -> None:
+    # start 8, target 32 tokens over 32 tokens, seq 4, one sample per micro-batch, one rank: unit 4,
+    # k(t) = max(1, (8 * 32 + 24 t) // (32 * 4)):
+    #   t = 0: 256 // 128 = 2 samples (8 tokens); t = 8: 448 // 128 = 3 (12 tokens);
+    #   t = 20: 736 // 128 = 5 (20 tokens); t = 40 >= 32: the target, 32 / 4 = 8 samples.
+    ramp = BatchRampSchedule(8, 32, 32, seq_len=4, device_microbatch_size=1)
+    assert ramp.plan(0) == []
+    assert ramp.plan(1) == [2]
+    assert ramp.plan(40) == [2, 3, 5]
+    assert ramp.plan(41) == [2, 3, 5, 8]
+
+
+def test_a_batch_composer_counts_differently_is_refused_word_for_word(tmp_path: Path) -> None:
+    data = [sample(i) for i in range(16)]
+    loader = RampedBatches(DataLoader(data, batch_size=MB), schedule())
+    # Composer is told each batch holds one sample; the ramp's first batch held two.
+    miscounted = DataSpec(loader, get_num_samples_in_batch=lambda batch: 1)
+    message = (
+        "BatchRampup: this batch starts at global sample 2 of the ramp but Composer's timestamp is at sample "
+        "1, so batch sizes and data would not match an uninterrupted run. Likely causes: resuming a dataset "
+        "without state_dict (map-style) with spin_dataloaders=False (keep the Trainer's spin_dataloaders=True); "
+        "a get_num_samples_in_batch that does not count the batch's rows; ranks yielding different numbers "
+        "of samples"
+    )
+    with pytest.raises(RuntimeError, match=f"^{re.escape(message)}$"):
+        train(miscounted, "3ba", tmp_path)
