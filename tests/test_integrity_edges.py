@@ -8,6 +8,9 @@ import errno
 import logging
 import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +51,13 @@ def test_the_step_is_the_number_after_ba() -> None:
 
 
 def test_candidates_are_checkpoints_newest_first_and_nothing_else(tmp_path: Path) -> None:
-    for name in ("ep0-ba2-rank0.pt", "ep0-ba10-rank0.pt", "ep0-ba4.pt.zst", "ep0-ba6.tar.gz"):
+    for name in (
+        "ep0-ba0-rank0.pt",
+        "ep0-ba2-rank0.pt",
+        "ep0-ba10-rank0.pt",
+        "ep0-ba4.pt.zst",
+        "ep0-ba6.tar.gz",
+    ):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "ep0-ba5").mkdir()  # a sharded checkpoint
     # Not checkpoints: a temporary write, latest pointers, the quarantine, a link, other suffixes.
@@ -63,6 +72,7 @@ def test_candidates_are_checkpoints_newest_first_and_nothing_else(tmp_path: Path
         "ep0-ba5",
         "ep0-ba4.pt.zst",
         "ep0-ba2-rank0.pt",
+        "ep0-ba0-rank0.pt",  # step 0 is a step
     ]
 
 
@@ -134,8 +144,12 @@ def test_recovery_past_a_broken_one_says_where_it_continues(
     assert recovery.latest == str(good)
     assert [path for path, _ in recovery.quarantined] == [str(broken)]
     assert os.readlink(tmp_path / "latest.pt") == good.name
-    assert caplog.messages[-1] == f"autoresume continues from {good}"
-    assert len(caplog.messages) == 2  # the quarantine, then where it continues
+    (target,) = (tmp_path / QUARANTINE).iterdir()
+    reason = recovery.quarantined[0][1]
+    assert caplog.messages == [
+        f"checkpoint {broken} is broken: {reason}; moved it to {target}",
+        f"autoresume continues from {good}",
+    ]
 
 
 def test_with_nothing_good_a_dangling_latest_link_is_removed(tmp_path: Path) -> None:
@@ -189,3 +203,79 @@ def test_a_failed_write_on_a_full_disk_says_so(
     with pytest.raises(type(error)) as info:
         composer_checkpoint._write_checkpoint_file({}, str(target))
     assert info.value is error and list(tmp_path.iterdir()) == []
+
+
+def test_installing_twice_wraps_once_and_the_folder_is_made_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written: list[str] = []
+    synced: list[str] = []
+
+    def record(state_dict: dict[str, Any], filename: str) -> None:
+        written.append(filename)
+        Path(filename).write_bytes(b"whole")
+
+    real_fsync = integrity._fsync
+    monkeypatch.setattr(composer_checkpoint, "_write_checkpoint_file", record)
+    monkeypatch.setattr(integrity, "_fsync", lambda path: (synced.append(path), real_fsync(path)))
+    install_atomic_checkpoint_writes()
+    install_atomic_checkpoint_writes()
+    target = tmp_path / "ep0-ba4-rank0.pt"
+    composer_checkpoint._write_checkpoint_file({}, str(target))
+    tmp = str(tmp_path / f".tmp-{os.getpid()}-ep0-ba4-rank0.pt")
+    assert written == [tmp]  # one temporary name, not a temporary name of a temporary name
+    assert synced == [tmp, str(tmp_path)]  # the file's bytes, then the folder's entry of its new name
+
+
+def test_a_relative_name_is_written_in_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[str] = []
+
+    def fail(state_dict: dict[str, Any], filename: str) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    def usage(path: str) -> _Usage:
+        asked.append(path)
+        return _Usage(1 << 30)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        composer_checkpoint, "_write_checkpoint_file", composer_checkpoint._write_checkpoint_file
+    )
+    install_atomic_checkpoint_writes()
+    composer_checkpoint._write_checkpoint_file({"x": torch.arange(3)}, "ep0-ba4-rank0.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["ep0-ba4-rank0.pt"]
+    assert torch.equal(torch.load(tmp_path / "ep0-ba4-rank0.pt")["x"], torch.arange(3))
+    monkeypatch.setattr(composer_checkpoint, "_write_checkpoint_file", fail)
+    monkeypatch.setattr(integrity.shutil, "disk_usage", usage)
+    install_atomic_checkpoint_writes()
+    with pytest.raises(OSError, match="I/O error"):
+        composer_checkpoint._write_checkpoint_file({}, str(tmp_path / "sub" / "ep0-ba6-rank0.pt"))
+    with pytest.raises(OSError, match="I/O error"):
+        composer_checkpoint._write_checkpoint_file({}, "ep0-ba6-rank0.pt")
+    assert asked == [str(tmp_path / "sub"), "."]  # the free space of the folder written to
+
+
+KILLED_WRITE = """
+import sys
+import torch
+from composer.utils import checkpoint
+from handover.integrity import install_atomic_checkpoint_writes
+install_atomic_checkpoint_writes()
+checkpoint._write_checkpoint_file({"x": torch.arange(1000)}, sys.argv[1])
+"""
+
+
+def test_the_checkpoint_write_failpoint_kills_with_half_the_file_written(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "MAMBA_FAILPOINT": "checkpoint_write@1"}
+    target = tmp_path / "ep0-ba4-rank0.pt"
+    done = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(target)], env=env, cwd=root)
+    assert done.returncode == -signal.SIGKILL
+    (leftover,) = tmp_path.iterdir()  # no final name: the temporary one, cut in half
+    assert re.fullmatch(r"\.tmp-\d+-ep0-ba4-rank0\.pt", leftover.name)
+    reference = tmp_path / "whole.pt"  # the same object written whole, as Composer writes it (a file object)
+    with reference.open("wb") as f:
+        torch.save({"x": torch.arange(1000)}, f)
+    assert leftover.stat().st_size == reference.stat().st_size // 2
