@@ -1,0 +1,93 @@
+"""The batch ramp-up's edges: the recipe section's schedule, the plan of step sizes against a hand
+table, the refusal of a batch that Composer counts differently and the token-count warning word for
+word, and the logged sizes (the mutation tests' reference, ``python -m tests.mutants batch_rampup``)."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+from composer.core import DataSpec
+from composer.loggers import InMemoryLogger
+from torch.utils.data import DataLoader
+
+from callbacks.batch_rampup import BatchRampSchedule, BatchRampupConfig, RampedBatches
+from tests.test_batch_rampup import MB, sample, schedule, train
+
+
+def test_the_recipe_section_builds_the_schedule_field_by_field() -> None:
+    section = BatchRampupConfig(start_batch_tokens=24, ramp_tokens=96)
+    assert section.schedule(64, seq_len=4, device_microbatch_size=2, world_size=2) == BatchRampSchedule(
+        start_batch_tokens=24,
+        target_batch_tokens=64,
+        ramp_tokens=96,
+        seq_len=4,
+        device_microbatch_size=2,
+        world_size=2,
+    )
+
+
+def test_the_plan_follows_the_hand_table() -> None:
+    # start 8, target 32 tokens over 32 tokens, seq 4, one sample per micro-batch, one rank: unit 4,
+    # k(t) = max(1, (8 * 32 + 24 t) // (32 * 4)):
+    #   t = 0: 256 // 128 = 2 samples (8 tokens); t = 8: 448 // 128 = 3 (12 tokens);
+    #   t = 20: 736 // 128 = 5 (20 tokens); t = 40 >= 32: the target, 32 / 4 = 8 samples.
+    ramp = BatchRampSchedule(8, 32, 32, seq_len=4, device_microbatch_size=1)
+    assert ramp.plan(0) == []
+    assert ramp.plan(1) == [2]
+    assert ramp.plan(40) == [2, 3, 5]
+    assert ramp.plan(41) == [2, 3, 5, 8]
+
+
+def test_a_batch_composer_counts_differently_is_refused_word_for_word(tmp_path: Path) -> None:
+    data = [sample(i) for i in range(16)]
+    loader = RampedBatches(DataLoader(data, batch_size=MB), schedule())
+    # Composer is told each batch holds one sample; the ramp's first batch held two.
+    miscounted = DataSpec(loader, get_num_samples_in_batch=lambda batch: 1)
+    message = (
+        "BatchRampup: this batch starts at global sample 2 of the ramp but Composer's timestamp is at sample "
+        "1, so batch sizes and data would not match an uninterrupted run. Likely causes: resuming a dataset "
+        "without state_dict (map-style) with spin_dataloaders=False (keep the Trainer's spin_dataloaders=True); "
+        "a get_num_samples_in_batch that does not count the batch's rows; ranks yielding different numbers "
+        "of samples"
+    )
+    with pytest.raises(RuntimeError, match=f"^{re.escape(message)}$"):
+        train(miscounted, "3ba", tmp_path)
+
+
+def rampup_warnings(loader: RampedBatches | DataSpec, duration: str, tmp: Path) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(loader, duration, tmp)
+    return [str(w.message) for w in caught if str(w.message).startswith("BatchRampup")]
+
+
+def test_a_token_count_other_than_samples_times_seq_len_is_warned_once(tmp_path: Path) -> None:
+    data = [sample(i) for i in range(16)]
+    # Composer counts one token per batch; the ramp counts samples x seq_len: after batch 0, 1 vs 2 x 4.
+    one_token = DataSpec(
+        RampedBatches(DataLoader(data, batch_size=MB), schedule()), get_num_tokens_in_batch=lambda batch: 1
+    )
+    assert rampup_warnings(one_token, "4ba", tmp_path / "a") == [
+        "BatchRampup: Composer counted 1 tokens but the ramp counts samples x seq_len = 8; the ramp follows "
+        "the latter"
+    ]
+    # Composer's own count (input_ids.numel()) is the ramp's: nothing to say.
+    assert (
+        rampup_warnings(RampedBatches(DataLoader(data, batch_size=MB), schedule()), "4ba", tmp_path / "b")
+        == []
+    )
+
+
+def test_the_logged_sizes_follow_the_table_and_count_a_short_micro_batch(tmp_path: Path) -> None:
+    # 7 samples: the table's 2, 2, 2 samples, then the epoch's last micro-batch, of 1 sample.
+    data = [sample(i) for i in range(7)]
+    metrics = InMemoryLogger()
+    trainer = train(
+        RampedBatches(DataLoader(data, batch_size=MB), schedule()), "4ba", tmp_path, loggers=[metrics]
+    )
+    assert [len(s) for s in trainer.recorder.samples] == [2, 2, 2, 1]  # type: ignore[attr-defined]
+    assert [v for _, v in metrics.data["batch_rampup/global_batch_size"]] == [2, 2, 2, 1]
+    assert [v for _, v in metrics.data["batch_rampup/microbatches_per_rank"]] == [1, 1, 1, 1]
