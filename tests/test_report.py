@@ -247,3 +247,19 @@ def test_sync_readme_leaves_blocks_of_missing_pages_and_refuses_when_none_exists
         "<!-- findings: runs/x/findings.md -->\nkept\n<!-- /findings -->\n"
         "<!-- findings: runs/y/findings.md -->\n| a |\n<!-- /findings -->\n"
     )
+
+
+def test_runs_evaluated_after_different_token_counts_are_not_compared(tmp_path: Path) -> None:
+    """A stable run and the decay started from its checkpoint (as `make demo` makes them) are
+    evaluated after different token counts: the findings say so and compare nothing."""
+    stable = write_seeded(tmp_path, "wsd", 0, 3.0, 0.30)
+    decay = write_seeded(tmp_path, "cosine", 0, 2.5, 0.30)
+    evaluation = json.loads((decay / "evaluation.json").read_text())
+    (decay / "evaluation.json").write_text(json.dumps({**evaluation, "tokens_trained": 1300}))
+    report.write_report([stable, decay], tmp_path / "out")
+    findings = (tmp_path / "out" / "findings.md").read_text()
+    assert (
+        "Not compared: the runs were evaluated after different token counts (wsd (seed 0) 3,900, " in findings
+    )
+    assert "cosine (seed 0) 1,300)" in findings
+    assert "| WSD vs cosine" not in findings
