@@ -24,10 +24,16 @@ from composer.utils import dist
 T = TypeVar("T")
 
 
+def _target(device: Device) -> torch.device:
+    """The torch device behind Composer's ``device`` (its ``DeviceCPU`` / ``DeviceGPU`` both set ``_device``)."""
+    return device._device
+
+
 def on_device(device: Device, value: torch.Tensor | bool | int | float, dtype: torch.dtype) -> torch.Tensor:
     """``value`` as a 1-element ``dtype`` tensor on the run's device (no copy when it already is one)."""
-    tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-    return device.tensor_to_device(tensor.detach().reshape(1).to(dtype))
+    if not isinstance(value, torch.Tensor):
+        value = torch.tensor(value, dtype=dtype, device=_target(device))
+    return device.tensor_to_device(value.detach().reshape(1).to(dtype))
 
 
 def any_rank(device: Device, flag: torch.Tensor | bool) -> bool:
@@ -39,8 +45,9 @@ def any_rank(device: Device, flag: torch.Tensor | bool) -> bool:
 
 def sum_over_ranks(device: Device, values: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """The element-wise sum over ranks of ``values`` (float64, on the device; the caller syncs if it must)."""
-    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(list(values))
-    tensor = device.tensor_to_device(tensor.detach().to(torch.float64).clone())
+    if not isinstance(values, torch.Tensor):
+        values = torch.tensor(list(values), dtype=torch.float64, device=_target(device))
+    tensor = device.tensor_to_device(values.detach().to(torch.float64).clone())
     dist.all_reduce(tensor, reduce_operation="SUM")
     return tensor
 
