@@ -144,3 +144,52 @@ def test_a_loader_yielding_other_than_dicts_of_tensors_is_refused(item: object, 
     message = f"RampedBatches: the data loader must yield dicts of tensors, got {kind}"
     with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
         next(iter(ramped))
+
+
+def test_after_an_epoch_that_ends_on_a_batch_boundary_the_ramp_continues() -> None:
+    # 20 samples: the table's 2, 2, 2, 4, 4, 6 (80 tokens) end the epoch exactly. The next epoch starts
+    # at t = 80 >= 64: the target, 8 samples per batch (the last 4 left).
+    data = [sample(i) for i in range(20)]
+    ramped = RampedBatches(DataLoader(data, batch_size=MB), schedule())
+    assert [len(b["input_ids"]) for b in ramped] == [2, 2, 2, 4, 4, 6]
+    assert ramped.start_sample == 20
+    assert [len(b["input_ids"]) for b in ramped] == [8, 8, 4]
+    # Per rank a batch has no fixed size (Composer records the loader's batch_size in checkpoints).
+    assert ramped.batch_size is None
+
+
+def test_schedule_edges_against_hand_values() -> None:
+    # The smallest schedule: one token per unit, a target of 1 token, no ramp.
+    assert BatchRampSchedule(1, 1, 0, seq_len=1, device_microbatch_size=1).plan(3) == [1, 1, 1]
+    # A start equal to the target: no growth over the ramp.
+    assert schedule(start_batch_tokens=32).plan(144) == [8] * 5
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "batch_rampup.target_batch_tokens=0 must be a positive multiple of seq_len * device_microbatch_size "
+            "* world_size = 4 * 2 * 1 = 8: set it to 8 or 16"
+        ),
+    ):
+        schedule(target_batch_tokens=0, start_batch_tokens=0)
+    with pytest.raises(
+        ValueError,
+        match="^"
+        + re.escape(
+            "batch_rampup.start_batch_tokens=40 must be in [1, target_batch_tokens=32]; values below 8 (one "
+            "micro-batch per rank) start at one micro-batch"
+        )
+        + "$",
+    ):
+        schedule(start_batch_tokens=40)
+    with pytest.raises(ValueError, match="^" + re.escape("batch_rampup: tokens_seen=-1 must be >= 0") + "$"):
+        schedule().per_rank_microbatches(-1)
+    with pytest.raises(
+        ValueError,
+        match="^"
+        + re.escape(
+            "RampedBatches: the data loader's batch_size=4 must equal batch_rampup device_microbatch_size=2: build "
+            "the loader with the micro-batch size (the ramp concatenates micro-batches)"
+        )
+        + "$",
+    ):
+        RampedBatches(DataLoader([sample(0)], batch_size=4), schedule())

@@ -139,12 +139,13 @@ def test_a_read_sample_is_its_stored_tokens_with_its_id(shards: Path, tmp_path: 
 
 def test_a_wrong_checksum_names_the_shard_and_the_sample(shards: Path, tmp_path: Path) -> None:
     ds = dataset(shards, tmp_path / "c")
-    shard_id, index_in_shard = ds.spanner[3]
+    assert ds.spanner[3] == (0, 3)  # the first shard holds more than 4 samples
     message = (
-        f"shard {ds.shard_path(shard_id)}, sample {index_in_shard} (sample 3 of the dataset) is corrupt: its "
-        "checksum does not match (the shard's bytes changed after conversion); re-run data.convert"
+        f"shard {tmp_path / 'c' / 'shard.00000.mds'}, sample 3 (sample 3 of the dataset) is corrupt: its checksum "
+        "does not match (the shard's bytes changed after conversion); re-run data.convert for this stream (or "
+        "delete the shard's unpacked .mds file to unpack it again from the compressed one, whose hash is checked)"
     )
-    with pytest.raises(ShardError, match=f"^{re.escape(message)}"):
+    with pytest.raises(ShardError, match=f"^{re.escape(message)}$"):
         ds.get_item(3)
 
 
@@ -153,9 +154,11 @@ def test_the_largest_id_the_vocabulary_holds_is_read_and_the_next_is_refused(
 ) -> None:
     # Sample 5's largest id is 2 + 8 + 5 = 15.
     assert int(dataset(shards, tmp_path / "a", vocab_size=16).get_item(5)["labels"].max()) == 15
-    with pytest.raises(
-        ShardError, match=r"\(sample 5 of the dataset\) .* holds token id 15, outside the tokenizer's 15 ids"
-    ):
+    message = (
+        f"shard {tmp_path / 'b' / 'shard.00000.mds'}, sample 5 (sample 5 of the dataset) is corrupt: it holds "
+        "token id 15, outside the tokenizer's 15 ids; re-run data.convert"
+    )
+    with pytest.raises(ShardError, match=f"^{re.escape(message)} for this stream"):
         dataset(shards, tmp_path / "b", vocab_size=15).get_item(5)
 
 
