@@ -36,8 +36,19 @@ SAMPLES, STORED = 20, 9  # samples; stored tokens per sample (seq_len 8, plus th
 
 
 def stored_tokens(i: int) -> np.ndarray:
-    """Sample i: ids 2 .. 61 (never EOT or PAD), unique per sample; its largest id is 2 + 8 + i."""
-    return np.arange(2 + i, 2 + i + STORED, dtype=np.uint16)
+    """Sample i: ids 2 + i .. 10 + i, its largest id 10 + i; an odd sample's fifth token is an EOT, and
+    the last sample ends with two pads (the end of the corpus)."""
+    tokens = np.arange(2 + i, 2 + i + STORED, dtype=np.uint16)
+    if i % 2:
+        tokens[4] = EOT
+    if i == SAMPLES - 1:
+        tokens[-2:] = PAD
+    return tokens
+
+
+def stored_positions(i: int) -> list[int]:
+    """By hand: the first document continues from doc_offset i; after an odd sample's EOT one starts at 0."""
+    return [i, i + 1, i + 2, i + 3, i + 4, 0, 1, 2] if i % 2 else list(range(i, i + 8))
 
 
 @pytest.fixture(scope="module")
@@ -130,11 +141,12 @@ def test_a_read_sample_is_its_stored_tokens_with_its_id(shards: Path, tmp_path: 
         ex = ds.get_item(i)
         tokens = stored_tokens(i).astype(np.int64)
         assert ex["input_ids"].tolist() == tokens[:-1].tolist()
-        assert ex["labels"].tolist() == tokens[1:].tolist()
-        assert ex["position_ids"].tolist() == list(range(i, i + STORED - 1))  # doc_offset i, no end-of-text
+        assert ex["labels"].tolist() == [-100 if t == PAD else t for t in tokens[1:].tolist()]
+        assert ex["position_ids"].tolist() == stored_positions(i)
         assert (
             ex["sample_id"].dtype == torch.int64 and ex["sample_id"].shape == () and int(ex["sample_id"]) == i
         )
+    assert ds.get_item(19)["labels"].tolist()[-2:] == [-100, -100]
 
 
 def test_a_wrong_checksum_names_the_shard_and_the_sample(shards: Path, tmp_path: Path) -> None:
@@ -152,7 +164,7 @@ def test_a_wrong_checksum_names_the_shard_and_the_sample(shards: Path, tmp_path:
 def test_the_largest_id_the_vocabulary_holds_is_read_and_the_next_is_refused(
     shards: Path, tmp_path: Path
 ) -> None:
-    # Sample 5's largest id is 2 + 8 + 5 = 15.
+    # Sample 5's largest id is 10 + 5 = 15.
     assert int(dataset(shards, tmp_path / "a", vocab_size=16).get_item(5)["labels"].max()) == 15
     message = (
         f"shard {tmp_path / 'b' / 'shard.00000.mds'}, sample 5 (sample 5 of the dataset) is corrupt: it holds "
