@@ -174,6 +174,33 @@ def test_the_largest_id_the_vocabulary_holds_is_read_and_the_next_is_refused(
         dataset(shards, tmp_path / "b", vocab_size=15).get_item(5)
 
 
+def test_a_shard_evicted_before_its_read_is_fetched_again_up_to_seven_times(
+    unchecked_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Streaming re-fetches a shard whose file vanished (evicted under a cache limit) and reads again:
+    1 + 7 attempts, Streaming's own default."""
+    ds = dataset(unchecked_shards, tmp_path / "c")
+    ds.get_item(0)  # fetches the shard into the cache
+    shard, fetched = ds.shards[0], []
+
+    class Evicted:
+        def __init__(self, times: int) -> None:
+            self.times = times
+
+        def __getitem__(self, index: int) -> dict:
+            if self.times:
+                self.times -= 1
+                raise FileNotFoundError(f"shard file gone ({self.times} more times)")
+            return shard[index]
+
+    monkeypatch.setattr(ds, "prepare_shard", lambda shard_id, blocking=True: fetched.append(shard_id))
+    ds.shards[0] = Evicted(7)
+    assert int(ds.get_item(2)["sample_id"]) == 2 and fetched == [0] * 7
+    ds.shards[0] = Evicted(8)
+    with pytest.raises(RuntimeError, match=r"shard file gone \(0 more times\)"):
+        ds.get_item(2)
+
+
 def test_shards_without_checksums_are_read(unchecked_shards: Path, tmp_path: Path) -> None:
     ds = dataset(unchecked_shards, tmp_path / "c")
     assert ds.get_item(3)["input_ids"].tolist() == stored_tokens(3)[:-1].tolist()
