@@ -240,7 +240,14 @@ def test_resume_map_style_dataset_mid_ramp(tmp_path: Path) -> None:
     sizes = [len(s) for s in full.recorder.samples]
     assert sizes == [2, 2, 2, 4, 4, 6, 6, 8, 8, 8]
     assert sorted(flat(full.recorder.samples[:7])) == list(range(26))
-    assert flat(full.recorder.samples[:7]) != list(range(26))  # shuffled
+
+    # The DistributedSampler's shuffle (seed 0), re-drawn each epoch: Composer calls set_epoch on the
+    # RampedBatches' sampler, which is the inner loader's. Epoch e is randperm(26) seeded 0 + e.
+    def shuffled(epoch: int) -> list[int]:
+        return torch.randperm(26, generator=torch.Generator().manual_seed(epoch)).tolist()
+
+    assert flat(full.recorder.samples[:7]) == shuffled(0) != list(range(26))
+    assert flat(full.recorder.samples[7:]) == shuffled(1)[:24]
     assert [t for _, _, t in full.recorder.after] == list(np.cumsum([n * SEQ for n in sizes]))
     # Composer counts the epoch once the loader is exhausted, after the short batch's BATCH_END.
     assert full.recorder.after[6] == (0, 26, 104) and full.recorder.after[7][0] == 1
