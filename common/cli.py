@@ -74,9 +74,17 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own mistakes (a missing option, ``--chats abc``) as one ``error:`` line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+
+
 def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     """An ``ArgumentParser`` with the module docstring as description, defaults shown, and ``--debug``."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=_HelpFormatter)
+    p = _Parser(prog=prog, description=doc, formatter_class=_HelpFormatter)
     p.add_argument(
         "--debug",
         action="store_true",

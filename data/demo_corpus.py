@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from common import cli
-from common.io import atomic_dir
+from common.io import atomic_dir, check_output_path
 
 _SKIP_DIRS = {
     "test",
@@ -154,6 +154,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--chats", type=int, default=150, help="synthetic ChatML conversations")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
+    for flag, value in (("--code-mb", args.code_mb), ("--prose-mb", args.prose_mb), ("--chats", args.chats)):
+        if not value > 0:  # the demo's mixture reads all three files
+            raise cli.UserError(f"{flag} {value} must be > 0 (omit it for the default)")
+    check_output_path(args.out, "--out", overwrite=args.overwrite)
     counts = build_demo_corpus(
         args.out, int(args.code_mb * 1e6), int(args.prose_mb * 1e6), args.chats, overwrite=args.overwrite
     )

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from common import cli
-from common.io import atomic_write_text
+from common.io import atomic_write_text, check_output_path
 from eval.stats import Interval, Reference, paired_interval, verdict
 
 METRICS = ("cross_entropy", "perplexity", "top1", "top3", "top10")
@@ -48,11 +48,26 @@ def load_evaluations(
                 raise FileNotFoundError(
                     f"{path} not found: train {run_dir(root, variant, seed)} and run python -m recipes.evaluate on it"
                 )
-            out[variant].append(json.loads(path.read_text()))
+            out[variant].append(_read_evaluation(path))
     tokens = {(v, s): e.get("tokens_trained") for v in variants for s, e in zip(seeds, out[v])}
     if len(set(tokens.values())) > 1:
         raise ValueError(f"the runs were evaluated at different token counts {tokens}: compare equal tokens")
     return out
+
+
+def _read_evaluation(path: Path) -> dict[str, Any]:
+    """An ``evaluation.json`` as ``recipes.evaluate`` writes it, or one line naming what is wrong."""
+    fix = "run python -m recipes.evaluate on the run again"
+    try:
+        evaluation = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); {fix}") from exc
+    if not isinstance(evaluation, dict):
+        raise ValueError(f"{path}: a {type(evaluation).__name__}, not an evaluation; {fix}")
+    missing = [key for key in ("metrics", "buckets") if key not in evaluation]
+    if missing:
+        raise ValueError(f"{path} has no {' or '.join(missing)}: not an evaluation; {fix}")
+    return evaluation
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -221,9 +236,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", help="Markdown output (default: ROOT/ablation.md)")
     args = parser.parse_args(argv)
     root = Path(args.root)
+    if root.exists() and not root.is_dir():
+        raise cli.UserError(f"{root} is a file: give the folder holding the runs <variant>-s<seed>")
+    out = Path(args.out) if args.out else root / "ablation.md"
+    check_output_path(out, "--out", overwrite=True, folder=False)
     evals = load_evaluations(root, args.variants, args.seeds)
     text = ablation_markdown(evals, args.seeds)
-    out = Path(args.out) if args.out else root / "ablation.md"
     atomic_write_text(out, text)
     print(text)
     print(f"wrote {out}")

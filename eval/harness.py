@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from common import cli
-from common.io import atomic_write_text
+from common.io import atomic_write_text, check_output_path
 
 TASKS_DIR = Path(__file__).with_name("tasks")
 LOCAL_TASK = "mamba_recipes_tiny_mc"
@@ -35,7 +35,7 @@ def hf_folder(source: str, checkpoint: str | None, tokenizer: str | None, workdi
     """An HF folder for ``source``: itself when it is one with a tokenizer, else a fresh export."""
     path = Path(source)
     config = path / "config.json"
-    if checkpoint is None and config.is_file() and "model_type" in json.loads(config.read_text()):
+    if checkpoint is None and config.is_file() and "model_type" in _read_config(config):
         if tokenizer is not None or not (path / "tokenizer.json").is_file():
             raise cli.UserError(
                 f"{path} is an HF folder; lm-eval reads its tokenizer from it: save one there"
@@ -49,6 +49,16 @@ def hf_folder(source: str, checkpoint: str | None, tokenizer: str | None, workdi
     if tokenizer is None:
         raise cli.UserError(f"{source} holds no tokenizer: pass --tokenizer")
     return export_hf(loaded.model, workdir / "hf", tokenizer_dir=tokenizer, overwrite=True)
+
+
+def _read_config(config: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(config.read_text())
+    except json.JSONDecodeError as exc:
+        raise cli.UserError(f"{config}: not valid JSON ({exc}); save the model folder again") from exc
+    if not isinstance(raw, dict):
+        raise cli.UserError(f"{config}: a {type(raw).__name__}, not a JSON object of model settings")
+    return raw
 
 
 def run_lm_eval(
@@ -106,6 +116,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise cli.UserError("--tasks is empty: name at least one task")
+    for flag, value, least in (
+        ("--batch-size", args.batch_size, 1),
+        ("--limit", args.limit, 1),
+        ("--num-fewshot", args.num_fewshot, 0),
+    ):
+        if value is not None and value < least:
+            raise cli.UserError(f"{flag} {value} must be >= {least} (omit it for the default)")
+    if args.out:
+        check_output_path(args.out, "--out", overwrite=True, folder=False)
     device = str(cli.resolve_device(args.device))
     with tempfile.TemporaryDirectory() as workdir:
         hf_dir = hf_folder(args.source, args.checkpoint, args.tokenizer, Path(workdir))

@@ -105,10 +105,12 @@ class Run:
 def start_tokens(run: Path, trust: bool = False) -> float:
     """Tokens already trained by the checkpoint a run was started from (0 for a fresh run).
 
-    A run started with ``init_from`` records what its source had seen (``init_from_source`` in
-    ``run.json``: a release with its training state, or a Composer checkpoint). Otherwise the
-
-    The checkpoint is verified and memory-mapped (only its timestamp is read), as data unless
+    The run's ``run.json`` says, as planning found it: ``init_from_source`` (a run started with
+    ``init_from`` from a release with its training state, or a Composer checkpoint) or
+    ``load_path_source`` (a decay started with ``checkpoint.load_path``: the checkpoint's tokens,
+    or 0 when the run kept the checkpoint's clock, since its logged tokens then count from there).
+    A ``run.json`` written before planning recorded the latter names the checkpoint only: it is
+    read, if still there, verified and memory-mapped (only its timestamp is read), as data unless
     ``trust`` (``--trust-checkpoint``): see handover/reader.py.
     """
     info = run / "run.json"
@@ -118,6 +120,9 @@ def start_tokens(run: Path, trust: bool = False) -> float:
     seen = (recorded.get("init_from_source") or {}).get("tokens_seen")
     if seen is not None:
         return float(seen)
+    source = recorded.get("load_path_source")
+    if source is not None:
+        return 0.0 if source["clock_kept"] else float(source["tokens_seen"])
     load_path = recorded["config"].get("checkpoint", {}).get("load_path")
     if not load_path or not Path(load_path).is_file():
         return 0.0

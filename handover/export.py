@@ -14,7 +14,8 @@ from pathlib import Path
 
 from common import cli
 from common.io import atomic_dir, check_output_path
-from handover.hf_mamba import export_hf, export_mamba_ssm
+from handover.hf_mamba import export_hf
+from handover.mamba_ssm import export_mamba_ssm
 from handover.training_state import write_training_state
 from handover.weights import is_uri, read_weights, remote_exists, resolve, staged, upload_dir
 

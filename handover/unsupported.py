@@ -1,5 +1,5 @@
 """A checkpoint setting this repository cannot represent is refused, naming it: every format's
-config reader (handover/hf_mamba.py, handover/bamba.py) checks through these."""
+config reader (handover/hf_mamba.py, handover/bamba.py, handover/mamba_ssm.py) checks through these."""
 
 from __future__ import annotations
 

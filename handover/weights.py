@@ -9,7 +9,8 @@ CPU tensors) from any of:
   ``pre-decay-ba100.pt``) or sharded (a torch.distributed.checkpoint folder: ``.metadata`` and
   ``__{rank}_0.distcp``, what FSDP runs write with ``fsdp.state_dict_type: sharded``);
 - an HF transformers directory (``MambaForCausalLM`` / ``Mamba2ForCausalLM``) or a mamba_ssm
-  directory (``config.json`` + ``pytorch_model.bin``), via ``handover.hf_mamba``;
+  directory (``config.json`` + ``pytorch_model.bin``): ``read_pretrained``, the one place that tells
+  the two apart (their configs: ``handover.hf_mamba``, ``handover.mamba_ssm``);
 
 each local or on an object store (``s3://``, ``gs://``, ``oci://``, ``azure://``), through
 Composer's own object-store layer (``composer.utils.maybe_create_object_store_from_uri``, which
@@ -40,12 +41,16 @@ import torch
 from torch import Tensor
 
 from common.config import config_from_dict
-from handover.hf_mamba import hf_config_special_ids, load_weights, read_pretrained
+from handover.hf_mamba import config_from_hf, hf_config_special_ids, state_dict_from_hf
+from handover.mamba_ssm import config_from_mamba_ssm
 from handover.reader import (
     TRUST_HINT,
+    assign_weights,
     read_composer,
     read_dcp_metadata,
+    read_safetensors,
     read_sharded,
+    read_torch_weights,
     tokens_trained,
     verify,
 )
@@ -92,6 +97,77 @@ class ModelWeights:
         self._given = True
         load_weights(model, sd, self.source)
         return model
+
+
+# ----------------------------------------------------------------------------------------------
+# HF transformers and mamba_ssm folders: which format, its config, its weight files
+
+
+def is_hf_config(raw: dict[str, Any]) -> bool:
+    """HF configs name their ``model_type``; mamba_ssm's ``MambaConfig.__dict__`` never does."""
+    return "model_type" in raw
+
+
+def read_weight_files(path: Path) -> dict[str, Tensor]:
+    """Every weight file of a model folder, memory-mapped and verified (handover.reader)."""
+    if (path / "model.safetensors").is_file():
+        return read_safetensors(path / "model.safetensors")
+    for index_name, reader in (
+        ("model.safetensors.index.json", read_safetensors),
+        ("pytorch_model.bin.index.json", read_torch_weights),
+    ):
+        index = path / index_name
+        if index.is_file():
+            sd: dict[str, Tensor] = {}
+            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                sd.update(reader(path / shard))
+            return sd
+    if (path / "pytorch_model.bin").is_file():
+        return read_torch_weights(path / "pytorch_model.bin")
+    raise FileNotFoundError(
+        f"{path} has no model.safetensors, model.safetensors.index.json, pytorch_model.bin(.index.json)"
+    )
+
+
+def read_pretrained(path: str | Path) -> tuple[MambaConfig, dict[str, Tensor], str]:
+    """Config and weights (our parameter names) of a local HF or mamba_ssm directory, and its format."""
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: not an HF or mamba_ssm model directory")
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_path}: a {type(raw).__name__}, not a JSON object of model settings")
+    is_hf = is_hf_config(raw)
+    cfg = config_from_hf(raw, str(config_path)) if is_hf else config_from_mamba_ssm(raw, str(config_path))
+    sd = read_weight_files(path)
+    if is_hf:
+        sd = state_dict_from_hf(sd, raw["model_type"], cfg)
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return cfg, sd, "hf" if is_hf else "mamba_ssm"
+
+
+def load_weights(model: MambaLMHeadModel, sd: dict[str, Tensor], source: str) -> None:
+    """Load a complete state dict (tied head optional), naming every mismatch."""
+    expected = model.state_dict()
+    tied = model.config.tie_embeddings
+    missing = [k for k in expected if k not in sd and not (tied and k == "lm_head.weight")]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sd
+        if k in expected and sd[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{source}: weights do not match the config: missing {missing}, unexpected {unexpected}, "
+            f"shapes {wrong}"
+        )
+    assign_weights(model, sd)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from common import cli
-from common.io import atomic_write_text
-from handover.init_from import InitFromConfig, LrRewarmup, inherited_config
+from common.io import atomic_write_text, check_output_path
+from handover.init_from import InitFromConfig, LrRewarmup, inherited_config, parse_rewarmup
 from handover.weights import read_weights
 from models.config import MambaConfig
 from recipes.config import TrainConfig, load_train_config
@@ -174,16 +174,23 @@ def run(
 ) -> list[Round]:
     base = load_train_config(list(recipe), list(overrides))
     out = base.run_dir
-    out.mkdir(parents=True, exist_ok=True)
+    # Everything checked before anything is written: the flags, T, the output folder, the reference.
+    try:
+        parse_rewarmup(lr_rewarmup)
+    except ValueError as exc:
+        raise cli.UserError(f"--lr-rewarmup: {exc}") from exc
+    steps_per_round = _steps(base.max_duration)
+    check_output_path(out, "the run folder (run_root/run_name)", overwrite=True)
     ref = read_weights(reference)
     k = ref.config.n_layer
     depth = start_depth or math.ceil(k / 2)
     limit = max_depth or k
     if not 0 < depth <= limit <= k or grow_by < 1:
         raise cli.UserError(
-            f"need 0 < start depth ({depth}) <= --max-depth ({limit}) <= the reference's {k} blocks and --grow-by >= 1"
+            f"need 0 < --start-depth ({depth}) <= --max-depth ({limit}) <= the reference's {k} blocks and "
+            f"--grow-by ({grow_by}) >= 1"
         )
-    steps_per_round = _steps(base.max_duration)
+    out.mkdir(parents=True, exist_ok=True)
     ref_cfg = replace(base, model=ref.config)
     ref_loss = validation_loss(ref_cfg, ref.build())
     print(f"[inheritune] reference {reference}: {k} blocks, validation loss {ref_loss:.4f}", flush=True)
@@ -280,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=REWARMUP_DEFAULT,
         help="lr ramp while fresh AdamW moments fill (init_from.lr_rewarmup)",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the flags too
     yamls = [a for a in args.recipe if "=" not in a]
     overrides = [a for a in args.recipe if "=" in a]
     if not yamls:

@@ -23,8 +23,9 @@ A plan that would train nothing, or something other than the recipe says, is ref
 from __future__ import annotations
 
 import fnmatch
+import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -127,6 +128,9 @@ class LoadPlan:
     own: bool  # the run's own autoresume (trusted, loaded whole by Composer)
     ignore_keys: tuple[str, ...]  # Composer's load_ignore_keys
     clock: dict[str, int] | None  # the checkpoint's batch/sample/token; None: remote, read by Composer
+    # run.json's ``load_path_source``: the checkpoint.load_path the run started from, its tokens and
+    # whether its clock goes on (a resume keeps its first start's record); None when unknown
+    source: dict[str, Any] | None = None
 
     @property
     def keeps_clock(self) -> bool:
@@ -342,6 +346,16 @@ def _plan_load(
     plan = LoadPlan(key, path, own, tuple(ignore), clock)
     if clock is not None and plan.keeps_clock and not own:
         problems += _clock_problems(cfg, plan, clock, t_start)
+    if own and cfg.checkpoint.load_path:  # a resume: where the run first started is in its run.json
+        run_json = cfg.run_dir / "run.json"
+        try:
+            plan = replace(plan, source=json.loads(run_json.read_text()).get("load_path_source"))
+        except (OSError, ValueError) as exc:
+            notes.append(f"{run_json} is unreadable ({exc}): eval.report will draw this run from token 0")
+    elif clock is not None and not own:
+        plan = replace(
+            plan, source={"path": path, "tokens_seen": clock["token"], "clock_kept": plan.keeps_clock}
+        )
     return plan, problems, notes
 
 

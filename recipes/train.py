@@ -116,6 +116,8 @@ def startup_report(plan: RunPlan) -> dict[str, Any]:
     }
     if plan.init_from is not None:
         report["init_from_source"] = plan.init_from.record
+    if plan.load is not None and plan.load.source is not None:
+        report["load_path_source"] = plan.load.source
     return report
 
 

@@ -13,6 +13,7 @@ import gzip
 import json
 import shutil
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,9 @@ import pytest
 import torch
 
 from common import cli
-from data import convert, passkey, train_tokenizer
-from eval import needle, report
-from recipes import evaluate, export, train
+from data import convert, demo_corpus, passkey, train_tokenizer
+from eval import ablation, harness, needle, report
+from recipes import doctor, evaluate, export, inheritune, train
 from recipes.config import load_train_config
 from tests.conftest import tiny_overrides
 from tests.data_helpers import make_docs, make_tokenizer, write_jsonl
@@ -221,6 +222,46 @@ def _a_file(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "taken").write_text("a file, not a folder\n")
     return out / "taken"
+
+
+def _a_folder(out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _hf_folder_with_corrupt_config(w: World) -> Path:
+    folder = w.files / "hf-corrupt"
+    shutil.copytree(w.tokenizer, folder, dirs_exist_ok=True)
+    (folder / "config.json").write_text('{"model_type": "mamba", ')
+    return folder
+
+
+def _config_a_list(w: World) -> Path:
+    folder = w.files / "list-config"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text("[]")
+    return folder
+
+
+def _ablation_root(w: World, evaluation: str) -> Path:
+    """A folder of ablation runs whose first run's evaluation.json holds ``evaluation``."""
+    root = w.files / f"ablation-{zlib.crc32(evaluation.encode())}"
+    (root / "wsd-s0").mkdir(parents=True, exist_ok=True)
+    (root / "wsd-s0" / "evaluation.json").write_text(evaluation)
+    return root
+
+
+INHERITUNE = str(ROOT / "yamls/tiny/inheritune.yaml")
+
+
+def _inheritune(
+    *extra: object, reference: Callable[[World], Path] | None = None
+) -> Callable[[World, Path], list]:
+    def argv(w: World, out: Path) -> list:
+        ref = (reference or (lambda w: w.run))(w)
+        return [INHERITUNE, *tiny_overrides(w.corpus, out, max_duration="2ba"), "--reference", ref, *extra]
+
+    return argv
 
 
 CASES = [
@@ -437,6 +478,13 @@ CASES = [
     Case("export-corrupt", export.main, _export(_corrupt), 3, ("flipped-rank0.pt", "CRC-32")),
     Case("export-truncated", export.main, _export(_truncated), 3, ("cut-rank0.pt", "truncated")),
     Case(
+        "export-model-config-a-list",
+        export.main,
+        _export(_config_a_list),
+        2,
+        ("config.json", "not a JSON object"),
+    ),
+    Case(
         "export-out-a-file",
         export.main,
         lambda w, out: [w.run, "--to", "hf", "--out", _a_file(out)],
@@ -638,6 +686,235 @@ CASES += [
     ),
     Case(
         "report-out-a-file", report.main, lambda w, out: [w.run, "--out", _a_file(out)], 2, ("--out", "taken")
+    ),
+    # eval.harness
+    Case("harness-source-missing", harness.main, lambda w, out: [w.files / "norun"], 2, ("norun",)),
+    Case(
+        "harness-out-a-folder",
+        harness.main,
+        lambda w, out: [w.run, "--out", _a_folder(out)],
+        2,
+        ("--out", "folder"),
+    ),
+    Case(
+        "harness-out-under-a-file",
+        harness.main,
+        lambda w, out: [w.run, "--out", _a_file(out) / "results.json"],
+        2,
+        ("--out", "taken"),
+    ),
+    Case(
+        "harness-batch-size-0",
+        harness.main,
+        lambda w, out: [w.run, "--batch-size", 0, "--out", out / "r.json"],
+        2,
+        ("--batch-size", "0"),
+    ),
+    Case(
+        "harness-batch-size-abc",
+        harness.main,
+        lambda w, out: [w.run, "--batch-size", "abc"],
+        2,
+        ("--batch-size", "abc"),
+    ),
+    Case("harness-limit-negative", harness.main, lambda w, out: [w.run, "--limit", -1], 2, ("--limit", "-1")),
+    Case(
+        "harness-fewshot-negative",
+        harness.main,
+        lambda w, out: [w.run, "--num-fewshot", -1],
+        2,
+        ("--num-fewshot", "-1"),
+    ),
+    Case("harness-tasks-empty", harness.main, lambda w, out: [w.run, "--tasks", ","], 2, ("--tasks",)),
+    Case("harness-device", harness.main, lambda w, out: [w.run, "--device", "tpu"], 2, ("--device", "tpu")),
+    Case(
+        "harness-hf-config-corrupt",
+        harness.main,
+        lambda w, out: [_hf_folder_with_corrupt_config(w), "--out", out / "r.json"],
+        2,
+        ("hf-corrupt", "config.json"),
+    ),
+    Case("harness-checkpoint-corrupt", harness.main, lambda w, out: [_corrupt(w)], 3, ("flipped-rank0.pt",)),
+    Case(
+        "harness-checkpoint-missing",
+        harness.main,
+        lambda w, out: [w.run, "--checkpoint", w.files / "none.pt"],
+        2,
+        ("none.pt",),
+    ),
+    Case(
+        "harness-tokenizer-missing",
+        harness.main,
+        lambda w, out: [w.run, "--tokenizer", w.files / "notok"],
+        2,
+        ("notok",),
+    ),
+    # eval.ablation
+    Case("ablation-root-missing", ablation.main, lambda w, out: [w.files / "noruns"], 2, ("noruns",)),
+    Case(
+        "ablation-root-a-file",
+        ablation.main,
+        lambda w, out: [_text_checkpoint(w)],
+        2,
+        ("notes.txt", "folder"),
+    ),
+    Case(
+        "ablation-evaluation-corrupt",
+        ablation.main,
+        lambda w, out: [_ablation_root(w, '{"metrics": '), "--seeds", 0, "--variants", "wsd"],
+        2,
+        ("wsd-s0/evaluation.json", "JSON"),
+    ),
+    Case(
+        "ablation-evaluation-a-list",
+        ablation.main,
+        lambda w, out: [_ablation_root(w, "[]"), "--seeds", 0, "--variants", "wsd"],
+        2,
+        ("wsd-s0/evaluation.json", "recipes.evaluate"),
+    ),
+    Case(
+        "ablation-evaluation-without-metrics",
+        ablation.main,
+        lambda w, out: [_ablation_root(w, '{"tokens_trained": 10}'), "--seeds", 0, "--variants", "wsd"],
+        2,
+        ("wsd-s0/evaluation.json", "metrics"),
+    ),
+    Case(
+        "ablation-seeds-abc", ablation.main, lambda w, out: [w.files, "--seeds", "abc"], 2, ("--seeds", "abc")
+    ),
+    Case(
+        "ablation-out-a-folder",
+        ablation.main,
+        lambda w, out: [_ablation_root(w, "{}"), "--out", _a_folder(out)],
+        2,
+        ("--out", "folder"),
+    ),
+    Case(
+        "ablation-out-under-a-file",
+        ablation.main,
+        lambda w, out: [_ablation_root(w, "{}"), "--out", _a_file(out) / "ablation.md"],
+        2,
+        ("--out", "taken"),
+    ),
+    Case(
+        "ablation-unknown-variant",
+        ablation.main,
+        lambda w, out: [_ablation_root(w, "{}"), "--variants", "nosuch", "--seeds", 0],
+        2,
+        ("nosuch-s0",),
+    ),
+    # recipes.inheritune
+    Case(
+        "inheritune-reference-missing",
+        inheritune.main,
+        _inheritune(reference=lambda w: w.files / "noref"),
+        2,
+        ("noref",),
+    ),
+    Case(
+        "inheritune-reference-corrupt",
+        inheritune.main,
+        _inheritune(reference=_corrupt),
+        3,
+        ("flipped-rank0.pt",),
+    ),
+    Case(
+        "inheritune-reference-not-a-checkpoint",
+        inheritune.main,
+        _inheritune(reference=_text_checkpoint),
+        2,
+        ("notes.txt",),
+    ),
+    Case("inheritune-grow-by-0", inheritune.main, _inheritune("--grow-by", 0), 2, ("--grow-by",)),
+    Case("inheritune-max-depth", inheritune.main, _inheritune("--max-depth", 9), 2, ("--max-depth", "9")),
+    Case(
+        "inheritune-start-depth-abc",
+        inheritune.main,
+        _inheritune("--start-depth", "abc"),
+        2,
+        ("--start-depth", "abc"),
+    ),
+    Case(
+        "inheritune-max-duration-in-tokens",
+        inheritune.main,
+        _inheritune("max_duration=1000tok"),
+        2,
+        ("max_duration", "1000tok", "ba"),
+    ),
+    Case(
+        "inheritune-lr-rewarmup",
+        inheritune.main,
+        _inheritune("--lr-rewarmup", "abc"),
+        2,
+        ("lr-rewarmup", "abc"),
+    ),
+    Case(
+        "inheritune-no-recipe",
+        inheritune.main,
+        lambda w, out: [f"run_root={out}", "--reference", w.run],
+        2,
+        ("recipe",),
+    ),
+    Case(
+        "inheritune-recipe-missing",
+        inheritune.main,
+        lambda w, out: [w.files / "nosuch.yaml", f"run_root={out}", "--reference", w.run],
+        2,
+        ("nosuch.yaml",),
+    ),
+    Case(
+        "inheritune-run-root-a-file",
+        inheritune.main,
+        lambda w, out: [INHERITUNE, *tiny_overrides(w.corpus, _a_file(out)), "--reference", w.run],
+        2,
+        ("taken",),
+    ),
+    # recipes.doctor
+    Case("doctor-unknown-flag", doctor.main, lambda w, out: ["--gpu"], 2, ("--gpu",)),
+    # data.demo_corpus
+    Case("demo-out-missing", demo_corpus.main, lambda w, out: [], 2, ("--out",)),
+    Case("demo-out-a-file", demo_corpus.main, lambda w, out: ["--out", _a_file(out)], 2, ("--out", "taken")),
+    Case(
+        "demo-out-under-a-file",
+        demo_corpus.main,
+        lambda w, out: ["--out", _a_file(out) / "src"],
+        2,
+        ("--out", "taken"),
+    ),
+    Case(
+        "demo-out-exists",
+        demo_corpus.main,
+        lambda w, out: ["--out", _a_folder(out)],
+        2,
+        ("--out", "--overwrite"),
+    ),
+    Case(
+        "demo-code-mb-negative",
+        demo_corpus.main,
+        lambda w, out: ["--out", out / "src", "--code-mb", -1],
+        2,
+        ("--code-mb", "-1"),
+    ),
+    Case(
+        "demo-prose-mb-0",
+        demo_corpus.main,
+        lambda w, out: ["--out", out / "src", "--prose-mb", 0],
+        2,
+        ("--prose-mb", "0"),
+    ),
+    Case(
+        "demo-code-mb-abc",
+        demo_corpus.main,
+        lambda w, out: ["--out", out / "src", "--code-mb", "abc"],
+        2,
+        ("--code-mb", "abc"),
+    ),
+    Case(
+        "demo-chats-0",
+        demo_corpus.main,
+        lambda w, out: ["--out", out / "src", "--chats", 0],
+        2,
+        ("--chats", "0"),
     ),
 ]
 

@@ -13,13 +13,10 @@ import pytest
 import torch
 from transformers import BambaConfig, BambaForCausalLM
 
-from handover.hf_mamba import (
-    config_from_hf,
-    export_hf,
-    export_mamba_ssm,
-    load_pretrained,
-)
+from handover.hf_mamba import config_from_hf, export_hf
+from handover.mamba_ssm import export_mamba_ssm
 from handover.unsupported import UnsupportedCheckpoint
+from handover.weights import load_model
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 VOCAB = 96
@@ -70,7 +67,7 @@ def tokens(shape: tuple[int, int] = (2, 19)) -> torch.Tensor:
 )
 def test_import_and_export_match_transformers(variant: dict, tmp_path: Path) -> None:
     hf = tiny_bamba(tmp_path / "hf", **variant)
-    ours = load_pretrained(tmp_path / "hf", impl="torch").eval()
+    ours = load_model(tmp_path / "hf", impl="torch")
     cfg = ours.config
     assert cfg.attn_layer_idx == sorted(hf.config.attn_layer_indices) and cfg.d_intermediate == 128
     ids = tokens()
@@ -89,13 +86,13 @@ def test_import_and_export_match_transformers(variant: dict, tmp_path: Path) -> 
         # mamba_ssm's format holds it too when its group norm and eps agree with mamba_ssm's
         if cfg.ssm.ngroups == 1:
             export_mamba_ssm(ours, tmp_path / "ms")
-            again = load_pretrained(tmp_path / "ms", impl="torch").eval()
+            again = load_model(tmp_path / "ms", impl="torch")
             torch.testing.assert_close(again(ids), expected, **TOL)
 
 
 def test_generation_with_the_cache_equals_transformers_greedy(tmp_path: Path) -> None:
     hf = tiny_bamba(tmp_path / "hf")
-    ours = load_pretrained(tmp_path / "hf", impl="torch").eval()
+    ours = load_model(tmp_path / "hf", impl="torch")
     ids = tokens((1, 7))
     with torch.no_grad():
         theirs = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -190,5 +187,5 @@ def test_decay_of_a_transformers_bamba_end_to_end(corpus: dict[str, Path], tmp_p
     with torch.no_grad():
         expected = decayed(ids)
         torch.testing.assert_close(back(ids).logits, expected, **TOL)
-        torch.testing.assert_close(load_pretrained(tmp_path / "mamba_ssm").eval()(ids), expected, **TOL)
+        torch.testing.assert_close(load_model(tmp_path / "mamba_ssm")(ids), expected, **TOL)
         assert (back(ids).logits - hf(ids).logits).abs().max() > 1e-4  # the decay moved the weights

@@ -13,7 +13,8 @@ from data.shared_memory import clean_stale_shared_memory
 from data.sources import SourceSpec
 from eval.metrics import PositionMetrics, bucket_names
 from eval.sources import load_source
-from handover.hf_mamba import export_hf, export_mamba_ssm
+from handover.hf_mamba import export_hf
+from handover.mamba_ssm import export_mamba_ssm
 from models.config import preset
 from models.mamba_lm import MambaLMHeadModel
 from recipes import evaluate

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from handover.hf_mamba import load_pretrained
-from handover.weights import read_weights
+from handover.weights import load_model, read_weights
 from recipes.config import load_train_config
 from recipes.export import main as export_main
 from recipes.train import build_trainer, prepare_run
@@ -101,7 +100,7 @@ def test_mamba_ssm_export_of_a_hybrid_checkpoint(
     run_cli(str(checkpoint), "--to", "mamba_ssm", "--out", str(tmp_path / "ms"))
     raw = json.loads((tmp_path / "ms" / "config.json").read_text())
     assert raw["attn_layer_idx"] == [1] and raw["ssm_cfg"]["layer"] == "Mamba2"
-    again = load_pretrained(tmp_path / "ms")
+    again = load_model(tmp_path / "ms")
     for key, value in trained.items():
         assert torch.equal(again.state_dict()[key], value), key
     # HF's classes cannot hold it: one clear line, exit status 2.

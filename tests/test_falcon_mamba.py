@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers import FalconMambaConfig, FalconMambaForCausalLM
 
-from handover.hf_mamba import export_hf, export_mamba_ssm, load_pretrained
+from handover.hf_mamba import export_hf
+from handover.mamba_ssm import export_mamba_ssm
 from handover.weights import load_model
 from models.config import MambaConfig, SSMConfig
 from models.mamba_lm import MambaLMHeadModel
@@ -58,7 +59,7 @@ def tokens(vocab: int, shape: tuple[int, int] = (2, 13)) -> torch.Tensor:
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_import_and_export_match_transformers(tie: bool, tmp_path: Path) -> None:
     hf = tiny_falcon_mamba(tmp_path / "hf", tie=tie)
-    ours = load_pretrained(tmp_path / "hf", impl="torch").eval()
+    ours = load_model(tmp_path / "hf", impl="torch")
     assert ours.config.ssm.b_c_dt_rms and ours.config.ssm.b_c_dt_rms_eps == 1e-3
     ids = tokens(101)
     with torch.no_grad():
@@ -66,7 +67,7 @@ def test_import_and_export_match_transformers(tie: bool, tmp_path: Path) -> None
         got = ours(ids)[..., :101]
         torch.testing.assert_close(got, expected, **TOL)
         # The norms matter: without them the same weights give other logits.
-        plain = load_pretrained(tmp_path / "hf", impl="torch").eval()
+        plain = load_model(tmp_path / "hf", impl="torch")
         for layer in plain.backbone.layers:
             layer.mixer.b_c_dt_rms_eps = None
         assert (plain(ids)[..., :101] - expected).abs().max() > 1e-2
@@ -85,7 +86,7 @@ def test_import_and_export_match_transformers(tie: bool, tmp_path: Path) -> None
 def test_gradients_match_transformers(tmp_path: Path) -> None:
     hf = tiny_falcon_mamba(tmp_path / "hf").train()
     hf.config.use_mambapy = False
-    ours = load_pretrained(tmp_path / "hf", impl="torch").train()
+    ours = load_model(tmp_path / "hf", impl="torch").train()
     ids = tokens(101, (2, 9))
     hf(ids, labels=ids).loss.backward()
     logits = ours(ids)[:, :-1, :101]
@@ -98,7 +99,7 @@ def test_gradients_match_transformers(tmp_path: Path) -> None:
 
 def test_recurrent_generation_equals_the_full_forward(tmp_path: Path) -> None:
     tiny_falcon_mamba(tmp_path / "hf")
-    ours = load_pretrained(tmp_path / "hf", impl="torch").eval()
+    ours = load_model(tmp_path / "hf", impl="torch")
     ids = tokens(101, (2, 6))
     out = ours.generate(ids, max_new_tokens=5)
     with torch.no_grad():
@@ -184,8 +185,8 @@ def test_decay_of_a_transformers_falcon_mamba_end_to_end(corpus: dict[str, Path]
 def test_kernel_path_applies_the_same_norms(tmp_path: Path) -> None:
     """mamba_ssm's causal_conv1d / selective_scan kernels with the norms against the PyTorch path and HF."""
     hf = tiny_falcon_mamba(tmp_path / "hf", vocab=128)
-    torch_path = load_pretrained(tmp_path / "hf", impl="torch").cuda().eval()
-    kernel_path = load_pretrained(tmp_path / "hf", impl="kernels").cuda().eval()
+    torch_path = load_model(tmp_path / "hf", impl="torch").cuda().eval()
+    kernel_path = load_model(tmp_path / "hf", impl="kernels").cuda().eval()
     ids = tokens(128, (2, 64)).cuda()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

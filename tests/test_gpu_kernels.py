@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from handover.hf_mamba import export_mamba_ssm
+from handover.mamba_ssm import export_mamba_ssm
 from models.config import MambaConfig, SSMConfig, preset
 from models.mamba_lm import MambaLMHeadModel
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Mamba2ForCausalLM, MambaForCausalLM
 
-from handover.hf_mamba import HF_EMBEDDING, OUR_EMBEDDING, export_hf, export_mamba_ssm, load_pretrained
+from handover.hf_mamba import HF_EMBEDDING, OUR_EMBEDDING, export_hf
+from handover.mamba_ssm import export_mamba_ssm
+from handover.weights import load_model
 from models.config import AttnConfig, MambaConfig, SSMConfig
 from models.mamba_lm import MambaLMHeadModel
 
@@ -136,7 +138,7 @@ def test_mamba2_two_groups_match_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_hf_import_round_trips_exactly(cfg: MambaConfig, tmp_path: Path) -> None:
     model = randomize(MambaLMHeadModel(cfg))
     export_hf(model, tmp_path / "hf")
-    again = load_pretrained(tmp_path / "hf")
+    again = load_model(tmp_path / "hf")
     ids = torch.randint(0, cfg.vocab_size, (2, 17))
     assert torch.equal(model(ids), again(ids))
     assert again.config.tie_embeddings == cfg.tie_embeddings
@@ -156,7 +158,7 @@ def test_mamba_ssm_format_round_trips_hybrid(tmp_path: Path) -> None:
     export_mamba_ssm(model, tmp_path / "ms")
     raw = (tmp_path / "ms" / "config.json").read_text()
     assert '"layer": "Mamba2"' in raw and '"attn_layer_idx": [\n    1\n  ]' in raw
-    again = load_pretrained(tmp_path / "ms")
+    again = load_model(tmp_path / "ms")
     ids = torch.randint(0, 77, (1, 19))
     assert torch.equal(model(ids), again(ids))
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from common import cli
-from handover.hf_mamba import export_mamba_ssm
 from handover.init_from import inherited_config
+from handover.mamba_ssm import export_mamba_ssm
 from models.config import AttnConfig, MambaConfig, SSMConfig
 from models.mamba_lm import MambaLMHeadModel
 from recipes.inheritune import grown_state, load_optimizer_state_by_name, optimizer_state_by_name, run

@@ -14,9 +14,10 @@ from transformers import MambaForCausalLM
 
 from callbacks.jsonl_logger import read_jsonl
 from data.tokenizer import load_tokenizer
-from handover.hf_mamba import export_hf, export_mamba_ssm
+from handover.hf_mamba import export_hf
 from handover.init_from import InitFromConfig, inherited_config, select_weights
 from handover.integrity import compare_shapes
+from handover.mamba_ssm import export_mamba_ssm
 from handover.weights import ModelWeights, read_weights
 from models.config import AttnConfig, MambaConfig, SSMConfig
 from models.mamba_lm import MambaLMHeadModel

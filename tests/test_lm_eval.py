@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from eval import harness
-from handover.hf_mamba import export_mamba_ssm
+from handover.mamba_ssm import export_mamba_ssm
 from models.config import AttnConfig, preset
 from models.mamba_lm import MambaLMHeadModel
 from tests.data_helpers import make_tokenizer

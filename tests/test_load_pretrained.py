@@ -1,4 +1,4 @@
-"""load_pretrained reads checkpoints as HF transformers and mamba_ssm write them (not only as we do).
+"""handover.weights.load_model reads checkpoints as HF transformers and mamba_ssm write them (not only as we do).
 
 References: HF's own ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` (their ``__init__`` and
 ``save_pretrained``, logits to 1e-4), and config files written the way mamba_ssm 2.3.1's
@@ -17,8 +17,9 @@ import pytest
 import torch
 from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
-from handover.hf_mamba import HF_EMBEDDING, OUR_EMBEDDING, load_pretrained
+from handover.hf_mamba import HF_EMBEDDING, OUR_EMBEDDING
 from handover.unsupported import UnsupportedCheckpoint
+from handover.weights import load_model
 
 
 def perturb_(model: torch.nn.Module) -> torch.nn.Module:
@@ -57,7 +58,7 @@ HF_MAMBA1 = {
 def test_hf_mamba1_checkpoint_loads_with_hf_logits(name: str, tmp_path: Path) -> None:
     hf = perturb_(MambaForCausalLM(MambaConfig(**HF_MAMBA1[name]))).eval()
     hf.save_pretrained(tmp_path / "hf")
-    ours = load_pretrained(tmp_path / "hf").eval()
+    ours = load_model(tmp_path / "hf")
     ids = torch.randint(0, 64, (2, 19))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf_logits(hf, ids), rtol=1e-4, atol=1e-4)
@@ -80,7 +81,7 @@ def test_hf_mamba2_checkpoint_loads_with_hf_logits(name: str, tmp_path: Path) ->
     cfg = Mamba2Config(vocab_size=80, state_size=8, num_hidden_layers=2, chunk_size=8, **HF_MAMBA2[name])
     hf = perturb_(Mamba2ForCausalLM(cfg)).eval()
     hf.save_pretrained(tmp_path / "hf")
-    ours = load_pretrained(tmp_path / "hf").eval()
+    ours = load_model(tmp_path / "hf")
     ids = torch.randint(0, 80, (2, 21))  # not a multiple of chunk_size
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf_logits(hf, ids), rtol=1e-4, atol=1e-4)
@@ -100,7 +101,7 @@ def test_hf_settings_that_change_the_numbers_are_refused(tmp_path: Path, field: 
         raw["num_heads"] = 3  # keep HF's own check (hidden * expand == heads * head_dim) satisfied
     (tmp_path / "hf" / "config.json").write_text(json.dumps(raw))
     with pytest.raises(UnsupportedCheckpoint, match=field):
-        load_pretrained(tmp_path / "hf")
+        load_model(tmp_path / "hf")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,7 +157,7 @@ def test_mamba_ssm_mamba2_defaults_are_mamba2s(tmp_path: Path) -> None:
     weights |= {"backbone.embedding.weight": embedding, "backbone.norm_f.weight": torch.rand(D)}
     weights["lm_head.weight"] = embedding  # tied: the same tensor under two names, as torch.save keeps it
     cfg = mamba_ssm_config(d_model=D, n_layer=1, vocab_size=V, ssm_cfg={"layer": "Mamba2"})
-    model = load_pretrained(write_mamba_ssm(tmp_path / "ms", cfg, weights))
+    model = load_model(write_mamba_ssm(tmp_path / "ms", cfg, weights))
     s = model.config.ssm
     assert (s.d_state, s.headdim, s.expand, s.ngroups, s.chunk_size) == (128, 64, 2, 1, 256)
     # The same weights in HF's Mamba2 (an independent implementation) give the same logits.
@@ -194,7 +195,7 @@ def test_mamba_ssm_mamba1_defaults_and_auto_dt_rank(tmp_path: Path) -> None:
     cfg = mamba_ssm_config(
         d_model=D, n_layer=2, vocab_size=48, tie_embeddings=False, ssm_cfg={"dt_rank": "auto"}
     )
-    model = load_pretrained(write_mamba_ssm(tmp_path / "ms", cfg, weights)).eval()
+    model = load_model(write_mamba_ssm(tmp_path / "ms", cfg, weights))
     assert model.config.dt_rank == R and model.config.ssm.layer == "mamba1"
     ids = torch.randint(0, 48, (2, 17))
     with torch.no_grad():
@@ -252,7 +253,7 @@ MHA_CFG = {
 
 def test_mamba_ssm_hybrid_with_mha_keys_loads(tmp_path: Path) -> None:
     config, weights = hybrid_weights(MHA_CFG)
-    model = load_pretrained(write_mamba_ssm(tmp_path / "ms", config, weights))
+    model = load_model(write_mamba_ssm(tmp_path / "ms", config, weights))
     assert model.config.attn_layer_idx == [1] and model.config.attn.num_heads_kv == 2
     for key, value in model.state_dict().items():
         assert torch.equal(value, weights[key]), key
@@ -273,7 +274,7 @@ def test_mamba_ssm_attention_settings_we_cannot_represent_are_refused(
 ) -> None:
     config, weights = hybrid_weights({**MHA_CFG, **change})
     with pytest.raises(UnsupportedCheckpoint, match=named):
-        load_pretrained(write_mamba_ssm(tmp_path / "ms", config, weights))
+        load_model(write_mamba_ssm(tmp_path / "ms", config, weights))
 
 
 @pytest.mark.parametrize(
@@ -291,7 +292,7 @@ def test_mamba_ssm_ssm_settings_we_cannot_represent_are_refused(
 ) -> None:
     config = mamba_ssm_config(d_model=32, n_layer=1, vocab_size=40, ssm_cfg=ssm_cfg)
     with pytest.raises(UnsupportedCheckpoint, match=named):
-        load_pretrained(write_mamba_ssm(tmp_path / "ms", config, {}))
+        load_model(write_mamba_ssm(tmp_path / "ms", config, {}))
 
 
 def test_mamba_ssm_dt_limit_default_written_as_infinity_loads(tmp_path: Path) -> None:
@@ -317,4 +318,4 @@ def test_mamba_ssm_dt_limit_default_written_as_infinity_loads(tmp_path: Path) ->
     )
     path = write_mamba_ssm(tmp_path / "ms", config, weights)
     assert "Infinity" in (path / "config.json").read_text()
-    assert load_pretrained(path).config.ssm.d_state == 128
+    assert load_model(path).config.ssm.d_state == 128

@@ -263,3 +263,54 @@ def test_runs_evaluated_after_different_token_counts_are_not_compared(tmp_path: 
     )
     assert "cosine (seed 0) 1,300)" in findings
     assert "| WSD vs cosine" not in findings
+
+
+def test_a_decay_from_a_checkpoint_is_drawn_from_where_the_checkpoint_stood(
+    corpus: dict[str, Path], tmp_path: Path
+) -> None:
+    """A stable run saves at batch 4 (4 x 8 x 32 = 1,024 tokens); a decay started from that checkpoint
+    with checkpoint.load_path starts its own clock, and the report draws it from 1,024 tokens on, as
+    planning recorded in its run.json: the checkpoint may be gone by the time the report is made, and
+    a resume of the decay keeps the record."""
+    wsd = ROOT / "yamls" / "tiny" / "wsd.yaml"
+    short = ["scheduler.t_warmup=2ba", "scheduler.t_decay=0.25", "eval_interval=null"]
+    stable_cfg = load_train_config(
+        [wsd], [*tiny_overrides(corpus, tmp_path, max_duration="4ba", run_name="stable"), *short]
+    )
+    trainer = build_trainer(prepare_run(stable_cfg))
+    trainer.fit()
+    trainer.close()
+    checkpoint = stable_cfg.run_dir / "checkpoints" / "ep0-ba4-rank0.pt"
+    decay_yaml = tmp_path / "decay.yaml"
+    decay_yaml.write_text(f"base: {wsd}\nrun_name: decay\nscheduler:\n  name: decay_phase\n  alpha_f: 0.1\n")
+    decay_cfg = load_train_config(
+        [decay_yaml],
+        tiny_overrides(
+            corpus,
+            tmp_path,
+            max_duration="3ba",
+            eval_interval="null",
+            **{"checkpoint.load_path": checkpoint, "checkpoint.pre_decay": False},
+        ),
+    )
+    trainer = build_trainer(prepare_run(decay_cfg))
+    trainer.fit()
+    trainer.close()
+    recorded = json.loads((decay_cfg.run_dir / "run.json").read_text())["load_path_source"]
+    assert recorded == {"path": str(checkpoint), "tokens_seen": 4 * 8 * 32, "clock_kept": False}
+    # A resume of the finished decay loads its own checkpoint and keeps where the run began.
+    plan = prepare_run(decay_cfg)
+    assert plan.load is not None and plan.load.own and plan.load.source == recorded
+    build_trainer(plan).close()
+    assert json.loads((decay_cfg.run_dir / "run.json").read_text())["load_path_source"] == recorded
+
+    checkpoint.rename(tmp_path / "moved.pt")  # the report needs the record, not the checkpoint
+    stable, decay = report.load_runs([stable_cfg.run_dir, decay_cfg.run_dir])
+    # Each batch's loss at the tokens trained before it: the stable run's own, the decay's after 1,024.
+    assert stable.train_ce().tokens == [256.0 * b for b in range(4)]
+    assert decay.train_ce().tokens == [1024.0 + 256.0 * b for b in range(3)]
+    lines = report.build_figures([stable, decay])["train_loss.png"].axes[0].get_lines()
+    # two lines a run (raw, smoothed), at those tokens
+    assert [list(line.get_xdata()) for line in lines] == [stable.train_ce().tokens] * 2 + [
+        decay.train_ce().tokens
+    ] * 2
