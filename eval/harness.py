@@ -6,8 +6,9 @@
 The source is anything ``eval.sources`` reads (run folder, Composer checkpoint, HF / mamba_ssm
 folder); unless it is already an HF folder, it is exported first (``handover.hf_mamba.export_hf``,
 with the tokenizer) into a temporary folder, which lm-eval's HF backend (``HFLM``:
-``AutoModelForCausalLM`` loads ``MambaForCausalLM`` / ``Mamba2ForCausalLM``) then evaluates.
-Hybrids (attention layers, MLPs) have no HF class and are refused.
+``AutoModelForCausalLM`` loads ``MambaForCausalLM`` / ``Mamba2ForCausalLM``, or
+``BambaForCausalLM`` for a hybrid of attention layers and MLPs) then evaluates. A hybrid that
+Bamba's layout cannot hold is refused by the export, naming the setting.
 
 Tasks are lm-eval's own plus those in ``eval/tasks/`` (a tiny local multiple-choice task that
 needs no download). HF_HUB_OFFLINE and HF_DATASETS_OFFLINE are set unless ``--online``: a task
