@@ -224,14 +224,21 @@ class Suite:
     # -- running --------------------------------------------------------------------------------
 
     def run(
-        self, cmd: list[str], failpoint: str | None = None, kill_when: Callable[[], bool] | None = None
+        self,
+        cmd: list[str],
+        failpoint: str | None = None,
+        kill_when: Callable[[], bool] | None = None,
+        shm: Path | None = None,
     ) -> Outcome:
-        """Run ``cmd`` to its end, or SIGKILL its whole process group once ``kill_when()`` holds."""
+        """Run ``cmd`` to its end, or SIGKILL its whole process group once ``kill_when()`` holds.
+
+        Its /dev/shm is ``shm``, else its group's (where the runs killed before it left theirs).
+        """
         env = dict(self.env)
         if failpoint:
             env["MAMBA_FAILPOINT"] = failpoint
         if self.own_shm:
-            cmd = [*shm_of(getattr(self.case, "shm", self.shm_root / "setup")), *cmd]
+            cmd = [*shm_of(shm or getattr(self.case, "shm", self.shm_root / "setup")), *cmd]
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -253,7 +260,11 @@ class Suite:
         with self.once(nproc):
             if nproc not in self.references:
                 root = self.work / f"reference-{nproc}"
-                out = self.run(self.command(root, nproc))
+                # A /dev/shm of its own: the reference is what the faults are compared with, so no
+                # leftover of the killed runs in the group that first asks for it may reach it.
+                shm = self.shm_root / root.name
+                shm.mkdir()
+                out = self.run(self.command(root, nproc), shm=shm)
                 if out.returncode != 0:
                     raise SystemExit(f"the uninterrupted reference run failed:\n{out.output[-3000:]}")
                 self.references[nproc] = (
