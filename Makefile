@@ -145,22 +145,26 @@ bench-convert: install
 	$(PY) benchmarks/bench_convert.py
 
 # ---------------------------------------------------------------------------------------------
-# The demo: built-in data (the Python standard library), offline, on CPU.
+# The demo: built-in data (the Python standard library), offline, on CPU. Each step prints a summary
+# line (training: the plan, a progress line, one line per evaluation, the checkpoints); VERBOSE=1 echoes
+# every command and passes --verbose to it (each step's full output).
 DEMO := runs/demo
+QUIET := $(if $(VERBOSE),,@)
+VERBOSE_FLAG := $(if $(VERBOSE),--verbose,)
 DEMO_STREAMS := $(DEMO)/mds/prose/stats.json $(DEMO)/mds/code/stats.json $(DEMO)/mds/chat/stats.json
 COMPOSER := $(VENV)/bin/composer
 NPROC ?= 8
 
 $(DEMO)/src/chat.jsonl: | $(STAMP)
-	$(PY) -m data.demo_corpus --out $(DEMO)/src --overwrite
+	$(QUIET)$(PY) -m data.demo_corpus --out $(DEMO)/src --overwrite
 
 $(DEMO)/tokenizer/tokenizer.json: $(DEMO)/src/chat.jsonl
-	$(PY) -m data.train_tokenizer --out $(DEMO)/tokenizer --vocab-size 4096 --overwrite \
+	$(QUIET)$(PY) -m data.train_tokenizer --out $(DEMO)/tokenizer --vocab-size 4096 --overwrite $(VERBOSE_FLAG) \
 		--source path=$(DEMO)/src/prose.jsonl,weight=0.6 --source path=$(DEMO)/src/code.jsonl,weight=0.4
 
 $(DEMO)/mds/%/stats.json: $(DEMO)/tokenizer/tokenizer.json
-	$(PY) -m data.convert --tokenizer $(DEMO)/tokenizer --out $(DEMO)/mds/$* --seq-len 256 --val-fraction 0.03 \
-		--overwrite --source path=$(DEMO)/src/$*.jsonl$(if $(filter chat,$*),$(comma)format=chat,)
+	$(QUIET)$(PY) -m data.convert --tokenizer $(DEMO)/tokenizer --out $(DEMO)/mds/$* --seq-len 256 --val-fraction 0.03 \
+		--overwrite $(VERBOSE_FLAG) --source path=$(DEMO)/src/$*.jsonl$(if $(filter chat,$*),$(comma)format=chat,)
 
 comma := ,
 
@@ -170,12 +174,12 @@ demo-data: $(DEMO_STREAMS)
 # checkpoint on the decay mix, then evaluation (by position, a sample) and the report's figures.
 # Re-running resumes (or skips) finished runs; `make clean-demo` starts over.
 demo: install demo-data
-	$(PY) recipes/train.py yamls/tiny/demo.yaml
-	$(PY) recipes/train.py yamls/tiny/demo_decay.yaml \
+	$(QUIET)$(PY) recipes/train.py yamls/tiny/demo.yaml $(VERBOSE_FLAG)
+	$(QUIET)$(PY) recipes/train.py yamls/tiny/demo_decay.yaml $(VERBOSE_FLAG) \
 		checkpoint.load_path=$$(ls $(DEMO)/stable/checkpoints/pre-decay/pre-decay-*.pt | head -n 1)
-	$(PY) -m recipes.evaluate $(DEMO)/stable --prompt "def read_config(path):"
-	$(PY) -m recipes.evaluate $(DEMO)/decay --prompt "<|im_start|>user"$$'\n'"What does the with statement do?<|im_end|>"$$'\n'"<|im_start|>assistant"$$'\n'
-	$(PY) -m eval.report $(DEMO)/stable $(DEMO)/decay --out $(DEMO)/report
+	$(QUIET)$(PY) -m recipes.evaluate $(DEMO)/stable $(VERBOSE_FLAG) --prompt "def read_config(path):"
+	$(QUIET)$(PY) -m recipes.evaluate $(DEMO)/decay $(VERBOSE_FLAG) --prompt "<|im_start|>user"$$'\n'"What does the with statement do?<|im_end|>"$$'\n'"<|im_start|>assistant"$$'\n'
+	$(QUIET)$(PY) -m eval.report $(DEMO)/stable $(DEMO)/decay --out $(DEMO)/report
 
 clean-demo:
 	rm -rf $(DEMO)

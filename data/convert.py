@@ -292,7 +292,9 @@ def convert(cfg: ConvertConfig) -> dict[str, Any]:
         }
         chunks = _chunks(cfg.sources, bad, cfg.batch_bytes, per_source)
         start = time.perf_counter()
-        progress = tqdm(desc=f"converting to {out}", unit=" tokens", unit_scale=True, disable=None)
+        progress = tqdm(
+            desc=f"converting to {out}", unit=" tokens", unit_scale=True, disable=None, leave=False
+        )
         for chunk, flat, lengths in encoded_in_order(chunks, tok, info.eot_id, dtype, cfg.workers):
             progress.update(len(flat))
             failpoints.hit("convert_chunk")
@@ -321,7 +323,8 @@ def convert(cfg: ConvertConfig) -> dict[str, Any]:
     return {**stats, "seconds": time.perf_counter() - start}
 
 
-def _parse_args(argv: Sequence[str] | None) -> ConvertConfig:
+def _parse_args(argv: Sequence[str] | None) -> tuple[ConvertConfig, bool]:
+    """(the conversion, whether to print every split's counts and the throughput: ``--verbose``)."""
     parser = cli.parser("python -m data.convert", __doc__)
     parser.add_argument(
         "--source",
@@ -372,8 +375,13 @@ def _parse_args(argv: Sequence[str] | None) -> ConvertConfig:
         help="skip bad records, count and list them in stats.json (default: stop at the first, naming it)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print each split's counts and the throughput on lines of their own",
+    )
     args = parser.parse_args(argv)
-    return ConvertConfig(
+    cfg = ConvertConfig(
         sources=[parse_source(s) for s in args.source],
         tokenizer=args.tokenizer,
         out=args.out,
@@ -386,26 +394,32 @@ def _parse_args(argv: Sequence[str] | None) -> ConvertConfig:
         skip_bad=args.skip_bad,
         overwrite=args.overwrite,
     )
+    return cfg, args.verbose
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg = _parse_args(argv)
+    cfg, verbose = _parse_args(argv)
     stats = convert(cfg)
     seconds = stats["seconds"]
     chars = sum(s["chars"] for s in stats["sources"])
     tokens = sum(split["tokens"] for split in stats["splits"].values())
-    for name, split in stats["splits"].items():
+    splits = stats["splits"]
+    if verbose:
+        for name, split in splits.items():
+            print(
+                f"{name}: {split['documents']:,} documents, {split['tokens']:,} tokens, {split['samples']:,} "
+                f"samples of {cfg.seq_len + 1} tokens"
+            )
         print(
-            f"{name}: {split['documents']:,} documents, {split['tokens']:,} tokens, {split['samples']:,} samples "
-            f"of {cfg.seq_len + 1} tokens"
+            f"{chars / 1e6 / seconds:.2f} M chars/s, {tokens / seconds:,.0f} tokens/s with {cfg.workers} "
+            f"worker(s) ({seconds:.1f} s from the first document read to the last shard written)"
         )
-    print(
-        f"{chars / 1e6 / seconds:.2f} M chars/s, {tokens / seconds:,.0f} tokens/s with {cfg.workers} worker(s) "
-        f"({seconds:.1f} s from the first document read to the last shard written)"
-    )
     if stats["skipped"]["count"]:
         print(f"skipped {stats['skipped']['count']} bad record(s); listed in {cfg.out}/stats.json")
-    print(f"wrote {cfg.out}")
+    counts = ", ".join(
+        f"{name} {split['samples']:,} samples ({split['tokens']:,} tokens)" for name, split in splits.items()
+    )
+    print(f"wrote {cfg.out}: {counts} of {cfg.seq_len + 1} tokens; {tokens / seconds:,.0f} tokens/s")
 
 
 if __name__ == "__main__":

@@ -161,8 +161,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     counts = build_demo_corpus(
         args.out, int(args.code_mb * 1e6), int(args.prose_mb * 1e6), args.chats, overwrite=args.overwrite
     )
-    for name, count in counts.items():
-        print(f"{args.out}/{name}.jsonl: {count} documents")
+    documents = ", ".join(f"{count} {name}" for name, count in counts.items())
+    print(f"demo corpus {args.out}: {documents} documents ({', '.join(f'{n}.jsonl' for n in counts)})")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@
 Weights are shares of the training text in bytes (the paper: 60% English, 30% French, 10%
 code). The mix uses as much text as it can without repeating any source: each source gives
 ``weight * total`` bytes, where ``total`` is capped by ``--max-bytes`` and by the smallest
-source's size over its weight. The report prints, per source, bytes per token (compression)
-and tokens per whitespace-separated word (fertility).
+source's size over its weight. One line reports the vocabulary and each source's bytes per token
+(compression); ``--out/training_report.json`` (and ``--verbose``, as a table) adds the text trained
+on and the tokens per whitespace-separated word (fertility).
 """
 
 from __future__ import annotations
@@ -137,6 +138,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="skip bad records and list them (default: stop at the first, naming file and line)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="draw the tokenizers library's progress bars and print the per-source table "
+        "(default: one summary line; the table is in --out/training_report.json)",
+    )
     return parser.parse_args(argv)
 
 
@@ -164,12 +171,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     bad = BadRecords(skip=args.skip_bad)
     samples = mix_sources(specs, int(args.max_bytes), bad)
     tok = train_tokenizer(
-        (t for s in samples for t in s.texts), args.vocab_size, args.min_frequency, show_progress=True
+        (t for s in samples for t in s.texts), args.vocab_size, args.min_frequency, show_progress=args.verbose
     )
     save_tokenizer(tok, args.out, overwrite=args.overwrite)
     rows = source_report(tok, samples)
     size = tok.get_vocab_size(with_added_tokens=True)
-    print(f"vocabulary: {size:,} tokens (asked {args.vocab_size:,})")
     if size < args.vocab_size:
         print(
             f"warning: the vocabulary has {size:,} tokens, not the {args.vocab_size:,} of --vocab-size: the text "
@@ -177,12 +183,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{args.min_frequency} times. Train on more text (--max-bytes, more sources) or ask for fewer tokens",
             file=sys.stderr,
         )
-    print(f"{'source':<20} {'train MB':>9} {'bytes/token':>12} {'tokens/word':>12}")
-    for row in rows:
-        print(
-            f"{row['source']:<20} {row['train_bytes'] / 1e6:>9.2f} "
-            f"{row['bytes_per_token']:>12.3f} {row['tokens_per_word']:>12.3f}"
-        )
+    if args.verbose:
+        print(f"vocabulary: {size:,} tokens (asked {args.vocab_size:,})")
+        print(f"{'source':<20} {'train MB':>9} {'bytes/token':>12} {'tokens/word':>12}")
+        for row in rows:
+            print(
+                f"{row['source']:<20} {row['train_bytes'] / 1e6:>9.2f} "
+                f"{row['bytes_per_token']:>12.3f} {row['tokens_per_word']:>12.3f}"
+            )
     if bad.records:
         print(f"skipped {len(bad.records)} bad record(s):", file=sys.stderr)
         for record in bad.records[:20]:
@@ -193,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "skipped": bad.records,
     }
     atomic_write_text(Path(args.out) / "training_report.json", json.dumps(report, indent=2) + "\n")
+    sources = ", ".join(f"{row['source']} {row['bytes_per_token']:.2f}" for row in rows)
+    print(f"wrote {args.out}: {size:,} tokens; bytes/token {sources} (training_report.json)")
 
 
 if __name__ == "__main__":

@@ -528,6 +528,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error("--out is required with run folders")
         check_output_path(args.out, "--out", overwrite=True)
         written = write_report(args.runs, args.out, args.smoothing, args.zoom, args.trust_checkpoint)
+        print((Path(args.out) / "summary.md").read_text().split("\n\n", 1)[0])  # the final numbers per run
         print(f"wrote {args.out}: {', '.join(Path(path).name for path in written)}")
     elif not args.sync_readme:
         parser.error("give run folders (and --out), or --sync-readme README.md")

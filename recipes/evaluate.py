@@ -9,8 +9,9 @@ checkpoint inside a run folder, or an HF transformers / mamba_ssm folder (eval/s
 The data is the run's own mixture phase, or --data: a mixture YAML (with --phase) or one
 converted stream folder. Every sample of the split is scored (no batch is dropped), unweighted.
 Metrics are given for all tokens and per bucket of position in the document (positions restart
-after each end-of-text, as in training), as a table and as JSON (default for a run folder:
-RUN/evaluation.json). On a GPU the forward runs under bf16 autocast; on CPU in fp32.
+after each end-of-text, as in training), as JSON (default for a run folder: RUN/evaluation.json);
+the console shows one line over all tokens (``--verbose``: the table by position, the sample as
+decoded). On a GPU the forward runs under bf16 autocast; on CPU in fp32.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from common.config import config_from_dict
 from common.io import atomic_write_text, check_output_path
 from data.loader import DataConfig, build_dataloader
 from data.tokenizer import TokenizerInfo, load_tokenizer, tokenizer_info
-from eval.metrics import DEFAULT_BUCKETS, PositionMetrics, bucket_names, format_table, parse_buckets
+from eval.metrics import DEFAULT_BUCKETS, TOP_K, PositionMetrics, bucket_names, format_table, parse_buckets
 from eval.sources import LoadedModel, load_source
 from models.composer_model import ComposerMambaLM
 from models.mamba_lm import MambaLMHeadModel
@@ -109,7 +110,8 @@ def evaluate(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     total = len(dataloader) if max_batches is None else min(max_batches, len(dataloader))
     samples = batches = 0
-    for batch in tqdm(dataloader, total=total, desc="evaluate", unit="batch", disable=not progress):
+    bar = tqdm(dataloader, total=total, desc="evaluate", unit="batch", disable=not progress, leave=False)
+    for batch in bar:
         if batches == total:
             break
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -162,6 +164,25 @@ def _check_tokenizer(given: str | None, info: TokenizerInfo, loaded: LoadedModel
         )
 
 
+def summary_line(
+    source: str, tokens_trained: int | None, result: dict[str, Any], split: str, out: str | Path | None
+) -> str:
+    """The evaluation in one line, e.g. ``eval runs/demo/stable @1,105,920 tokens: loss 4.3905, ppl
+    80.68, top1 0.2335, top3 0.3700, top10 0.5172 (133 val samples; by position: RUN/evaluation.json)``."""
+    m = result["metrics"]["all"]
+    at = f" @{tokens_trained:,} tokens" if tokens_trained is not None else ""
+    scores = ", ".join(
+        [f"loss {_number(m['cross_entropy'], 4)}", f"ppl {_number(m['perplexity'], 2)}"]
+        + [f"top{k} {_number(m[f'top{k}'], 4)}" for k in TOP_K]
+    )
+    where = f"by position: {out}" if out is not None else "by position: --verbose or --json"
+    return f"eval {source}{at}: {scores} ({result['samples']} {split} samples; {where})"
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = cli.parser("python -m recipes.evaluate", __doc__)
     parser.add_argument(
@@ -190,6 +211,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="length of the sample")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed of the sample")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print the metrics by position as a table and the sample as decoded (default: one line each)",
+    )
     parser.add_argument(
         "--trust-checkpoint",
         action="store_true",
@@ -231,9 +257,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             vocab_size=vocab_size,
         )
         del spec  # release the dataset's shared memory before its mixture file goes
-    print(f"{loaded.checkpoint}: {cfg.mixture if args.data is None else args.data} (phase {cfg.phase}, "
-          f"split {args.split}), {result['samples']} samples in {result['batches']} batches")  # fmt: skip
-    print(format_table(result["metrics"]))
+    if args.verbose:
+        print(f"{loaded.checkpoint}: {cfg.mixture if args.data is None else args.data} (phase {cfg.phase}, "
+              f"split {args.split}), {result['samples']} samples in {result['batches']} batches")  # fmt: skip
+        print(format_table(result["metrics"]))
     report: dict[str, Any] = {
         "source": str(args.source),
         "checkpoint": loaded.checkpoint,
@@ -246,11 +273,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     if args.prompt is not None:
         report["sample"] = generate_text(loaded.model, tokenizer, args.prompt, args.max_new_tokens, args.seed)
-        print(f"sample (temperature 0.8, top-k 40):\n{report['sample']}")
     out = args.json or (Path(args.source) / "evaluation.json" if run and Path(args.source).is_dir() else None)
     if out is not None:
         atomic_write_text(out, json.dumps(report, indent=2) + "\n")
-        print(f"wrote {out}")
+    if args.verbose:
+        if "sample" in report:
+            print(f"sample (temperature 0.8, top-k 40):\n{report['sample']}")
+        if out is not None:
+            print(f"wrote {out}")
+        return
+    print(summary_line(args.source, loaded.tokens_trained, result, args.split, out))
+    if "sample" in report:
+        print(f"sample (temperature 0.8, top-k 40): {report['sample']!r}")
 
 
 if __name__ == "__main__":

@@ -200,10 +200,11 @@ def build_trainer(plan: RunPlan, extra_callbacks: list[Callback] | None = None) 
     if dist.get_global_rank() == 0:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cfg.run_dir / "run.json", json.dumps(report, indent=2, default=str) + "\n")
-        print(f"[train] git {report['git_revision']}; versions {report['versions']}", flush=True)
+        if cfg.logging.verbose:
+            print(f"[train] git {report['git_revision']}; versions {report['versions']}", flush=True)
         for line in plan.describe():
             print(f"[train] {line}", flush=True)
-        print(f"[train] resolved config written to {cfg.run_dir / 'run.json'}", flush=True)
+        print(f"[train] resolved config, git revision and versions in {cfg.run_dir / 'run.json'}", flush=True)
 
     # The guard first: it acts before the loss-spike rollback, and before every checkpoint saver. The
     # init_from callbacks (the lr re-warmup) act after the schedule's own lr is set and before it is logged.

@@ -210,8 +210,16 @@ def test_cli_writes_stats(tmp_path: Path, tok_dir: Path, capsys: pytest.CaptureF
     out = tmp_path / "mds"
     convert_module.main(["--source", f"path={path}", "--tokenizer", str(tok_dir), "--out", str(out),
                          "--seq-len", "32", "--val-fraction", "0.1"])  # fmt: skip
-    assert "tokens/s" in capsys.readouterr().out
+    printed = capsys.readouterr().out.splitlines()
     stats = json.loads((out / "stats.json").read_text())
+    train, val = stats["splits"]["train"], stats["splits"]["val"]
+    # One line by default (each split's counts and the throughput on lines of their own: --verbose).
+    counts = (
+        f"train {train['samples']:,} samples ({train['tokens']:,} tokens), "
+        f"val {val['samples']:,} samples ({val['tokens']:,} tokens) of 33 tokens"
+    )
+    assert len(printed) == 1 and printed[0].startswith(f"wrote {out}: {counts}; "), printed
+    assert printed[0].endswith(" tokens/s"), printed
     tokenizer = load_tokenizer(tok_dir)
     assert stats["tokenizer"]["vocab_size"] == tokenizer.get_vocab_size()
     assert len(stats["tokenizer"]["fingerprint"]) == 64

@@ -115,9 +115,14 @@ def test_cli_trains_saves_and_reports(tmp_path: Path, capsys: pytest.CaptureFixt
     out = tmp_path / "tok"
     cli.main(["--source", f"path={en},weight=0.6", "--source", f"path={code},format=text,weight=0.4",
               "--vocab-size", "320", "--out", str(out)])  # fmt: skip
-    printed = capsys.readouterr().out
-    assert "bytes/token" in printed and "tokens/word" in printed
+    printed = capsys.readouterr().out.splitlines()
     report = json.loads((out / "training_report.json").read_text())
+    # One summary line by default; the per-source table only with --verbose (and in the report).
+    shares = ", ".join(f"{r['source']} {r['bytes_per_token']:.2f}" for r in report["sources"])
+    assert printed == [f"wrote {out}: 320 tokens; bytes/token {shares} (training_report.json)"]
+    cli.main(["--source", f"path={en}", "--vocab-size", "300", "--out", str(tmp_path / "v"), "--verbose"])
+    verbose = capsys.readouterr().out
+    assert "vocabulary: 300 tokens (asked 300)" in verbose and "tokens/word" in verbose
     assert [r["source"] for r in report["sources"]] == ["en", "code"]
     assert all(r["bytes_per_token"] >= 1.0 for r in report["sources"])
     hf = AutoTokenizer.from_pretrained(str(out), local_files_only=True)

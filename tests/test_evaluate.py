@@ -171,9 +171,18 @@ def test_run_folder_and_checkpoint_sources(corpus: dict[str, Path], tmp_path: Pa
     assert load_source(first).tokens_trained == 2 * 4 * 32
     assert load_source(run, first).checkpoint == str(first)
 
+    capsys.readouterr()
     evaluate.main([str(run), "--no-progress"])  # the run's own data; default output RUN/evaluation.json
     result = json.loads((run / "evaluation.json").read_text())
     assert result["samples"] == val_samples(corpus["stream"]) and result["tokens_trained"] == 4 * 4 * 32
+    # One line by default, its numbers those of evaluation.json; the table by position with --verbose.
+    m = result["metrics"]["all"]
+    assert capsys.readouterr().out.splitlines() == [
+        f"eval {run} @{4 * 4 * 32:,} tokens: loss {m['cross_entropy']:.4f}, ppl {m['perplexity']:.2f}, "
+        f"top1 {m['top1']:.4f}, top3 {m['top3']:.4f}, top10 {m['top10']:.4f} ({result['samples']} val samples; "
+        f"by position: {run / 'evaluation.json'})"
+    ]
+    evaluate.main([str(run), "--no-progress", "--verbose"])
     table = capsys.readouterr().out
     assert "positions" in table and "0-15" in table and "1024+" in table
 

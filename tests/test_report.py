@@ -111,9 +111,13 @@ def test_plotted_series_equal_the_logged_values(runs: dict[str, dict[int, float]
     assert list(lr[1].get_ydata()) == [lr_at(s, wsd=False) for s in range(STEPS)]
 
 
-def test_report_writes_valid_pngs_and_a_summary(runs: dict[str, dict[int, float]], tmp_path: Path) -> None:
-    written = report.write_report([tmp_path / name for name in runs], tmp_path / "out")
-    pngs = [p for p in written if p.suffix == ".png"]
+def test_report_writes_valid_pngs_and_a_summary(
+    runs: dict[str, dict[int, float]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    report.main([*(str(tmp_path / name) for name in runs), "--out", str(out)])
+    printed = capsys.readouterr().out.splitlines()
+    pngs = sorted(out.glob("*.png"))
     assert sorted(p.name for p in pngs) == [
         "decay.png",
         "lr.png",
@@ -129,6 +133,10 @@ def test_report_writes_valid_pngs_and_a_summary(runs: dict[str, dict[int, float]
     assert "| wsd | 3900 |" in summary and "| cosine | 3900 |" in summary
     assert "0.2500 / 0.3500" in summary  # the bucket table of the evaluated run
     assert f"{math.exp(runs['cosine'][39]):.2f}" in summary  # the last logged perplexity otherwise
+    # The console: the final numbers per run (the summary's first table), then what was written.
+    table = summary.split("\n\n")[0].splitlines()
+    assert len(table) == 2 + len(runs) and printed[:-1] == table, printed
+    assert printed[-1].startswith(f"wrote {out}: ") and "summary.md" in printed[-1], printed
 
 
 def test_missing_run_is_a_clear_error(tmp_path: Path) -> None:
