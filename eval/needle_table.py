@@ -126,7 +126,7 @@ def plot_heatmaps(runs: Sequence[Run], out: str | Path) -> Path:
     axes[0][0].set_ylabel("needle depth")
     fig.colorbar(image, ax=list(axes[0]), label="exact match")
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Path(out)
 
