@@ -286,29 +286,42 @@ report: install
 	done
 	$(PY) -m eval.report $(RUNS) --out $(REPORT_OUT)
 
-# Needle in a haystack at CPU scale: a tiny Mamba, a Mamba-2 and their attention-only twin (rotary
-# positions) trained alike at sequence 256 on the demo corpus plus passkey documents, then asked for the pass
-# key at NEEDLE_LENGTHS tokens, 10 depths, NEEDLE_TRIALS numbers per cell, in the demo's prose.
-# The models train two at a time, one thread each.
+# Needle in a haystack at CPU scale (README "Needle in a haystack"): a tiny Mamba, a Mamba-2 and their
+# attention-only twin (rotary positions) trained alike at sequence NEEDLE_TRAIN on passkey documents only
+# (a 1- to 3-digit pass key written one digit per token in a synthetic filler haystack), then asked for the
+# pass key at 1x to 16x the training length, 10 depths, NEEDLE_TRIALS numbers per cell; the table (mean and
+# spread over seeds) and the heatmaps side by side go to runs/needle/table.md and heatmaps.png. One seed by
+# default; SEEDS="0 1 2" (on the command line) or NEEDLE_SEEDS for more. The runs go one after the other,
+# one thread each (NEEDLE_JOBS=2: two at a time); a finished run (its trials.json) is skipped.
 NEEDLE := runs/needle
-NEEDLE_LENGTHS ?= 256,512,1024,2048,4096
+NEEDLE_TRAIN := 128
+NEEDLE_LENGTHS ?= 128,256,512,1024,2048
 NEEDLE_TRIALS ?= 2
 NEEDLE_MODELS ?= mamba mamba2 attention
+NEEDLE_SEEDS ?= $(if $(filter command line,$(origin SEEDS)),$(SEEDS),0)
+NEEDLE_JOBS ?= 1
+NEEDLE_KEY := --max-number 999 --digits spaced
+NEEDLE_RUNS := $(foreach s,$(NEEDLE_SEEDS),$(foreach m,$(NEEDLE_MODELS),$(NEEDLE)/$(m)-s$(s)))
 
-$(NEEDLE)/src/passkey.jsonl: | $(STAMP) $(DEMO)/src/chat.jsonl
-	$(PY) -m data.passkey --haystack $(DEMO)/src/prose.jsonl --out $(NEEDLE)/src --count 6000 --overwrite
+$(NEEDLE)/src/passkey.jsonl: | $(STAMP)
+	$(PY) -m data.passkey --filler --out $(NEEDLE)/src --count 30000 --min-words 5 --max-words 45 $(NEEDLE_KEY) --overwrite
 
 $(NEEDLE)/mds/passkey/stats.json: $(NEEDLE)/src/passkey.jsonl $(DEMO)/tokenizer/tokenizer.json
-	$(PY) -m data.convert --tokenizer $(DEMO)/tokenizer --out $(NEEDLE)/mds/passkey --seq-len 256 --val-fraction 0.03 \
-		--overwrite --source path=$(NEEDLE)/src/passkey.jsonl
+	$(PY) -m data.convert --tokenizer $(DEMO)/tokenizer --out $(NEEDLE)/mds/passkey --seq-len $(NEEDLE_TRAIN) \
+		--val-fraction 0.01 --overwrite --source path=$(NEEDLE)/src/passkey.jsonl
 
-$(NEEDLE)/%/needle/trials.json: | $(STAMP) $(DEMO_STREAMS) $(NEEDLE)/mds/passkey/stats.json
-	OMP_NUM_THREADS=1 $(PY) recipes/train.py yamls/tiny/needle_$*.yaml logging.progress_bar=false logging.console_interval=50ba
-	OMP_NUM_THREADS=1 $(PY) -m eval.needle $(NEEDLE)/$* --haystack $(DEMO)/src/prose.jsonl --lengths $(NEEDLE_LENGTHS) \
-		--trials $(NEEDLE_TRIALS) --train-length 256 --title "needle in a haystack: tiny $*" --out $(NEEDLE)/$*/needle
+# $* is <model>-s<seed>: yamls/tiny/needle_<model>.yaml, the seed setting the initialisation and data order.
+$(NEEDLE)/%/needle/trials.json: | $(STAMP) $(NEEDLE)/mds/passkey/stats.json
+	stem=$*; model=$${stem%-s*}; seed=$${stem##*-s}; \
+	OMP_NUM_THREADS=1 $(PY) recipes/train.py yamls/tiny/needle_$$model.yaml run_name=$$stem seed=$$seed \
+		data.shuffle_seed=$$seed logging.progress_bar=false logging.console_interval=100ba && \
+	OMP_NUM_THREADS=1 $(PY) -m eval.needle $(NEEDLE)/$$stem --haystack $(NEEDLE)/src/filler.txt $(NEEDLE_KEY) \
+		--lengths $(NEEDLE_LENGTHS) --trials $(NEEDLE_TRIALS) --train-length $(NEEDLE_TRAIN) --no-progress \
+		--title "needle in a haystack: tiny $$model, seed $$seed" --out $(NEEDLE)/$$stem/needle
 
-needle-tiny: install demo-data
-	$(MAKE) -j2 $(foreach m,$(NEEDLE_MODELS),$(NEEDLE)/$(m)/needle/trials.json)
+needle-tiny: install
+	$(MAKE) -j$(NEEDLE_JOBS) $(foreach r,$(NEEDLE_RUNS),$(r)/needle/trials.json)
+	$(PY) -m eval.needle_table $(foreach r,$(NEEDLE_RUNS),$(r)/needle) --out $(NEEDLE)
 
 # lm-eval on a run folder, checkpoint or HF folder: make lm-eval CKPT=runs/demo/stable [TASKS=...]
 # [FEWSHOT=n] [ONLINE=1: let lm-eval download task data; offline, it reads the local HF cache only].

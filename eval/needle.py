@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import random
-import re
+import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -36,15 +36,14 @@ from tqdm import tqdm
 
 from common import cli
 from common.io import atomic_path, atomic_write_text, check_output_path
-from data.passkey import NEEDLE, NUMBER_RANGE, QUESTION
+from data.passkey import DIGIT_STYLES, NEEDLE, NUMBER_RANGE, QUESTION, number_text, parse_number
 from data.sources import BadRecords, document_text, iter_documents, parse_source
 from models.mamba_lm import MambaLMHeadModel
 
 DEFAULT_LENGTHS = (500, 1000, 2000, 4096, 8192, 12288, 16384)  # the paper: 500 to 16384 tokens
 DEFAULT_DEPTHS = 10  # the paper: the needle at 10 points of the context
-MAX_NEW_TOKENS = 12  # a number up to 50000, with its leading space, in any tokenizer
+MAX_NEW_TOKENS = 12  # a number up to 50000, with its leading space, in any tokenizer (spaced digits too)
 SENTENCE_SEARCH = 64  # tokens to look back for a sentence end to put the needle after
-_NUMBER = re.compile(r"\d+")
 
 
 class GreedyLM(Protocol):
@@ -105,14 +104,16 @@ class Trial:
     needle_start: int  # token index of the needle's first token in the prompt
     answer: str  # the decoded continuation
     correct: bool
+    seconds: float = 0.0  # wall time of the prefill and the decoding
 
 
 class Prompts:
     """Builds needle prompts of exact token lengths from a haystack, with one tokenizer."""
 
-    def __init__(self, tokenizer: Any, haystack: list[int]) -> None:
+    def __init__(self, tokenizer: Any, haystack: list[int], digits: str = "plain") -> None:
         self.tok = tokenizer
         self.haystack = haystack
+        self.digits = digits  # how the pass key is written (data.passkey.number_text)
         self.question = self.encode("\n" + QUESTION)
         bos = tokenizer.bos_token_id
         adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
@@ -127,7 +128,7 @@ class Prompts:
 
     def build(self, length: int, depth: float, number: int) -> tuple[list[int], int]:
         """(prompt ids of exactly ``length`` tokens, index of the needle's first token)."""
-        needle = self.encode(" " + NEEDLE.format(number=number))
+        needle = self.encode(" " + NEEDLE.format(number=number_text(number, self.digits)))
         budget = length - len(self.prefix) - len(needle) - len(self.question)
         if budget < 1:
             shortest = length - budget + 1
@@ -149,11 +150,6 @@ class Prompts:
         return prompt, len(self.prefix) + where
 
 
-def first_number(text: str) -> int | None:
-    match = _NUMBER.search(text)
-    return int(match.group()) if match else None
-
-
 def depth_grid(count: int) -> list[float]:
     """``count`` evenly spaced depths from 0 to 1 (10 -> 0, 0.111, ..., 1)."""
     if count < 1:
@@ -169,16 +165,21 @@ def run_needle(
     trials_per_cell: int = 1,
     seed: int = 0,
     progress: bool = True,
+    max_number: int = NUMBER_RANGE[1],
 ) -> list[Trial]:
-    """Every (length, depth, trial) cell: build the prompt, decode greedily, score exact match."""
+    """Every (length, depth, trial) cell: build the prompt, decode greedily, score exact match of the
+    first number the model writes (in the prompts' digit style) against the pass key."""
     rng = random.Random(seed)
     cells = [(n, d, t) for n in lengths for d in depths for t in range(trials_per_cell)]
     trials = []
     for length, depth, _ in tqdm(cells, desc="needle", unit="trial", disable=not progress):
-        number = rng.randint(*NUMBER_RANGE)
+        number = rng.randint(NUMBER_RANGE[0], max_number)
         prompt, needle_start = prompts.build(length, depth, number)
+        start = time.perf_counter()
         answer = prompts.tok.decode(lm.greedy(prompt, MAX_NEW_TOKENS), skip_special_tokens=True)
-        trials.append(Trial(length, depth, number, needle_start, answer, first_number(answer) == number))
+        seconds = time.perf_counter() - start
+        correct = parse_number(answer, prompts.digits) == number
+        trials.append(Trial(length, depth, number, needle_start, answer, correct, seconds))
     return trials
 
 
@@ -301,6 +302,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--trials", type=int, default=1, help="trials (numbers) per depth and length")
     parser.add_argument("--seed", type=int, default=0, help="seed of the needle numbers")
+    parser.add_argument(
+        "--max-number", type=int, default=NUMBER_RANGE[1], help="pass keys are drawn from 1 to this"
+    )
+    parser.add_argument(
+        "--digits", choices=DIGIT_STYLES, default="plain", help="plain (31415) or spaced (3 1 4 1 5)"
+    )
     parser.add_argument("--checkpoint", help="a checkpoint file of the run folder (default: its latest)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the run's, or the model folder's)")
     parser.add_argument("--train-length", type=int, help="draw the training sequence length on the heatmap")
@@ -314,11 +321,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     depths = depth_grid(args.depths)
     if args.trials < 1:
         raise cli.UserError(f"--trials {args.trials} must be >= 1")
+    if args.max_number < NUMBER_RANGE[0]:
+        raise cli.UserError(f"--max-number {args.max_number} must be >= {NUMBER_RANGE[0]}")
     lm, tok = load_lm(args.source, args.checkpoint, args.tokenizer, cli.resolve_device(args.device))
-    prompts = Prompts(tok, haystack_tokens(tok, args.haystack, max(lengths)))
+    prompts = Prompts(tok, haystack_tokens(tok, args.haystack, max(lengths)), args.digits)
     for length in (min(lengths), max(lengths)):  # what run_needle would meet later, said now
-        prompts.build(length, 0.5, NUMBER_RANGE[1])
-    trials = run_needle(lm, prompts, lengths, depths, args.trials, args.seed, progress=not args.no_progress)
+        prompts.build(length, 0.5, args.max_number)
+    trials = run_needle(
+        lm, prompts, lengths, depths, args.trials, args.seed, not args.no_progress, args.max_number
+    )
     _, _, grid = accuracy_grid(trials)
     out = Path(args.out)
     record = {
@@ -326,6 +337,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "haystack": args.haystack,
         "needle": NEEDLE,
         "question": QUESTION,
+        "digits": args.digits,
+        "max_number": args.max_number,
+        "train_length": args.train_length,
         "lengths": lengths,
         "depths": depths,
         "accuracy": grid,
@@ -337,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     plot_heatmap(trials, out / "heatmap.png", title, args.train_length)
     print(f"exact match {record['overall']:.3f} over {len(trials)} trials; by length:")
     for j, n in enumerate(lengths):
-        print(f"  {n:>6}: {sum(row[j] for row in grid) / len(grid):.2f}")
+        seconds = sum(t.seconds for t in trials if t.length == n)
+        print(f"  {n:>6}: {sum(row[j] for row in grid) / len(grid):.2f}  ({seconds:.1f} s)")
     print(f"wrote {out / 'trials.json'} and {out / 'heatmap.png'}")
 
 

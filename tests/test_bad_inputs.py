@@ -656,6 +656,13 @@ CASES += [
         ("empty.txt", "empty"),
     ),
     Case(
+        "passkey-max-number-0",
+        passkey.main,
+        lambda w, out: ["--filler", "--out", out / "pk", "--max-number", 0],
+        2,
+        ("--max-number",),
+    ),
+    Case(
         "passkey-count-0",
         passkey.main,
         lambda w, out: ["--haystack", w.docs, "--out", out / "pk", "--count", 0],

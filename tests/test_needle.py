@@ -193,3 +193,85 @@ def test_passkey_documents_carry_needle_question_and_answer(files: dict[str, Pat
     passkey.main(["--haystack", str(files["haystack"]), "--out", str(again), "--count", "20",
                   "--min-words", "20", "--max-words", "60"])  # fmt: skip
     assert (again / "passkey.jsonl").read_bytes() == (tmp_path / "pk" / "passkey.jsonl").read_bytes()
+
+
+def test_spaced_pass_keys_are_written_found_and_scored_in_their_style(files: dict[str, Path]) -> None:
+    assert passkey.number_text(31415, "spaced") == "3 1 4 1 5" and passkey.number_text(7, "spaced") == "7"
+    assert passkey.parse_number(" 3 1 4 1 5. 9", "spaced") == 31415
+    assert passkey.parse_number(" 3 1 4 1 5.", "plain") == 3  # the plain reading stops at the space
+    assert passkey.parse_number(" none", "spaced") is None
+    tok = hf_tokenizer(files["tokenizer"])
+    prompts = needle.Prompts(tok, needle.haystack_tokens(tok, str(files["haystack"]), 600), digits="spaced")
+    prompt, start = prompts.build(300, 0.5, 407)
+    assert "The pass key is 4 0 7. Remember it. 4 0 7 is the pass key." in tok.decode(prompt)
+    assert find(prompt, prompts.encode(" The pass key is 4 0 7.")) == start
+
+    class SpacedReach(ReachStub):  # answers "4 0 7." when the spaced needle is within reach
+        def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+            found = re.search(r"The pass key is ([\d ]+)\.", self.tok.decode(prompt[-self.reach :]))
+            answer = f" {found.group(1)}." if found else " 0."
+            return self.tok(answer, add_special_tokens=False)["input_ids"][:max_new_tokens]
+
+    trials = needle.run_needle(
+        SpacedReach(tok, 200), prompts, [150, 600], [0.0, 1.0], progress=False, max_number=999
+    )
+    assert all(1 <= t.number <= 999 and t.seconds >= 0 for t in trials)
+    assert [(t.length, t.depth, t.correct) for t in trials] == [
+        (150, 0.0, True), (150, 1.0, True), (600, 0.0, False), (600, 1.0, True)
+    ]  # fmt: skip
+    assert all(passkey.parse_number(t.answer, "spaced") == t.number for t in trials if t.correct)
+
+
+def test_filler_passkey_documents_fit_the_design(tmp_path: Path) -> None:
+    passkey.main(["--filler", "--out", str(tmp_path / "pk"), "--count", "50", "--min-words", "10",
+                  "--max-words", "45", "--max-number", "999", "--digits", "spaced"])  # fmt: skip
+    filler = (tmp_path / "pk" / "filler.txt").read_text()
+    assert filler.startswith(passkey.FILLER + " " + passkey.FILLER)
+    numbers = []
+    for line in (tmp_path / "pk" / "passkey.jsonl").open():
+        body, question = json.loads(line)["text"].rsplit("\n", 1)
+        found = re.search(r"The pass key is ((?:\d )*\d)\. Remember it\. \1 is the pass key\.", body)
+        number = int(found.group(1).replace(" ", ""))
+        numbers.append(number)
+        assert question == f"{passkey.QUESTION} {found.group(1)}."
+        haystack = (body[: found.start()] + body[found.end() :]).split()
+        assert 10 <= len(haystack) <= 45
+        assert " ".join(haystack) in (passkey.FILLER + " ") * 4  # a window of the filler, nothing else
+    assert min(numbers) >= 1 and max(numbers) <= 999 and len(set(numbers)) > 40
+
+
+def test_table_over_models_and_seeds_matches_a_hand_count(tmp_path: Path) -> None:
+    from eval import needle_table
+
+    def write(run: str, correct: dict[int, list[bool]], seconds: float) -> Path:
+        trials = [
+            {"length": n, "depth": d, "correct": c, "seconds": seconds}
+            for n, cells in correct.items()
+            for d, c in zip((0.0, 1.0), cells, strict=True)
+        ]
+        grid = [[float(correct[n][i]) for n in (128, 512)] for i in range(2)]
+        record = {"lengths": [128, 512], "depths": [0.0, 1.0], "train_length": 128, "accuracy": grid,
+                  "trials": trials}  # fmt: skip
+        folder = tmp_path / run / "needle"
+        folder.mkdir(parents=True)
+        (folder / "trials.json").write_text(json.dumps(record))
+        return folder
+
+    folders = [
+        write("mamba-s0", {128: [True, True], 512: [True, False]}, 0.5),
+        write("mamba-s1", {128: [True, False], 512: [False, False]}, 1.5),
+        write("attention-s0", {128: [True, True], 512: [False, False]}, 0.25),
+    ]
+    out = tmp_path / "summary"
+    needle_table.main([*map(str, folders), "--out", str(out)])
+    # By hand: mamba at 128: seeds 1.0 and 0.5 -> mean 0.75, sample sd 0.354; at 512: 0.5 and 0.0 ->
+    # 0.25 ± 0.354; 512-token wall time: 2 x 0.5 s and 2 x 1.5 s -> mean 2.0 s. One attention seed: no spread.
+    assert (out / "table.md").read_text().splitlines() == [
+        "| model | seeds | 1x (128) | 4x (512) | 4x (512) wall s |",
+        "| --- | --- | ---: | ---: | ---: |",
+        "| mamba | 2 | 0.75 ± 0.35 | 0.25 ± 0.35 | 2.0 |",
+        "| attention | 1 | 1.00 ± - | 0.00 ± - | 0.5 |",
+    ]
+    assert (out / "heatmaps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(UserError, match=r"trials\.json does not exist"):
+        needle_table.main([str(tmp_path / "nothing"), "--out", str(out)])
