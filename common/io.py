@@ -1,4 +1,5 @@
-"""Atomic file output: write to a temporary name beside the target, then rename.
+"""Atomic file output: write to a temporary name beside the target, then rename; and reading a
+JSON object with one line naming the file when it is not one.
 
 A crash mid-write leaves either the old file or no file, never a truncated one that looks
 complete. What is renamed into place gets the permissions a plain ``open()`` / ``mkdir()``
@@ -9,11 +10,13 @@ its folders 0700, which would leave exported models and datasets unreadable to o
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from common.cli import UserError
 
@@ -130,3 +133,16 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
         if tmp.exists():
             shutil.rmtree(tmp)
             _remove_empty(made)
+
+
+def read_json_object(path: str | Path, what: str, fix: str | None = None) -> dict[str, Any]:
+    """The JSON object in ``path``; a ValueError naming the file (and ``fix``, if given) when it is
+    not valid JSON or not an object (``what`` names what it should be, e.g. "an evaluation")."""
+    tail = f"; {fix}" if fix else ""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}){tail}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a {type(raw).__name__}, not {what}{tail}")
+    return raw

@@ -16,7 +16,6 @@ and a verdict (eval/stats.py), overall and per position bucket:
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from common import cli
-from common.io import atomic_write_text, check_output_path
+from common.io import atomic_write_text, check_output_path, read_json_object
 from eval.stats import Interval, Reference, paired_interval, verdict
 
 METRICS = ("cross_entropy", "perplexity", "top1", "top3", "top10")
@@ -58,12 +57,7 @@ def load_evaluations(
 def _read_evaluation(path: Path) -> dict[str, Any]:
     """An ``evaluation.json`` as ``recipes.evaluate`` writes it, or one line naming what is wrong."""
     fix = "run python -m recipes.evaluate on the run again"
-    try:
-        evaluation = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc}); {fix}") from exc
-    if not isinstance(evaluation, dict):
-        raise ValueError(f"{path}: a {type(evaluation).__name__}, not an evaluation; {fix}")
+    evaluation = read_json_object(path, "an evaluation", fix)
     missing = [key for key in ("metrics", "buckets") if key not in evaluation]
     if missing:
         raise ValueError(f"{path} has no {' or '.join(missing)}: not an evaluation; {fix}")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from common import cli
-from common.io import atomic_write_text, check_output_path
+from common.io import atomic_write_text, check_output_path, read_json_object
 
 TASKS_DIR = Path(__file__).with_name("tasks")
 LOCAL_TASK = "mamba_recipes_tiny_mc"
@@ -36,7 +36,12 @@ def hf_folder(source: str, checkpoint: str | None, tokenizer: str | None, workdi
     """An HF folder for ``source``: itself when it is one with a tokenizer, else a fresh export."""
     path = Path(source)
     config = path / "config.json"
-    if checkpoint is None and config.is_file() and "model_type" in _read_config(config):
+    if (
+        checkpoint is None
+        and config.is_file()
+        and "model_type"
+        in read_json_object(config, "a JSON object of model settings", "save the model folder again")
+    ):
         if tokenizer is not None or not (path / "tokenizer.json").is_file():
             raise cli.UserError(
                 f"{path} is an HF folder; lm-eval reads its tokenizer from it: save one there"
@@ -50,16 +55,6 @@ def hf_folder(source: str, checkpoint: str | None, tokenizer: str | None, workdi
     if tokenizer is None:
         raise cli.UserError(f"{source} holds no tokenizer: pass --tokenizer")
     return export_hf(loaded.model, workdir / "hf", tokenizer_dir=tokenizer, overwrite=True)
-
-
-def _read_config(config: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(config.read_text())
-    except json.JSONDecodeError as exc:
-        raise cli.UserError(f"{config}: not valid JSON ({exc}); save the model folder again") from exc
-    if not isinstance(raw, dict):
-        raise cli.UserError(f"{config}: a {type(raw).__name__}, not a JSON object of model settings")
-    return raw
 
 
 def run_lm_eval(

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from common.config import config_from_dict
+from common.io import read_json_object
 from handover.hf_mamba import config_from_hf, hf_config_special_ids, state_dict_from_hf
 from handover.mamba_ssm import config_from_mamba_ssm
 from handover.reader import (
@@ -135,12 +136,7 @@ def read_pretrained(path: str | Path) -> tuple[MambaConfig, dict[str, Tensor], s
     config_path = path / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: not an HF or mamba_ssm model directory")
-    try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_path}: not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ValueError(f"{config_path}: a {type(raw).__name__}, not a JSON object of model settings")
+    raw = read_json_object(config_path, "a JSON object of model settings")
     is_hf = is_hf_config(raw)
     cfg = config_from_hf(raw, str(config_path)) if is_hf else config_from_mamba_ssm(raw, str(config_path))
     sd = read_weight_files(path)
