@@ -29,6 +29,7 @@ from callbacks.loss_spike import LossSpikeRollback
 from callbacks.positional_weighting import PositionalLossWeighting
 from callbacks.sample_audit import SampleAudit
 from callbacks.schedulers import CosineWithWarmupScheduler, DecayPhaseScheduler, WarmupStableDecayScheduler
+from callbacks.wandb_logger import WandBLogger
 from common.registry import Registry
 
 schedulers: Registry[ComposerScheduler] = Registry("scheduler", "scheduler")
@@ -71,7 +72,7 @@ for _name, _cls in [
 
 loggers: Registry[LoggerDestination] = Registry("loggers", "logger")
 for _name, _cls, _module in [
-    ("wandb", composer_loggers.WandBLogger, "wandb"),
+    ("wandb", WandBLogger, "wandb"),
     ("mlflow", composer_loggers.MLFlowLogger, "mlflow"),
     ("tensorboard", composer_loggers.TensorboardLogger, "tensorboard"),
     ("cometml", composer_loggers.CometMLLogger, "comet_ml"),

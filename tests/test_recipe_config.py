@@ -33,7 +33,55 @@ def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
     return path
 
 
-@pytest.mark.slow  # W&B and a training run: about a minute on 2 cores
+@pytest.mark.parametrize(
+    ("log_artifacts", "init_mode", "env_mode", "asks_wandb"),
+    [
+        (False, None, None, False),  # never uploaded: nothing to ask for
+        (True, "offline", None, False),  # no server to ask
+        (True, None, "offline", False),
+        (True, "disabled", None, False),
+        (True, None, None, True),  # uploaded online: Composer's own download
+        (True, "online", "offline", True),  # init_kwargs win over the environment, as in wandb.init
+    ],
+)
+def test_wandb_is_asked_for_a_checkpoint_only_where_it_can_hold_one(
+    monkeypatch: pytest.MonkeyPatch,
+    log_artifacts: bool,
+    init_mode: str | None,
+    env_mode: str | None,
+    asks_wandb: bool,
+) -> None:
+    """The Trainer's autoresume asks each logger for the latest checkpoint; W&B's answer took a minute offline."""
+    import wandb
+    import wandb.errors
+
+    asked: list[str] = []
+
+    class Api:  # stands in for the W&B server: records the query, holds no artifact
+        def artifact(self, name: str) -> None:
+            asked.append(name)
+            raise wandb.errors.CommError(f"artifact {name} not found")
+
+    monkeypatch.setattr(wandb, "Api", Api)
+    if env_mode is None:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", env_mode)
+    cls = REGISTRIES["loggers"].entry("wandb").builder
+    assert issubclass(cls, WandBLogger)
+    logger = cls(
+        project="p",
+        entity="e",
+        log_artifacts=log_artifacts,
+        rank_zero_only=False,
+        init_kwargs={"mode": init_mode} if init_mode else {},
+    )
+    with pytest.raises(FileNotFoundError):
+        logger.download_file("run/checkpoints/latest-rank0.pt", "/nonexistent/latest-rank0.pt")
+    assert asked == (["e/p/run.checkpoints.latest-rank0.pt:latest"] if asks_wandb else [])
+
+
+@pytest.mark.slow  # W&B and a training run: about 15 s on 2 cores
 def test_yaml_adds_composer_callbacks_and_a_logger_with_arguments(
     corpus: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
