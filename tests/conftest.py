@@ -8,6 +8,8 @@ tests share, built once per test session (per pytest-xdist worker):
   that imports torch and Composer again (about 10 s of CPU each). Test a user mistake or ``--help``
   this way; tests/test_entry_points.py (make test-e2e) starts each entry point once as a real process.
 - ``StopAfter(batches)``: a callback that ends training after that many batches.
+- ``sharded_and_full`` (fixture): a ``composer -n 2`` run's sharded and full checkpoints, trained once
+  per test session and shared by the pytest-xdist workers (make test-e2e).
 
 Keep anything one of these builds read-only in a test: copy it into ``tmp_path`` to change it.
 """
@@ -94,6 +96,32 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         },
     )
     return {"tokenizer": tok, "mixture": mixture, "root": root}
+
+
+def session_folder(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder of this test session that every pytest-xdist worker shares (each worker has a
+    temporary folder of its own; their parent is the session's), with ``name``."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / name
+
+
+@pytest.fixture(scope="session")
+def sharded_and_full(corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same 4-batch ``composer -n 2`` FSDP2 run twice: its sharded (DCP) checkpoint in
+    ``sharded/`` and a full one, the reference, in ``full/`` (tests.test_handover_dist's
+    ``train_sharded_and_full``). Trained once per test session: the first worker to ask trains,
+    the others wait on the lock and read the same folders."""
+    from filelock import FileLock
+
+    from tests.test_handover_dist import train_sharded_and_full
+
+    root = session_folder(tmp_path_factory, "sharded-and-full")
+    with FileLock(f"{root}.lock"):
+        if not (root / "done").is_file():
+            root.mkdir(exist_ok=True)
+            train_sharded_and_full(corpus, root)
+            (root / "done").touch()
+    return root
 
 
 def tiny_overrides(corpus: dict[str, Path], run_root: Path, **extra: object) -> list[str]:

@@ -369,19 +369,9 @@ class Suite:
                 kill_when=lambda root, b=batch, d=delay: after_batch(root, b, d),
             )
 
-    def failpoint_kills(self) -> None:
-        points = [
-            (
-                "kill mid-checkpoint write",
-                1,
-                ["checkpoint_write@1", "checkpoint_write@3", "checkpoint_write@6"],
-            ),
-            ("kill mid-pre-decay write", 1, ["checkpoint_write@5", "batch_checkpoint@9"]),
-            ("kill mid-evaluation", 1, ["eval_batch_end@1", "eval_batch_end@4"]),
-            ("kill mid-checkpoint write", 2, ["checkpoint_write@2:rank=0"]),
-            ("one rank killed", 2, ["batch_end@5:rank=1", "eval_batch_end@2:rank=0"]),
-        ]
-        for label, nproc, specs in points:
+    def failpoint_kills(self, group: str) -> None:
+        """The kills at named points of the code (``common/failpoints.py``) of one ``FAILPOINTS`` group."""
+        for label, nproc, specs in FAILPOINTS[group]:
             row = self.rows.setdefault(f"{label} ({nproc} process{'es' if nproc > 1 else ''})", Row())
             for spec in specs:
                 self.kill_and_recover(
@@ -1014,10 +1004,27 @@ def write_out_of_vocab(mds: Path) -> None:
 
 
 # The groups of faults, in the order the suite runs them (``--only`` picks some).
+# The kills at named points (``MAMBA_FAILPOINT``: ``event@n``, ``:rank=r`` for one rank only), in
+# groups of a few runs each so that groups can run side by side: (table row, processes, points).
+FAILPOINTS: dict[str, list[tuple[str, int, list[str]]]] = {
+    "failpoints-checkpoint": [
+        ("kill mid-checkpoint write", 1, ["checkpoint_write@1", "checkpoint_write@3", "checkpoint_write@6"])
+    ],
+    "failpoints-pre-decay": [("kill mid-pre-decay write", 1, ["checkpoint_write@5", "batch_checkpoint@9"])],
+    "failpoints-eval": [("kill mid-evaluation", 1, ["eval_batch_end@1", "eval_batch_end@4"])],
+    "failpoints-2proc": [
+        ("kill mid-checkpoint write", 2, ["checkpoint_write@2:rank=0"]),
+        ("one rank killed", 2, ["batch_end@5:rank=1", "eval_batch_end@2:rank=0"]),
+    ],
+}
+
 CASES: dict[str, Callable[[Suite], None]] = {
     "kill-1": lambda suite: suite.kills(1, 4),
     "kill-2": lambda suite: suite.kills(2, 2),
-    "failpoints": Suite.failpoint_kills,
+    "failpoints-checkpoint": lambda suite: suite.failpoint_kills("failpoints-checkpoint"),
+    "failpoints-pre-decay": lambda suite: suite.failpoint_kills("failpoints-pre-decay"),
+    "failpoints-eval": lambda suite: suite.failpoint_kills("failpoints-eval"),
+    "failpoints-2proc": lambda suite: suite.failpoint_kills("failpoints-2proc"),
     "conversion": Suite.conversion_kills,
     "corrupt-checkpoint": Suite.broken_checkpoints,
     "bad-data": Suite.bad_data,
@@ -1039,7 +1046,10 @@ MULTINODE_CASES: dict[str, Callable[[Suite], None]] = {
 COST = {
     "multinode-object-store": 60,
     "multinode-shared-folder": 50,
-    "failpoints": 26,
+    "failpoints-2proc": 12,
+    "failpoints-checkpoint": 7,
+    "failpoints-pre-decay": 5,
+    "failpoints-eval": 5,
     "kill-1": 8,
     "kill-2": 12,
     "corrupt-checkpoint": 6,

@@ -60,11 +60,10 @@ def train_sharded_and_full(corpus: dict[str, Path], tmp_path: Path) -> None:
     assert (tmp_path / "sharded" / "checkpoints" / "ep0-ba4" / ".metadata").is_file()
 
 
-def test_sharded_checkpoint_is_read_in_one_process(corpus: dict[str, Path], tmp_path: Path) -> None:
-    train_sharded_and_full(corpus, tmp_path)
-    sharded = read_weights(tmp_path / "sharded")  # the run folder: its latest (sharded) checkpoint
+def test_sharded_checkpoint_is_read_in_one_process(sharded_and_full: Path) -> None:
+    sharded = read_weights(sharded_and_full / "sharded")  # the run folder: its latest (sharded) checkpoint
     assert sharded.format == "composer-sharded" and sharded.config.d_model == 32
-    reference = full_weights(tmp_path / "full" / "checkpoints" / "ep0-ba4-rank0.pt")
+    reference = full_weights(sharded_and_full / "full" / "checkpoints" / "ep0-ba4-rank0.pt")
     assert sharded.state_dict.keys() == reference.keys()
     for key, value in reference.items():
         assert torch.equal(sharded.state_dict[key], value), key
@@ -126,15 +125,12 @@ def test_init_from_under_two_processes(corpus: dict[str, Path], tmp_path: Path) 
 
 
 def test_init_from_a_sharded_checkpoint_reads_each_ranks_shards(
-    corpus: dict[str, Path], tmp_path: Path
+    corpus: dict[str, Path], sharded_and_full: Path, tmp_path: Path
 ) -> None:
     """A 2-process run's sharded (DCP) checkpoint as init_from of another 2-process FSDP2 run on the meta
     device: each rank reads its own rows through torch.distributed.checkpoint, and the started
     model equals the checkpoint as read whole in one process."""
-    common = {"eval_interval": "null", "max_duration": "2ba", "checkpoint.save_interval": "2ba"}
-    common.update({"scheduler.t_warmup": "1ba", "scheduler.t_decay": "1ba"})
-    launch(ROOT / "recipes" / "train.py", tiny_overrides(corpus, tmp_path, run_name="src", **common))
-    folder = tmp_path / "src" / "checkpoints" / "ep0-ba2"
+    folder = sharded_and_full / "sharded" / "checkpoints" / "ep0-ba4"
     reference = read_weights(folder)
     assert reference.format == "composer-sharded"
     out = tmp_path / "reads"

@@ -318,18 +318,20 @@ def test_release_to_and_from_an_object_store(
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_sharded_checkpoint_releases_the_same_moments(corpus: dict[str, Path], tmp_path: Path) -> None:
+def test_sharded_checkpoint_releases_the_same_moments(sharded_and_full: Path, tmp_path: Path) -> None:
     """The same 2-process FSDP2 run saved sharded (DCP) and full: both exports hold the same moments,
     equal to the full checkpoint's (read with torch.load)."""
     from safetensors import safe_open
 
-    from tests.test_handover_dist import train_sharded_and_full
-
-    train_sharded_and_full(corpus, tmp_path)
     export_cli(
-        str(tmp_path / "sharded"), "--to", "hf", "--out", str(tmp_path / "rs"), "--with-training-state"
+        str(sharded_and_full / "sharded"),
+        "--to",
+        "hf",
+        "--out",
+        str(tmp_path / "rs"),
+        "--with-training-state",
     )
-    full = tmp_path / "full" / "checkpoints" / "ep0-ba4-rank0.pt"
+    full = sharded_and_full / "full" / "checkpoints" / "ep0-ba4-rank0.pt"
     optim = torch.load(full, map_location="cpu", weights_only=False)["state"]["optimizers"]["AdamW"]
     with safe_open(str(tmp_path / "rs" / "optimizer.safetensors"), framework="pt") as f:
         assert len(list(f.keys())) == 3 * len(optim["state"])
