@@ -31,3 +31,15 @@ def test_a_batch_trained_twice_or_a_foreign_sample_is_duplicated() -> None:
     got = {0: {**REFERENCE[0], 3: [7, 1]}, 1: {**REFERENCE[1], 3: [17, 18, 99]}}
     # Rank 0: 8 is lost and 1 trained twice; rank 1: 99 is no reference sample.
     assert compare_audits(REFERENCE, got) == (1, 2, 0, False)
+
+
+def test_a_kind_of_fault_split_over_groups_is_summed_on_one_line() -> None:
+    """kill-2 and kill-2-again each report a "kill mid-step (2 processes)" row: the table adds them."""
+    from tests.fault_injection import Row
+
+    first = Row(faults=1, recovered=1, rolled_back=3, failures=["a"])
+    second = Row(faults=2, recovered=0, lost=5, duplicated=1, rejected=1, hangs=1, failures=["b"])
+    both = first + second
+    assert (both.faults, both.recovered, both.lost, both.rolled_back) == (3, 1, 5, 3)
+    assert (both.duplicated, both.rejected, both.hangs, both.failures) == (1, 1, 1, ["a", "b"])
+    assert not both.ok() and Row(faults=1, recovered=1).ok()
