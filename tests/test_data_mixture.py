@@ -49,17 +49,20 @@ def test_stable_proportions_within_two_percent(tmp_path: Path, streams: tuple[Pa
         "x": {"remote": str(dirs["x"]), "local": str(tmp_path / "cx"), "proportion": 0.7},
         "q": {"remote": str(dirs["q"]), "local": str(tmp_path / "cq"), "proportion": 0.3},
     }})  # fmt: skip
-    dataset = build_dataset(DataConfig(mixture=str(mixture), epoch_size=10_000), tok_dir, 8)
+    # Streaming draws each stream's share of an epoch as a count (proportion x epoch size), not
+    # sample by sample, so one epoch of 2,000 shows the split as well as a larger one.
+    epoch = 2_000
+    dataset = build_dataset(DataConfig(mixture=str(mixture), epoch_size=epoch), tok_dir, 8)
     tok = load_tokenizer(tok_dir)
     counts = {"x": 0, "q": 0}
     for n, example in enumerate(dataset):
         text = tok.decode(example["input_ids"].tolist())
         counts["x" if "x" in text else "q"] += 1
         assert ("x" in text) != ("q" in text)
-        if n + 1 == 10_000:
+        if n + 1 == epoch:
             break
-    assert sum(counts.values()) == 10_000
-    assert counts["x"] / 10_000 == pytest.approx(0.7, abs=0.02)
+    assert sum(counts.values()) == epoch
+    assert counts["x"] / epoch == pytest.approx(0.7, abs=0.02)
 
 
 def test_decay_serves_one_epoch_of_chat(tmp_path: Path, streams: tuple[Path, dict[str, Path]]) -> None:
