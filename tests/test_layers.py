@@ -9,6 +9,7 @@ cycle for a reader.
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,6 +99,7 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+@functools.cache  # every import of a module asks again: parse each module once
 def defined_names(path: Path) -> set[str]:
     """The names a module defines at its top level (including under ``if`` / ``try``)."""
     names: set[str] = set()
