@@ -18,7 +18,7 @@ already served, for any number of ranks (a deterministic function of seed, epoch
 ``num_canonical_nodes`` partition). Planning a split (``plan_split``) reads the mixture's local index
 files once and checks the shards' recorded tokenizer against the run's; building it
 (``build_split_dataset``) reads none of them again, and first cleans shared memory left by a
-crashed run (``data.shared_memory``).
+crashed run (``data.shared_memory``), in this job's turn among the jobs on the machine.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from common.cli import RunStopped
 from common.config import ConfigError, report
 from data.convert import CHECKSUM_COLUMN, META_KEY, sample_checksum
 from data.mixture import StreamConfig, load_mixture, phase_streams
-from data.shared_memory import clean_stale_shared_memory
+from data.shared_memory import clean_stale_shared_memory, machine_turn
 from data.tokenizer import TokenizerInfo, load_tokenizer, tokenizer_info
 
 IGNORE_INDEX = -100
@@ -335,7 +335,6 @@ def build_split_dataset(cfg: DataConfig, plan: SplitPlan, device_batch_size: int
     downloaded by Streaming here, are checked against the tokenizer now.
     """
     _initialize_dist()
-    clean_stale_shared_memory()
     train = plan.split == "train"
 
     def streams() -> list[Stream]:  # new ones for every attempt: StreamingDataset changes them
@@ -351,27 +350,29 @@ def build_split_dataset(cfg: DataConfig, plan: SplitPlan, device_batch_size: int
             for s in plan.streams.values()
         ]
 
-    dataset = _with_shared_memory_retry(
-        lambda: PackedTokenDataset(
-            eot_id=plan.info.eot_id,
-            pad_id=plan.info.pad_id,
-            vocab_size=plan.info.vocab_size,
-            mix_id=plan.mix_id,
-            streams=streams(),
-            epoch_size=cfg.epoch_size if train else None,
-            predownload=cfg.predownload,
-            cache_limit=cfg.cache_limit,
-            download_timeout=cfg.download_timeout,
-            validate_hash=cfg.validate_hash,
-            sampling_method=cfg.sampling_method,
-            num_canonical_nodes=cfg.num_canonical_nodes,
-            batch_size=device_batch_size,
-            shuffle=cfg.shuffle and train,
-            shuffle_algo=cfg.shuffle_algo,
-            shuffle_seed=cfg.shuffle_seed,
-            shuffle_block_size=cfg.shuffle_block_size,
+    with machine_turn():  # no other job on this machine picks a prefix between our ranks' scans
+        clean_stale_shared_memory()
+        dataset = _with_shared_memory_retry(
+            lambda: PackedTokenDataset(
+                eot_id=plan.info.eot_id,
+                pad_id=plan.info.pad_id,
+                vocab_size=plan.info.vocab_size,
+                mix_id=plan.mix_id,
+                streams=streams(),
+                epoch_size=cfg.epoch_size if train else None,
+                predownload=cfg.predownload,
+                cache_limit=cfg.cache_limit,
+                download_timeout=cfg.download_timeout,
+                validate_hash=cfg.validate_hash,
+                sampling_method=cfg.sampling_method,
+                num_canonical_nodes=cfg.num_canonical_nodes,
+                batch_size=device_batch_size,
+                shuffle=cfg.shuffle and train,
+                shuffle_algo=cfg.shuffle_algo,
+                shuffle_seed=cfg.shuffle_seed,
+                shuffle_block_size=cfg.shuffle_block_size,
+            )
         )
-    )
     remote = {
         name: Path(st.local) / st.split / "index.json"
         for (name, s), st in zip(plan.streams.items(), dataset.streams)
@@ -401,10 +402,10 @@ def _with_shared_memory_retry(
 ) -> PackedTokenDataset:
     """``build()``, retried when another job on this machine took the same shared-memory name first.
 
-    Streaming picks the first free shared-memory prefix and then creates it, so two independent
-    single-process jobs starting together (an evaluation beside a training run) can race for
-    one prefix. Several ranks of one job wait for each other at barriers inside Streaming, so
-    only a single process retries.
+    Streaming picks the first free shared-memory prefix and then creates it. Jobs of this
+    repository take turns (``machine_turn``), but a Streaming job that does not (another program
+    on the machine) can still take our prefix between the two steps. Several ranks of one job
+    wait for each other at barriers inside Streaming, so only a single process retries.
     """
     for attempt in range(attempts):
         try:

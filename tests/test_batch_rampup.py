@@ -37,12 +37,12 @@ from composer.loggers import Logger
 from composer.models import ComposerModel
 from composer.utils import dist
 from streaming import MDSWriter, StreamingDataset
-from streaming.base.util import clean_stale_shared_memory
 from torch import nn
 from torch.utils.data import DataLoader
 
 from callbacks.batch_rampup import BatchRampSchedule, BatchRampup, RampedBatches
 from data.loader import _with_shared_memory_retry
+from data.shared_memory import clean_stale_shared_memory, machine_turn
 
 SEQ, MB, VOCAB = 4, 2, 512
 TABLE_K = [1, 1, 1, 2, 2, 3, 4, 4]
@@ -299,18 +299,19 @@ def test_resume_streaming_dataset_mid_ramp(tmp_path: Path, mds: Path, num_worker
     caches = iter(range(100))
 
     def loader() -> DataSpec:
-        # Retried as data.loader does: the other pytest worker's datasets may race for a prefix.
+        # In turn and retried, as data.loader builds its datasets beside the other pytest workers.
         cache = str(tmp_path / f"cache{next(caches)}")
-        dataset = _with_shared_memory_retry(
-            lambda: TokenDataset(
-                remote=str(mds),
-                local=cache,
-                batch_size=MB,
-                shuffle=True,
-                shuffle_seed=5,
-                num_canonical_nodes=1,
+        with machine_turn():  # as data.loader builds its datasets: other workers' jobs wait
+            dataset = _with_shared_memory_retry(
+                lambda: TokenDataset(
+                    remote=str(mds),
+                    local=cache,
+                    batch_size=MB,
+                    shuffle=True,
+                    shuffle_seed=5,
+                    num_canonical_nodes=1,
+                )
             )
-        )
         inner = DataLoader(
             dataset, batch_size=MB, num_workers=num_workers, persistent_workers=num_workers > 0
         )
@@ -398,14 +399,15 @@ def two_rank_main(out: Path) -> None:
 
     def loader(kind: str) -> RampedBatches:
         if kind == "streaming":
-            dataset = TokenDataset(
-                remote=str(out / "mds"),
-                local=str(out / f"cache{next(caches)}"),
-                batch_size=MB,
-                shuffle=True,
-                shuffle_seed=5,
-                num_canonical_nodes=1,
-            )
+            with machine_turn():
+                dataset = TokenDataset(
+                    remote=str(out / "mds"),
+                    local=str(out / f"cache{next(caches)}"),
+                    batch_size=MB,
+                    shuffle=True,
+                    shuffle_seed=5,
+                    num_canonical_nodes=1,
+                )
             return RampedBatches(DataLoader(dataset, batch_size=MB), schedule(**TWO_RANKS))
         data = [sample(i) for i in range(80)]
         sampler = dist.get_sampler(data, shuffle=True)

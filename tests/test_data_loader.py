@@ -15,7 +15,7 @@ import torch
 
 from common.config import ConfigError
 from data.loader import DataConfig, ShardError, build_dataloader, build_dataset, make_example
-from data.shared_memory import clean_stale_shared_memory, stale_blocks
+from data.shared_memory import clean_stale_shared_memory, machine_turn, stale_blocks
 from data.sources import SourceSpec
 from tests.data_helpers import convert_sources, make_docs, make_tokenizer, write_jsonl, write_mixture
 
@@ -205,6 +205,70 @@ def test_stale_shared_memory_from_a_crash_is_cleaned(tmp_path: Path, corpus: tup
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert not leftovers & set(os.listdir("/dev/shm"))
+
+
+# Another job on the machine, inside its turn: it scans for the first free prefix as Streaming
+# does, pauses 3 s (a slow machine, widened), then creates that prefix's block.
+OTHER_JOB = textwrap.dedent("""
+    import sys, time
+    from multiprocessing.shared_memory import SharedMemory
+    from streaming.base.constant import LOCALS, SHM_TO_CLEAN
+    from streaming.base.shared.prefix import _check_and_find, _get_path
+    from data.shared_memory import machine_turn
+    with machine_turn():
+        prefix = max(_check_and_find(["/other-job"], [None], name) for name in SHM_TO_CLEAN)
+        print("scanned", prefix, flush=True)
+        time.sleep(float(sys.argv[1]))
+        block = SharedMemory(_get_path(prefix, LOCALS), create=True, size=64)
+        print("created", flush=True)
+    sys.stdin.read()  # until the test has looked
+    block.close()
+    block.unlink()
+""")
+
+
+def test_jobs_on_one_machine_take_turns_choosing_a_prefix(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
+    """A dataset built while another job is between its prefix scan and its creation waits for it
+    and takes the next prefix; without turns both pick the same one and one of them fails."""
+    tok, stream = corpus
+    other = subprocess.Popen(
+        [sys.executable, "-c", OTHER_JOB, "3"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert other.stdout is not None and other.stdin is not None
+        scanned = other.stdout.readline().split()
+        assert scanned[0] == "scanned", other.stderr.read() if other.stderr else ""
+        dataset = build_dataset(data_config(tmp_path, stream, "c"), tok, 4)
+        assert other.stdout.readline().strip() == "created", other.stderr.read() if other.stderr else ""
+        assert dataset._shm_prefix_int != int(scanned[1])
+        assert len(next(iter(dataset))["input_ids"]) == 32
+        other.stdin.close()
+        assert other.wait(timeout=60) == 0
+    finally:
+        other.kill()
+
+
+def test_a_turn_held_too_long_is_not_waited_for_forever() -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", OTHER_JOB, "600"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().startswith("scanned")
+        with (
+            pytest.warns(
+                UserWarning, match=r"another job has held .*streaming_prefix_turn.lock for over 0 s"
+            ),
+            machine_turn(wait_s=0.2),
+            machine_turn(wait_s=0.2),
+        ):  # nested: nothing more to take
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_cleanup_keeps_live_datasets(tmp_path: Path, corpus: tuple[Path, Path]) -> None:

@@ -29,7 +29,7 @@ from data.loader import (
     mix_id,
 )
 from data.mixture import StreamConfig
-from data.shared_memory import clean_stale_shared_memory
+from data.shared_memory import clean_stale_shared_memory, machine_turn
 
 EOT, PAD, VOCAB = 0, 1, 64
 SAMPLES, STORED = 20, 9  # samples; stored tokens per sample (seq_len 8, plus the last label)
@@ -76,19 +76,20 @@ def unchecked_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def dataset(remote: Path, cache: Path, mix: str = "a" * 64, vocab_size: int = VOCAB) -> PackedTokenDataset:
-    clean_stale_shared_memory()
-    return _with_shared_memory_retry(
-        lambda: PackedTokenDataset(
-            eot_id=EOT,
-            pad_id=PAD,
-            vocab_size=vocab_size,
-            mix_id=mix,
-            remote=str(remote),
-            local=str(cache),
-            batch_size=2,
-            shuffle=False,
+    with machine_turn():
+        clean_stale_shared_memory()
+        return _with_shared_memory_retry(
+            lambda: PackedTokenDataset(
+                eot_id=EOT,
+                pad_id=PAD,
+                vocab_size=vocab_size,
+                mix_id=mix,
+                remote=str(remote),
+                local=str(cache),
+                batch_size=2,
+                shuffle=False,
+            )
         )
-    )
 
 
 def sample_ids(ds: PackedTokenDataset) -> list[int]:
