@@ -243,7 +243,21 @@ class PackedTokenDataset(StreamingDataset):
         # Streaming prepares shards in a background thread; when that fails, its iterator just
         # stops early. Surface the failure here instead of ending the epoch silently.
         self._shard_error = None
-        yield from super().__iter__()
+        samples = super().__iter__()
+        iteration = None  # Streaming's record of this pass, whose two threads download and index ahead
+        try:
+            for sample in samples:
+                if iteration is None:
+                    iteration = self._iterator  # set by Streaming before its first sample
+                yield sample
+        finally:
+            # A pass abandoned mid-epoch (training stops at max_duration; an evaluation or a test takes
+            # a few batches) is closed, not finished: Streaming then never stops its two threads, and
+            # they poll every 7 ms for the rest of the process (each Trainer of an Inheritune loop, or
+            # of a test session, left two more). Tell them to stop, without waiting for a download.
+            if iteration is not None:
+                iteration.non_blocking_exit()
+            samples.close()
         if self._shard_error is not None:
             raise self._shard_error
         event = getattr(self, "_event", None)

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -278,6 +279,23 @@ def test_cleanup_keeps_live_datasets(tmp_path: Path, corpus: tuple[Path, Path]) 
     assert not set(clean_stale_shared_memory()) & live
     assert live <= set(os.listdir("/dev/shm"))
     assert len(next(iter(dataset))["input_ids"]) == 32
+
+
+def test_an_abandoned_pass_stops_its_background_threads(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
+    """A pass left after a few samples (training ending mid-epoch, a short evaluation) stops
+    Streaming's download and index threads; left running, they poll for the rest of the process."""
+    tok, stream = corpus
+    dataset = build_dataset(data_config(tmp_path, stream, "c"), tok, 4)
+    samples = iter(dataset)
+    next(samples)
+    iteration = dataset._iterator
+    samples.close()
+    deadline = time.monotonic() + 30
+    while iteration._num_exited < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert iteration._num_exited == 2  # both threads returned
+    # The dataset still serves a new pass, from its start.
+    assert int(next(iter(dataset))["sample_id"]) >= 0
 
 
 def test_eval_split_reads_each_held_out_sample_once(tmp_path: Path, corpus: tuple[Path, Path]) -> None:
