@@ -85,6 +85,31 @@ def test_an_interval_that_excludes_the_papers_size_is_no_effect(tmp_path: Path) 
     assert [m.comparison.bucket for m in ablation.measure_all(evals)] == ["all"]
 
 
+def test_the_hybrid_is_compared_with_each_pure_model(tmp_path: Path) -> None:
+    # hybrid - mamba2 = -0.1 every seed: s = 0, the interval is the point -0.1, which excludes 0: effect.
+    # hybrid - attention = 0, +0.1, -0.1: mean 0, s = 0.1, half-width 4.3027 * 0.1 / sqrt(3) = 0.2484:
+    # [-0.2484, +0.2484] holds 0 and our -0.01: inconclusive.
+    for seed, ce in enumerate([3.0, 3.1, 2.9]):
+        write_eval(tmp_path, "hybrid", seed, ce, [0.3, 0.4, 0.5])
+        write_eval(tmp_path, "mamba2", seed, ce + 0.1, [0.3, 0.4, 0.5])
+        write_eval(tmp_path, "attention", seed, 3.0, [0.3, 0.4, 0.5])
+    ablation.main([str(tmp_path), "--variants", "mamba2", "hybrid", "attention", "--seeds", "0", "1", "2"])
+    text = (tmp_path / "ablation.md").read_text()
+    assert (
+        "| hybrid vs Mamba-2: hybrid - mamba2 | val CE (nats) | all | -0.1000 | [-0.1000, -0.1000] | "
+        "-0.0100 (ours) | effect |" in text
+    )
+    assert (
+        "| hybrid vs attention: hybrid - attention | val CE (nats) | all | +0.0000 | [-0.2484, +0.2484] | "
+        "-0.0100 (ours) | inconclusive (interval too wide) |" in text
+    )
+    # Only the hybrid's two comparisons: the schedule and weighting claims need variants not run here.
+    claims = {m.comparison.claim for m in ablation.measure_all(
+        ablation.load_evaluations(tmp_path, ["mamba2", "hybrid", "attention"], range(3))
+    )}  # fmt: skip
+    assert claims == {"hybrid vs Mamba-2", "hybrid vs attention"}
+
+
 def test_unequal_tokens_and_missing_runs_are_refused(tmp_path: Path) -> None:
     write_eval(tmp_path, "wsd", 0, 3.0, [0.3, 0.4, 0.5], tokens=1000)
     write_eval(tmp_path, "cosine", 0, 3.0, [0.3, 0.4, 0.5], tokens=900)

@@ -99,6 +99,8 @@ TINY_WSD = {  # "the same recipe (WSD, 80% stable, linear decay to 0.1 of the pe
     "algorithms.gradient_clipping.clipping_threshold": 1.0,
 }
 
+STUDY = {**TINY_WSD, "data.mixture": "yamls/data/demo.yaml", "optimizer.lr": 3.0e-3, "model.d_model": 128}
+
 STATED: dict[str, dict[str, object]] = {
     "ablation_wsd.yaml": WSD_ABLATION,
     "ablation_wsd_posweight.yaml": {
@@ -247,6 +249,33 @@ STATED: dict[str, dict[str, object]] = {
         "max_duration": "3000ba",
         "global_train_batch_size": 8,
         "optimizer.lr": 2.0e-3,  # "its own peak lr, 2e-3"
+    },
+    # make hybrid-tiny: "the tiny WSD at lr 3e-3" on "the demo corpus", d_model 128 each.
+    "tiny/study_mamba2.yaml": {  # "deepened to 11 layers, no MLP"
+        **STUDY,
+        "model.ssm.layer": "mamba2",
+        "model.ssm.d_state": 32,
+        "model.ssm.headdim": 32,
+        "model.n_layer": 11,
+        "model.attn_layer_idx": [],
+        "model.d_intermediate": 0,
+    },
+    "tiny/study_hybrid.yaml": {  # "block 3 with attention (4 heads)", "a gated MLP of 256", "no position embedding"
+        **STUDY,
+        "model.ssm.layer": "mamba2",
+        "model.n_layer": 6,
+        "model.attn_layer_idx": [3],
+        "model.attn.num_heads": 4,
+        "model.attn.rotary_emb_dim": 0,
+        "model.d_intermediate": 256,
+    },
+    "tiny/study_attention.yaml": {  # "7 blocks", "rotary positions on the whole head", "a gated MLP of 256"
+        **STUDY,
+        "model.n_layer": 7,
+        "model.attn_layer_idx": [0, 1, 2, 3, 4, 5, 6],
+        "model.attn.num_heads": 4,
+        "model.attn.rotary_emb_dim": 32,
+        "model.d_intermediate": 256,
     },
     "tiny/demo_decay.yaml": {**DECAY, "data.phase": "decay", "algorithms.positional_weighting.scale": 10.0},
     "decay/falcon_mamba_7b.yaml": FALCON_MAMBA_DECAY,
