@@ -93,20 +93,6 @@ def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
-def _leave_process_group() -> None:
-    """Destroy torch.distributed's process group, if this process has one, while Python is still whole.
-
-    Left to the interpreter's finalization, Gloo's worker threads can outlive it and abort the process
-    ("terminate called without an active exception", SIGABRT): seen on rank 0 of a 2-process run after
-    a user error both ranks had agreed on, which turned its exit status 2 into a crash. Called where
-    every rank stands at the same point (the command finished, or a mistake every rank found before
-    any collective), so no collective is in flight; destroying the group is local to this process.
-    """
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> NoReturn:
     """Call ``main(argv)``; exit 0, or 2 with one line for a user mistake (traceback with ``--debug``)."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -122,7 +108,6 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
             raise
         message = str(exc) or type(exc).__name__
         print(f"error: {message}\n(run again with --debug for the traceback)", file=sys.stderr)
-        _leave_process_group()
         sys.exit(USAGE_ERROR)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or "--debug" in args:
@@ -136,7 +121,6 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    _leave_process_group()
     sys.exit(0)
 
 

@@ -991,35 +991,3 @@ def test_a_vocabulary_smaller_than_asked_is_named_in_a_warning(
     assert size < 60000
     warning = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert warning == [warning[0]] and f"{size:,} tokens, not the 60,000 of --vocab-size" in warning[0], err
-
-
-# A process with a one-rank Gloo group runs a command through common.cli.run; an atexit handler (run
-# after sys.exit, before the interpreter tears down) reports whether the group still exists.
-LEAVES_GROUP = """
-import atexit, socket, sys
-import torch.distributed as dist
-from common import cli
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-atexit.register(lambda: print("group at exit:", dist.is_initialized(), flush=True))
-def main(argv):
-    if argv[0] == "mistake":
-        raise cli.UserError("a mistake every rank found")
-cli.run(main, sys.argv[1:])
-"""
-
-
-@pytest.mark.parametrize(("how", "status"), [("mistake", 2), ("done", 0)])
-def test_a_command_leaves_its_process_group_before_python_ends(how: str, status: int) -> None:
-    """Left to interpreter finalization, Gloo's threads can abort the process after its message."""
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, "-c", LEAVES_GROUP, how], cwd=root, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == status, proc.stderr[-2000:]
-    assert "group at exit: False" in proc.stdout, proc.stdout + proc.stderr[-2000:]
