@@ -28,6 +28,8 @@ import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 
+from tests.watchdog import pytest_runtest_protocol  # noqa: F401  (a hook: registered from here)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
