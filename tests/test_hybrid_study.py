@@ -62,3 +62,13 @@ def test_the_recipes_differ_only_in_the_model() -> None:
         resolved[v].pop("model")
         resolved[v].pop("base")  # mamba2.yaml or wsd.yaml: tiny/mamba2.yaml changes only the model
     assert resolved["hybrid"] == resolved["mamba2"] == resolved["attention"]
+
+
+def test_the_needle_hybrid_is_the_size_of_the_needle_mamba2() -> None:
+    """yamls/tiny/needle_hybrid.yaml against needle_mamba2.yaml: within 5% besides the embeddings."""
+    load = lambda name: load_train_config([ROOT / "yamls" / "tiny" / f"needle_{name}.yaml"])  # noqa: E731
+    hybrid, mamba2 = non_embedding_parameters(load("hybrid")), non_embedding_parameters(load("mamba2"))
+    # By hand (see above): 2 Mamba-2 layers, 1 attention, 3 gated MLPs of 128 (128 x 256 + 128 x 128 + 128).
+    assert hybrid == 2 * 109_528 + 66_176 + 3 * 49_280 + 128
+    assert mamba2 == 4 * 109_528 + 128
+    assert abs(hybrid / mamba2 - 1) < 0.05
