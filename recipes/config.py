@@ -84,6 +84,11 @@ class CheckpointConfig:
         True  # save a checkpoint when the WSD stable phase ends (callbacks/pre_decay_checkpoint.py)
     )
     pre_decay_folder: str = ""  # "" = {save_folder}/pre-decay
+    # On an object store, the `latest` link is written once every file of the checkpoint is there;
+    # Composer checks for them every 30 s (CheckpointSaver's default), which suits checkpoints that
+    # take minutes to upload. A run whose checkpoints upload in a second (tiny runs, the tests) would
+    # wait up to 30 s at its end for each link: set a few seconds.
+    remote_poll_seconds: float = 30.0
 
 
 @dataclass

@@ -427,6 +427,11 @@ def plan_run(cfg: TrainConfig, world: int, part: int = 0, parts: int = 1) -> Run
     ckpt = cfg.checkpoint
     save_folder = ckpt.save_folder or str(cfg.run_dir / "checkpoints")
     pre_decay_folder = ckpt.pre_decay_folder or join_folder(save_folder, "pre-decay")
+    if not ckpt.remote_poll_seconds > 0:
+        problems.append(
+            f"checkpoint.remote_poll_seconds={ckpt.remote_poll_seconds}: seconds between checks for a "
+            "checkpoint's files on the object store; give a positive number (default 30)"
+        )
 
     tokenizer: TokenizerPlan | None = None
     data: DataPlan | None = None

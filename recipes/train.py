@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from composer import Evaluator, Trainer
+from composer.callbacks import CheckpointSaver
 from composer.core import Algorithm, Callback
 from composer.loggers import LoggerDestination
 from composer.utils import dist, format_name_with_dist, get_device, parse_uri, reproducibility
@@ -292,7 +293,29 @@ def build_trainer(plan: RunPlan, extra_callbacks: list[Callback] | None = None) 
         console_log_interval=cfg.logging.console_interval,
     )
     trainer.logger.log_hyperparameters(report)  # the resolved config, revision and versions, in every logger
+    set_remote_poll(trainer, ckpt.remote_poll_seconds)
     return trainer
+
+
+def set_remote_poll(trainer: Trainer, seconds: float) -> None:
+    """Every checkpoint saver of ``trainer`` (its own, the pre-decay one) checks for a checkpoint's
+    files on an object store every ``seconds`` before writing the ``latest`` link.
+
+    Composer 0.32 keeps this interval in a private attribute that its own tests set; a Composer
+    without it would silently keep 30 s, so that is an error naming the pin."""
+    savers = [cb for cb in trainer.state.callbacks if isinstance(cb, CheckpointSaver)]
+    savers += [cb.saver for cb in trainer.state.callbacks if isinstance(cb, PreDecayCheckpoint)]
+    for saver in savers:
+        if not hasattr(saver, REMOTE_POLL_ATTRIBUTE):
+            raise RuntimeError(
+                f"composer {importlib.metadata.version('mosaicml')}'s CheckpointSaver has no "
+                f"{REMOTE_POLL_ATTRIBUTE}: checkpoint.remote_poll_seconds needs the pinned mosaicml "
+                "(requirements.txt)"
+            )
+        setattr(saver, REMOTE_POLL_ATTRIBUTE, float(seconds))
+
+
+REMOTE_POLL_ATTRIBUTE = "_symlink_upload_wait_before_next_try_in_seconds"
 
 
 def is_complete(trainer: Trainer) -> bool:

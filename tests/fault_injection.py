@@ -667,6 +667,7 @@ class Suite:
                 "max_duration": f"{MULTINODE_BATCHES}ba",
                 "eval_interval": "null",
                 "checkpoint.save_folder": save_folder,
+                "checkpoint.remote_poll_seconds": 0.5,  # the latest link's check (Composer: 30 s)
                 "checkpoint.pre_decay": "false",
                 "fsdp.state_dict_type": "sharded",
                 "threads": 1,

@@ -40,6 +40,9 @@ def overrides(root: Path, tok: Path, mixture: Path, bucket: str, **extra: object
         "eval_interval": "null",
         "checkpoint.save_interval": "2ba",
         "checkpoint.save_folder": f"{bucket}/runs/{{run_name}}/checkpoints",
+        # The `latest` link waits for the checkpoint's objects, checked every 30 s by default: on
+        # loopback they are there at once (recipes/train.py set_remote_poll).
+        "checkpoint.remote_poll_seconds": 0.05,
         "logging.progress_bar": False,
         **extra,
     }

@@ -164,12 +164,12 @@ def test_a_run_resumes_past_an_interrupted_upload(
                 "scheduler.t_decay=0.25",
                 "checkpoint.save_interval=1ba",
                 f"checkpoint.save_folder={clean_bucket}/{name}/checkpoints",
+                # Composer polls the store for a checkpoint's objects before it moves latest, every
+                # 30 s by default: on loopback they are there within milliseconds.
+                "checkpoint.remote_poll_seconds=0.05",
             ],
         )
         trainer = build_trainer(prepare_run(cfg), extra_callbacks=[StopAfter(stop)] if stop else None)
-        # Composer polls the store for a checkpoint's objects before it moves latest, every 30 s
-        # by default: on loopback they are there within milliseconds.
-        trainer._checkpoint_saver._symlink_upload_wait_before_next_try_in_seconds = 0.05
         trainer.fit()
         weights = copy.deepcopy(trainer.state.model.model.state_dict())
         trainer.close()

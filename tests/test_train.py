@@ -162,3 +162,41 @@ def test_state_reset_option_is_checked_against_the_mixer() -> None:
         load_train_config([ROOT / "yamls/tiny/wsd.yaml"], ["reset_state_at_doc_boundaries=true"])
     cfg = load_train_config([ROOT / "yamls/tiny/mamba2.yaml"], ["reset_state_at_doc_boundaries=true"])
     assert cfg.reset_state_at_doc_boundaries
+
+
+def test_remote_poll_seconds_reaches_every_checkpoint_saver(corpus: dict[str, Path], tmp_path: Path) -> None:
+    """checkpoint.remote_poll_seconds is the interval of both savers (the Trainer's own and the
+    pre-decay one), and Composer's saver passes exactly that attribute as the wait between checks
+    for a checkpoint's objects before the `latest` link: a renamed attribute in another Composer
+    would leave the 30 s default in place, silently."""
+    import inspect
+
+    from composer.callbacks import CheckpointSaver
+
+    from callbacks.pre_decay_checkpoint import PreDecayCheckpoint
+    from recipes.train import REMOTE_POLL_ATTRIBUTE
+
+    cfg = load_train_config(
+        [ROOT / "yamls/tiny/wsd.yaml"],
+        [*tiny_overrides(corpus, tmp_path), *WSD, "checkpoint.remote_poll_seconds=2.5"],
+    )
+    trainer = build_trainer(prepare_run(cfg))
+    savers = [cb for cb in trainer.state.callbacks if isinstance(cb, CheckpointSaver)]
+    savers += [cb.saver for cb in trainer.state.callbacks if isinstance(cb, PreDecayCheckpoint)]
+    trainer.close()
+    assert len(savers) == 2
+    assert [getattr(s, REMOTE_POLL_ATTRIBUTE) for s in savers] == [2.5, 2.5]
+    source = inspect.getsource(CheckpointSaver._save_checkpoint)
+    assert f"wait_before_next_try_in_seconds=self.{REMOTE_POLL_ATTRIBUTE}" in source
+
+
+@pytest.mark.parametrize("seconds", [0, -1])
+def test_remote_poll_seconds_must_be_positive(corpus: dict[str, Path], tmp_path: Path, seconds: int) -> None:
+    from common.config import ConfigError
+
+    cfg = load_train_config(
+        [ROOT / "yamls/tiny/wsd.yaml"],
+        [*tiny_overrides(corpus, tmp_path), *WSD, f"checkpoint.remote_poll_seconds={seconds}"],
+    )
+    with pytest.raises(ConfigError, match=r"checkpoint.remote_poll_seconds=.*give a positive number"):
+        prepare_run(cfg)
